@@ -74,9 +74,7 @@ class DataConfig(StrictModel):
     min_rating: float | None = Field(
         None, description="Keep only interactions with rating >= this (formats with ratings)."
     )
-    kcore: int = Field(
-        0, ge=0, description="Iterative k-core filter on users and items (0 = off)."
-    )
+    kcore: int = Field(0, ge=0, description="Iterative k-core filter on users and items (0 = off).")
     text_template: str | None = Field(
         None,
         description="Python format string rendering an item's `text` from its fields, e.g. "

@@ -1,0 +1,62 @@
+# STORE — the two commands a fresh machine needs:
+#   make run    create .venv, install (pinned CPU torch first), run the pipeline on MovieLens 100K
+#   make test   create/update .venv with dev extras, run the test suite
+# Others: make test-slow (slow tests), make lint (ruff + mypy), make clean.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+# A CPU build of torch, installed before the project so nothing pulls a multi-GB CUDA wheel.
+# On machines without a local torch file, add the CPU index:
+#   make run TORCH_INDEX="--index-url https://download.pytorch.org/whl/cpu"
+TORCH_SPEC ?= torch==2.13.0
+TORCH_INDEX ?=
+CONFIG ?= ml-100k
+ARGS ?=
+
+export MLFLOW_DISABLE_TELEMETRY := true
+export DO_NOT_TRACK := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
+
+.PHONY: run test test-slow lint format clean install install-dev
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.torch: | $(BIN)/python
+	$(BIN)/pip install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
+	touch $@
+
+$(VENV)/.installed: pyproject.toml $(VENV)/.torch
+	$(BIN)/pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.torch
+	$(BIN)/pip install --quiet -e ".[dev]"
+	touch $@ $(VENV)/.installed
+
+install: $(VENV)/.installed
+install-dev: $(VENV)/.installed-dev
+
+run: install
+	$(BIN)/store run --config $(CONFIG) $(ARGS)
+
+test: install-dev
+	$(BIN)/pytest -q
+
+test-slow: install-dev
+	$(BIN)/pytest -q -m slow
+
+lint: install-dev
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+format: install-dev
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) workspace workspace-tiny workspace-scientific .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,1 @@
+"""Prefect flows: orchestration only; every stage's logic lives in ``store_core``."""

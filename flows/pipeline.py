@@ -1,0 +1,68 @@
+"""The ``store`` pipeline flow: the stages as subflows, one MLflow parent run per flow run.
+
+Today's stages: ingest. Tasks are thin wrappers around ``store_core``; only I/O that can
+fail transiently (fetching the source) is retried.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from store_core.telemetry import disable_telemetry
+
+disable_telemetry()
+
+from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.runtime import deployment, flow_run  # noqa: E402
+
+from store_core import tracking  # noqa: E402
+from store_core.config import load_config  # noqa: E402
+from store_core.ingest import ResolvedSource, resolve_source  # noqa: E402
+from store_core.stages import ingest_stage  # noqa: E402
+
+
+@task(retries=2, retry_delay_seconds=[5, 30])
+def fetch_source(config: str | None, overrides: list[str]) -> ResolvedSource:
+    """Resolve (and for built-in datasets download) the source: network I/O, retried."""
+    return resolve_source(load_config(config, overrides))
+
+
+@flow(name="ingest")
+def ingest_flow(
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    parent_run_id: str | None = None,
+) -> dict[str, Any]:
+    """Stage 1: source -> Parquet + manifest + DuckDB ``items``."""
+    cfg = load_config(config, overrides)
+    source = fetch_source(config, overrides or [])
+    outcome = ingest_stage(cfg, parent_run_id, source)
+    get_run_logger().info("ingest counts: %s", outcome.result.counts)
+    return {
+        "run_id": outcome.run_id,
+        "files": outcome.result.files,
+        "counts": outcome.result.counts,
+        "catalog_changes": outcome.result.catalog_changes,
+    }
+
+
+@flow(name="store")
+def store_pipeline(config: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Run every stage in order, each as a subflow with its own nested MLflow run."""
+    cfg = load_config(config, overrides)
+    tags = {tracking.FLOW_RUN_TAG: str(flow_run.id or "")}
+    if deployment.id:
+        tags["prefect.deployment_id"] = str(deployment.id)
+        tags["prefect.deployment_name"] = str(deployment.name)
+    with tracking.pipeline_run(cfg, run_name=f"store-{flow_run.name or 'local'}", tags=tags) as run:
+        ingest = ingest_flow(config, overrides, run.run_id)
+    summary = {
+        "workspace": cfg.workspace,
+        "data_dir": cfg.data_dir,
+        "duckdb": cfg.duckdb_path,
+        "mlflow_run_id": run.run_id,
+        "mlflow_tracking_uri": tracking.tracking_uri(cfg) if cfg.tracking.enabled else None,
+        "stages": {"ingest": ingest},
+    }
+    get_run_logger().info("pipeline finished: outputs under %s", cfg.workspace)
+    return summary

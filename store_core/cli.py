@@ -1,0 +1,149 @@
+"""The ``store`` command line: one verb per stage plus the whole pipeline.
+
+Every verb takes ``--config`` (a YAML path or a shipped config name such as ``tiny``) and
+repeatable ``--set key.path=value`` overrides. User errors are printed without a
+traceback and exit with status 1.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from store_core.config import StoreConfig, load_config
+from store_core.errors import StoreError
+from store_core.telemetry import disable_telemetry
+
+disable_telemetry()
+
+app = typer.Typer(
+    name="store",
+    help="STORE: one LLM for semantic tokenization and generative recommendation.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+
+err = Console(stderr=True)
+out = Console()
+
+ConfigOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--config", "-c", help="YAML config path or shipped name (ml-100k, scientific, tiny)."
+    ),
+]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a config key: --set data.kcore=5 (repeatable)."),
+]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
+
+T = TypeVar("T")
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)],
+        force=True,
+    )
+    for noisy in ("httpx", "alembic", "urllib3", "mlflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _guard(fn: Callable[[], T]) -> T:
+    """Run ``fn``; print user errors (StoreError) cleanly and exit 1."""
+    try:
+        return fn()
+    except StoreError as exc:
+        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        raise typer.Exit(code=1) from None
+
+
+def _load(config: str | None, overrides: list[str] | None) -> StoreConfig:
+    return _guard(lambda: load_config(config, overrides or []))
+
+
+@app.command()
+def ingest(config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
+    """Read the source into Parquet (items, interactions, splits, manifest) and DuckDB."""
+    _setup_logging(verbose)
+    cfg = _load(config, set_)
+    from store_core.stages import ingest_stage
+
+    outcome = _guard(lambda: ingest_stage(cfg))
+    result = outcome.result
+    table = Table(title="ingest", show_header=False)
+    for key, value in result.counts.items():
+        table.add_row(key, str(value))
+    out.print(table)
+    out.print(f"Parquet:  {result.data_dir}")
+    out.print(f"DuckDB:   {cfg.duckdb_path}  (items: {result.catalog_changes})")
+    if outcome.run_id:
+        from store_core.tracking import tracking_uri
+
+        out.print(f"MLflow:   run {outcome.run_id} at {tracking_uri(cfg)}")
+
+
+@app.command()
+def run(config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
+    """Run the whole pipeline as the Prefect flow ``store`` (a local temporary server is
+    started when PREFECT_API_URL is not set)."""
+    _setup_logging(verbose)
+    cfg = _load(config, set_)
+    from flows.pipeline import store_pipeline
+
+    summary: dict[str, Any] = _guard(lambda: store_pipeline(config, set_ or []))
+    out.print("[bold green]pipeline finished[/]")
+    out.print(f"Workspace: {cfg.workspace}")
+    out.print(f"Parquet:   {summary['data_dir']}")
+    out.print(f"DuckDB:    {summary['duckdb']}")
+    if summary.get("mlflow_run_id"):
+        out.print(
+            f"MLflow:    run {summary['mlflow_run_id']} at {summary['mlflow_tracking_uri']}"
+            f"  (UI: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']})"
+        )
+
+
+@app.command()
+def query(
+    sql: Annotated[str, typer.Argument(help="One SQL statement, run read-only.")],
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print rows as JSON lines.")] = False,
+) -> None:
+    """Query the workspace DuckDB database (read-only connection)."""
+    cfg = _load(config, set_)
+    from store_core.storage import query as run_query
+
+    columns, rows = _guard(lambda: run_query(cfg.duckdb_path, sql))
+    if as_json:
+        for row in rows:
+            out.print_json(json.dumps(dict(zip(columns, row, strict=True)), default=str))
+        return
+    table = Table(*columns)
+    for row in rows:
+        table.add_row(*(str(v) for v in row))
+    out.print(table)
+
+
+@config_app.command("show")
+def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
+    """Print the resolved config (defaults < YAML < --set) as JSON."""
+    cfg = _load(config, set_)
+    sys.stdout.write(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,152 @@
+"""MLflow tracking: one parent run per pipeline run, one nested run per stage.
+
+The only module that imports mlflow. It talks to MLflow through ``MlflowClient`` with
+explicit run ids (no global "active run"), so stages running as Prefect subflows, in
+threads or in other processes log to the right run when given its id.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from store_core.config import StoreConfig
+from store_core.telemetry import disable_telemetry
+
+disable_telemetry()
+
+from mlflow.entities import RunStatus  # noqa: E402
+from mlflow.tracking import MlflowClient  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+PARENT_TAG = "mlflow.parentRunId"
+FLOW_RUN_TAG = "prefect.flow_run_id"
+STAGE_TAG = "store.stage"
+
+
+def tracking_uri(cfg: StoreConfig) -> str:
+    """The configured URI, else ``MLFLOW_TRACKING_URI``, else SQLite in the workspace."""
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    db = Path(cfg.workspace) / "mlflow" / "mlflow.db"
+    db.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{db}"
+
+
+def artifact_location(cfg: StoreConfig) -> str:
+    if cfg.tracking.artifact_location:
+        return cfg.tracking.artifact_location
+    return (Path(cfg.workspace) / "mlflow" / "artifacts").as_uri()
+
+
+class Run:
+    """A handle on one MLflow run; every method is a no-op when tracking is disabled."""
+
+    def __init__(self, client: MlflowClient | None, run_id: str | None) -> None:
+        self.client = client
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if self.client is None or self.run_id is None:
+            return
+        for key, value in metrics.items():
+            self.client.log_metric(self.run_id, key, float(value), step=step or 0)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        if self.client is None or self.run_id is None:
+            return
+        for key, value in params.items():
+            self.client.log_param(self.run_id, key, str(value)[:6000])
+
+    def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
+        if self.client is None or self.run_id is None:
+            return
+        self.client.log_artifact(self.run_id, local_path, artifact_path)
+
+    def log_dict(self, obj: Any, file_name: str) -> None:
+        """Log a JSON-serialisable object as an artifact file."""
+        if self.client is None or self.run_id is None:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / file_name
+            path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+            self.client.log_artifact(self.run_id, str(path))
+
+    def set_tags(self, tags: Mapping[str, str]) -> None:
+        if self.client is None or self.run_id is None:
+            return
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, value)
+
+
+def _client(cfg: StoreConfig) -> tuple[MlflowClient, str]:
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment is None:
+        experiment_id = client.create_experiment(
+            cfg.tracking.experiment, artifact_location=artifact_location(cfg)
+        )
+    else:
+        experiment_id = experiment.experiment_id
+    return client, experiment_id
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Flatten a nested config dict into ``a.b.c`` keys (MLflow params are flat)."""
+    flat: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+@contextmanager
+def _run(cfg: StoreConfig, run_name: str, tags: Mapping[str, str]) -> Iterator[Run]:
+    if not cfg.tracking.enabled:
+        yield Run(None, None)
+        return
+    client, experiment_id = _client(cfg)
+    info = client.create_run(experiment_id, run_name=run_name, tags=dict(tags)).info
+    run = Run(client, info.run_id)
+    try:
+        yield run
+    except BaseException:
+        client.set_terminated(info.run_id, RunStatus.to_string(RunStatus.FAILED))
+        raise
+    client.set_terminated(info.run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+@contextmanager
+def pipeline_run(
+    cfg: StoreConfig, *, run_name: str = "store", tags: Mapping[str, str] | None = None
+) -> Iterator[Run]:
+    """The parent run of one pipeline run; logs the resolved config as params + artifact."""
+    with _run(cfg, run_name, dict(tags or {})) as run:
+        config = cfg.model_dump(mode="json")
+        run.log_params(flatten(config))
+        run.log_dict(config, "config.json")
+        if run.run_id:
+            logger.info("MLflow run %s at %s", run.run_id, tracking_uri(cfg))
+        yield run
+
+
+@contextmanager
+def stage_run(cfg: StoreConfig, stage: str, parent_run_id: str | None = None) -> Iterator[Run]:
+    """A run for one stage, nested under ``parent_run_id`` when given."""
+    tags = {STAGE_TAG: stage}
+    if parent_run_id:
+        tags[PARENT_TAG] = parent_run_id
+    with _run(cfg, stage, tags) as run:
+        yield run

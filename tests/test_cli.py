@@ -1,0 +1,90 @@
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from store_core.cli import app
+
+runner = CliRunner()
+
+
+def test_ingest_then_query(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    result = runner.invoke(app, ["ingest", "-c", "tiny", "--set", f"workspace={ws}"])
+    assert result.exit_code == 0, result.output
+    assert "users" in result.output and "40" in result.output
+    assert str(ws / "data") in result.output.replace("\n", "")
+    result = runner.invoke(
+        app,
+        [
+            "query",
+            "SELECT count(*) AS n FROM items",
+            "-c",
+            "tiny",
+            "--set",
+            f"workspace={ws}",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output) == {"n": 48}
+
+
+def test_query_is_read_only(tmp_path: Path) -> None:
+    ws = tmp_path / "ws"
+    runner.invoke(
+        app, ["ingest", "-c", "tiny", "--set", f"workspace={ws}", "--set", "tracking.enabled=false"]
+    )
+    result = runner.invoke(
+        app, ["query", "DELETE FROM items", "-c", "tiny", "--set", f"workspace={ws}"]
+    )
+    assert result.exit_code == 1
+    assert "read-only" in result.output.lower()
+
+
+def test_config_show_applies_overrides() -> None:
+    result = runner.invoke(app, ["config", "show", "-c", "tiny", "--set", "data.kcore=3"])
+    assert result.exit_code == 0
+    assert json.loads(result.output)["data"]["kcore"] == 3
+
+
+def test_bad_input_exits_nonzero_without_traceback(tmp_path: Path) -> None:
+    """Through a real subprocess: the user sees one error line, no traceback, exit 1."""
+    ws = tmp_path / "ws"
+    env = dict(os.environ, COLUMNS="200")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "store_core.cli",
+            "ingest",
+            "-c",
+            "tiny",
+            "--set",
+            f"workspace={ws}",
+            "--set",
+            f"data.path={tmp_path / 'missing'}",
+            "--set",
+            "tracking.enabled=false",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 1
+    assert "error:" in proc.stderr
+    assert "Tiny" in proc.stderr
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (ws / "data").exists()
+
+
+def test_unknown_config_key_exits_nonzero(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["ingest", "-c", "tiny", "--set", "data.colour=red"])
+    assert result.exit_code == 1
+    assert "unknown key 'data.colour'" in result.output
