@@ -116,6 +116,88 @@ class TrackingConfig(StrictModel):
     )
 
 
+class ModelConfig(StrictModel):
+    """The backbone causal LM: a local/hub pretrained model, or a small one built here."""
+
+    name_or_path: str | None = Field(
+        None,
+        description="Hugging Face model directory or hub name (e.g. Qwen/Qwen2.5-0.5B). "
+        "None builds a small Llama-architecture model from the fields below, with a "
+        "byte-level BPE tokenizer trained on the catalogue text (no download).",
+    )
+    vocab_size: int = Field(
+        4096, gt=256, description="BPE vocabulary size of the tokenizer trained here."
+    )
+    hidden_size: int = Field(128, gt=0, description="Hidden size of the built model.")
+    num_layers: int = Field(4, gt=0, description="Transformer layers of the built model.")
+    num_heads: int = Field(4, gt=0, description="Attention heads of the built model.")
+    intermediate_size: int = Field(384, gt=0, description="MLP width of the built model.")
+    max_text_tokens: int = Field(
+        96, gt=4, description="Item text is truncated to this many tokens for the LLM."
+    )
+
+
+class SemanticIdConfig(StrictModel):
+    """How items become semantic IDs (Phase A dense tokens + clustering)."""
+
+    num_levels: int = Field(3, ge=1, le=8, description="L: dense tokens / codes per item.")
+    codebook_size: int = Field(
+        256, ge=2, description="K: codes per level (capped for small catalogues)."
+    )
+    quantizer: Literal["store", "rqkmeans"] = Field(
+        "store",
+        description="'store': per-position PCA + k-means on the L dense tokens (the paper); "
+        "'rqkmeans': residual k-means over one text embedding (TIGER-style baseline).",
+    )
+    pca_dim: int | None = Field(
+        32, description="PCA components before k-means (None: no PCA)."
+    )
+    diversity_weight: float = Field(
+        0.1,
+        ge=0.0,
+        description="Weight of the term keeping an item's L dense tokens apart (0 = off).",
+    )
+    kmeans_n_init: int = Field(4, ge=1, description="k-means restarts per level.")
+
+
+class DeepSpeedSettings(StrictModel):
+    """DeepSpeed ZeRO (the default training engine)."""
+
+    enabled: bool = Field(
+        True, description="Train through DeepSpeed ZeRO; false runs the same loop in plain torch."
+    )
+    stage: Literal[2, 3] = Field(2, description="ZeRO stage; picks infra/deepspeed/zero<N>.json.")
+    config_file: str | None = Field(
+        None, description="A DeepSpeed JSON to use instead of the shipped one for `stage`."
+    )
+
+
+class TrainConfig(StrictModel):
+    """One training phase of the shared trainer."""
+
+    epochs: float = Field(1.0, gt=0, description="Passes over the training samples.")
+    max_steps: int | None = Field(
+        None, gt=0, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    batch_size: int = Field(32, gt=0, description="Micro-batch size per process.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    lr: float = Field(1e-3, gt=0, description="Peak learning rate (AdamW).")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    warmup_steps: int = Field(20, ge=0, description="Linear warmup steps, then cosine decay.")
+    grad_clip: float = Field(1.0, ge=0, description="Gradient norm clipping (0 = off).")
+    bf16: Literal["auto", "on", "off"] = Field(
+        "auto", description="bf16 mixed precision: auto = on where a GPU supports it."
+    )
+    seed: int = Field(0, description="Seed for init, data order and clustering.")
+    checkpoint_every: int = Field(
+        200, gt=0, description="Save a resumable checkpoint every N optimizer steps."
+    )
+    log_every: int = Field(10, gt=0, description="Log metrics every N optimizer steps.")
+    deepspeed: DeepSpeedSettings = Field(
+        default_factory=DeepSpeedSettings, description="DeepSpeed ZeRO settings."
+    )
+
+
 class StoreConfig(StrictModel):
     """The whole pipeline's configuration (one YAML file)."""
 
@@ -125,6 +207,14 @@ class StoreConfig(StrictModel):
     )
     data: DataConfig = Field(default_factory=DataConfig, description="Ingestion.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
+    model: ModelConfig = Field(default_factory=ModelConfig, description="Backbone LLM.")
+    semantic_id: SemanticIdConfig = Field(
+        default_factory=SemanticIdConfig, description="Semantic-ID construction."
+    )
+    tokenizer_train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=20.0, lr=2e-3),
+        description="Phase A training (dense tokenizer with reconstruction).",
+    )
 
     @field_validator("workspace")
     @classmethod
@@ -141,6 +231,10 @@ class StoreConfig(StrictModel):
     @property
     def duckdb_path(self) -> str:
         return f"{self.workspace}/store.duckdb"
+
+    @property
+    def models_dir(self) -> str:
+        return f"{self.workspace}/models"
 
 
 def _parse_value(raw: str) -> Any:
