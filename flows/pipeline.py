@@ -1,7 +1,7 @@
 """The ``store`` pipeline flow: the stages as subflows, one MLflow parent run per flow run.
 
-Today's stages: ingest. Tasks are thin wrappers around ``store_core``; only I/O that can
-fail transiently (fetching the source) is retried.
+Today's stages: ingest, train-tokenizer (Phase A + clustering). Tasks are thin wrappers
+around ``store_core``; only I/O that can fail transiently (fetching the source) is retried.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from prefect.runtime import deployment, flow_run  # noqa: E402
 from store_core import tracking  # noqa: E402
 from store_core.config import load_config  # noqa: E402
 from store_core.ingest import ResolvedSource, resolve_source  # noqa: E402
-from store_core.stages import ingest_stage  # noqa: E402
+from store_core.stages import ingest_stage, tokenizer_stage  # noqa: E402
 
 
 @task(retries=2, retry_delay_seconds=[5, 30])
@@ -46,6 +46,29 @@ def ingest_flow(
     }
 
 
+@flow(name="train-tokenizer")
+def tokenizer_flow(
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    parent_run_id: str | None = None,
+) -> dict[str, Any]:
+    """Stage 2a: Phase A training + clustering into unique semantic IDs."""
+    cfg = load_config(config, overrides)
+    outcome = tokenizer_stage(cfg, parent_run_id)
+    result = outcome.result
+    get_run_logger().info(
+        "semantic tokenizer: collision rate %.4f, checkpoint %s",
+        result.stats["collision_rate"],
+        result.checkpoint_dir,
+    )
+    return {
+        "run_id": outcome.run_id,
+        "checkpoint_dir": result.checkpoint_dir,
+        "codebook_version": result.codebook_version,
+        "collision_rate": result.stats["collision_rate"],
+    }
+
+
 @flow(name="store")
 def store_pipeline(config: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """Run every stage in order, each as a subflow with its own nested MLflow run."""
@@ -56,13 +79,15 @@ def store_pipeline(config: str | None = None, overrides: list[str] | None = None
         tags["prefect.deployment_name"] = str(deployment.name)
     with tracking.pipeline_run(cfg, run_name=f"store-{flow_run.name or 'local'}", tags=tags) as run:
         ingest = ingest_flow(config, overrides, run.run_id)
+        tokenizer = tokenizer_flow(config, overrides, run.run_id)
     summary = {
         "workspace": cfg.workspace,
         "data_dir": cfg.data_dir,
         "duckdb": cfg.duckdb_path,
         "mlflow_run_id": run.run_id,
         "mlflow_tracking_uri": tracking.tracking_uri(cfg) if cfg.tracking.enabled else None,
-        "stages": {"ingest": ingest},
+        "models_dir": cfg.models_dir,
+        "stages": {"ingest": ingest, "train_tokenizer": tokenizer},
     }
     get_run_logger().info("pipeline finished: outputs under %s", cfg.workspace)
     return summary

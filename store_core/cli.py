@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
+from enum import StrEnum
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -96,6 +97,44 @@ def ingest(config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = 
         out.print(f"MLflow:   run {outcome.run_id} at {tracking_uri(cfg)}")
 
 
+class Phase(StrEnum):
+    tokenizer = "tokenizer"
+
+
+@app.command()
+def train(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    phase: Annotated[
+        Phase | None,
+        typer.Option(help="Train one phase only (default: every phase in order)."),
+    ] = None,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Train the LLM: Phase A (tokenizer) = dense tokens with reconstruction + clustering
+    into semantic IDs. Runs under `deepspeed`/`torchrun` launchers for several processes."""
+    _setup_logging(verbose)
+    cfg = _load(config, set_)
+    from store_core.stages import tokenizer_stage
+
+    phases = [phase] if phase else list(Phase)
+    for selected in phases:
+        if selected is Phase.tokenizer:
+            outcome = _guard(lambda: tokenizer_stage(cfg))
+            if outcome.result is None:  # a non-zero rank under a launcher
+                continue
+            stats = outcome.result.stats
+            out.print(f"semantic IDs: {stats['num_items']} items, all unique")
+            out.print(
+                f"collision rate before disambiguation: {stats['collision_rate']:.4f}; "
+                f"perplexity per level: "
+                + ", ".join(f"{lv['perplexity']:.1f}" for lv in stats["levels"])
+            )
+            out.print(f"checkpoint: {outcome.result.checkpoint_dir}")
+            if outcome.run_id:
+                out.print(f"MLflow run: {outcome.run_id}")
+
+
 @app.command()
 def run(config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
     """Run the whole pipeline as the Prefect flow ``store`` (a local temporary server is
@@ -109,6 +148,7 @@ def run(config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = Fal
     out.print(f"Workspace: {cfg.workspace}")
     out.print(f"Parquet:   {summary['data_dir']}")
     out.print(f"DuckDB:    {summary['duckdb']}")
+    out.print(f"Models:    {summary['models_dir']}")
     if summary.get("mlflow_run_id"):
         out.print(
             f"MLflow:    run {summary['mlflow_run_id']} at {summary['mlflow_tracking_uri']}"

@@ -149,9 +149,7 @@ class SemanticIdConfig(StrictModel):
         description="'store': per-position PCA + k-means on the L dense tokens (the paper); "
         "'rqkmeans': residual k-means over one text embedding (TIGER-style baseline).",
     )
-    pca_dim: int | None = Field(
-        32, description="PCA components before k-means (None: no PCA)."
-    )
+    pca_dim: int | None = Field(32, description="PCA components before k-means (None: no PCA).")
     diversity_weight: float = Field(
         0.1,
         ge=0.0,

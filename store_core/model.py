@@ -284,17 +284,22 @@ def save_model_files(
     model: PreTrainedModel | torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     directory: str | os.PathLike[str],
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Write config, ``model.safetensors`` and tokenizer files into ``directory``.
 
     The directory is created if needed; other files in it are left alone (the caller
-    adds the codebook). Not atomic: write into a :func:`staging_directory`. Under ZeRO-3
-    the caller must gather the weights first (or pass a consolidated model).
+    adds the codebook). Not atomic: write into a :func:`staging_directory`. A DeepSpeed
+    engine is unwrapped; under ZeRO-3 its parameters are partitioned, so pass the
+    gathered weights as ``state_dict`` (e.g. the engine's
+    ``_zero3_consolidated_16bit_state_dict()``, with
+    ``stage3_gather_16bit_weights_on_model_save``).
     """
     path = Path(directory)
     path.mkdir(parents=True, exist_ok=True)
     hf_model = _unwrap(model)
-    hf_model.save_pretrained(str(path))
+    hf_model.save_pretrained(str(path), state_dict=state_dict)
     tokenizer.save_pretrained(str(path))
     if not (path / WEIGHTS_FILE).exists():
         raise StoreError(f"saving the model into {path} did not produce {WEIGHTS_FILE}")
@@ -332,10 +337,12 @@ def save_checkpoint(
     model: PreTrainedModel | torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
     directory: str | os.PathLike[str],
+    *,
+    state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
     """Atomically (re)write ``directory`` with the model and tokenizer (see above)."""
     with staging_directory(directory) as staging:
-        save_model_files(model, tokenizer, staging)
+        save_model_files(model, tokenizer, staging, state_dict=state_dict)
     logger.info("saved checkpoint to %s", directory)
 
 

@@ -16,7 +16,7 @@ def progress_enabled() -> bool:
     return sys.stderr.isatty() and not os.environ.get("CI")
 
 
-def progress(iterable: Iterable[T] | None = None, **kwargs: Any) -> "tqdm[T]":
+def progress(iterable: Iterable[T] | None = None, **kwargs: Any) -> tqdm[T]:
     """``tqdm`` with the project's defaults (disabled off-terminal, dynamic width)."""
     kwargs.setdefault("disable", not progress_enabled())
     kwargs.setdefault("dynamic_ncols", True)

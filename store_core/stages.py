@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any
 
 from store_core import tracking
 from store_core.config import StoreConfig
-from store_core.ingest import IngestResult, ResolvedSource, run_ingest
+from store_core.ingest import ResolvedSource, run_ingest
 
 logger = logging.getLogger(__name__)
 
@@ -22,7 +23,7 @@ class StageOutcome:
     """A stage's result plus the MLflow run that recorded it."""
 
     run_id: str | None
-    result: IngestResult
+    result: Any
 
 
 def ingest_stage(
@@ -38,3 +39,49 @@ def ingest_stage(
         run.log_metrics({f"catalog_{k}": float(v) for k, v in result.catalog_changes.items()})
         run.log_dict(result.manifest, "manifest.json")
         return StageOutcome(run.run_id, result)
+
+
+def tokenizer_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> StageOutcome:
+    """Phase A + clustering; logs params, losses, stats, the usage plot and the checkpoint.
+
+    Under a multi-process launcher only rank 0 tracks and returns an outcome (others
+    return an outcome whose result is None).
+    """
+    from store_core.item_tokenizer import (
+        METADATA_FILE,
+        STATS_FILE,
+        USAGE_PLOT,
+        train_semantic_tokenizer,
+    )
+    from store_core.quantizer import stats_metrics
+    from store_core.trainer import rank
+
+    if rank() != 0:
+        return StageOutcome(None, train_semantic_tokenizer(cfg))
+    with tracking.stage_run(cfg, "train_tokenizer", parent_run_id) as run:
+        run.log_params(
+            tracking.flatten(
+                {
+                    "model": cfg.model.model_dump(mode="json"),
+                    "semantic_id": cfg.semantic_id.model_dump(mode="json"),
+                    "train": cfg.tokenizer_train.model_dump(mode="json"),
+                }
+            )
+        )
+        outcome = train_semantic_tokenizer(cfg, run)
+        assert outcome is not None
+        stats = outcome.stats
+        metrics = stats_metrics({k: v for k, v in stats.items() if _numeric_or_levels(k, v)})
+        metrics.update({f"recon_{k}": v for k, v in stats["heldout_reconstruction"].items()})
+        metrics.update({f"coherence_{k}": v for k, v in stats["coherence_first_code"].items()})
+        run.log_metrics(metrics)
+        run.set_tags({"store.codebook_version": outcome.codebook_version})
+        directory = outcome.checkpoint_dir
+        for name in (STATS_FILE, METADATA_FILE, USAGE_PLOT):
+            run.log_artifact(f"{directory}/{name}")
+        run.log_artifacts(directory, "checkpoint")
+        return StageOutcome(run.run_id, outcome)
+
+
+def _numeric_or_levels(key: str, value: Any) -> bool:
+    return key == "levels" or (isinstance(value, int | float) and not isinstance(value, bool))

@@ -72,6 +72,11 @@ class Run:
             return
         self.client.log_artifact(self.run_id, local_path, artifact_path)
 
+    def log_artifacts(self, local_dir: str, artifact_path: str | None = None) -> None:
+        if self.client is None or self.run_id is None:
+            return
+        self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+
     def log_dict(self, obj: Any, file_name: str) -> None:
         """Log a JSON-serialisable object as an artifact file."""
         if self.client is None or self.run_id is None:

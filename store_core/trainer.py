@@ -86,9 +86,10 @@ def ensure_distributed() -> None:
 
 
 def rank() -> int:
+    """This process's rank: from torch.distributed, else the launcher's RANK, else 0."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return int(torch.distributed.get_rank())
-    return 0
+    return int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
@@ -262,9 +263,7 @@ class _PlainEngine:
         return client
 
 
-def _build_engine(
-    model: nn.Module, cfg: TrainConfig, steps: int
-) -> tuple[Any, torch.device]:
+def _build_engine(model: nn.Module, cfg: TrainConfig, steps: int) -> tuple[Any, torch.device]:
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():

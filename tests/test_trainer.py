@@ -61,7 +61,9 @@ def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("stage", [None, 2, 3], ids=["plain", "zero2", "zero3"])
-def test_training_lowers_loss_and_changes_every_parameter(stage: int | None, tmp_path: Path) -> None:
+def test_training_lowers_loss_and_changes_every_parameter(
+    stage: int | None, tmp_path: Path
+) -> None:
     model = tiny_model()
     before = params(model)
     result = train(model, dataset(), collate, lm_loss, config(stage), str(tmp_path / "ckpt"))
@@ -106,7 +108,7 @@ def test_resume_matches_uninterrupted_run(stage: int | None, tmp_path: Path) -> 
 def test_data_plan_is_deterministic_and_disjoint_across_ranks() -> None:
     plans = [DataPlan(50, 4, seed=3, rank=r, world=2) for r in range(2)]
     assert plans[0].per_rank == 25 and plans[0].batches_per_epoch == 7
-    epoch0 = [set(sum((p.batch(m) for m in range(7)), [])) for p in plans]
+    epoch0 = [{i for m in range(7) for i in p.batch(m)} for p in plans]
     assert not epoch0[0] & epoch0[1]
     assert len(epoch0[0] | epoch0[1]) == 50
     assert plans[0].batch(7) != plans[0].batch(0)  # a new permutation each epoch

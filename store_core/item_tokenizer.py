@@ -1,0 +1,259 @@
+"""Stage 2a, the semantic tokenizer: the LLM turns every item's text into a semantic ID.
+
+Phase A trains the backbone to compress each item's text into L dense tokens that a
+second pass of the same model can reconstruct the text from (token -> text); the dense
+tokens of every item are then clustered per position (or, for the TIGER-style baseline,
+one text embedding is residual-quantized) and a disambiguation level makes every ID
+unique. One checkpoint directory holds everything the later stages need:
+
+    <workspace>/models/tokenizer-<quantizer>/
+        model.safetensors, config.json, tokenizer files   the backbone after Phase A
+        codebook.safetensors, codebook.json               PCA + centroids per level
+        metadata.json                                     versions, L, K, data checksum
+        semantic_ids.parquet                              item_id -> codes, sid
+        stats.json, codebook_usage.png                    collisions, usage, coherence
+
+Resumable checkpoints live in ``models/tokenizer-checkpoints/<training hash>``: the hash
+covers everything that changes training, so a re-run after a crash resumes, and a run
+with another quantizer reuses the finished training and only re-clusters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from store_core import quantizer as q
+from store_core.coherence import category_sets, semantic_coherence
+from store_core.config import StoreConfig
+from store_core.dense_tokenizer import (
+    PhaseABatchCollator,
+    extract_dense,
+    extract_text_embedding,
+    phase_a_loss,
+    reconstruction_metrics,
+)
+from store_core.errors import StoreError
+from store_core.ingest import ITEMS_FILE, MANIFEST_FILE
+from store_core.model import build_backbone, save_model_files, staging_directory
+from store_core.semantic_ids import format_sid, pack_codes
+from store_core.tracking import Run
+from store_core.trainer import rank, train
+
+logger = logging.getLogger(__name__)
+
+SEMANTIC_IDS_FILE = "semantic_ids.parquet"
+STATS_FILE = "stats.json"
+METADATA_FILE = "metadata.json"
+USAGE_PLOT = "codebook_usage.png"
+HOLDOUT_FRACTION = 0.05
+
+SEMANTIC_IDS_SCHEMA = pa.schema(
+    [
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("codes", pa.list_(pa.int32()), nullable=False),
+        pa.field("sid", pa.string(), nullable=False),
+        pa.field("packed", pa.int64(), nullable=False),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class TokenizerOutcome:
+    """Where the semantic tokenizer's artifacts are and what it measured."""
+
+    checkpoint_dir: str
+    stats: dict[str, Any]
+    codebook_version: str
+    train_steps: int
+    tokens_per_s: float
+
+
+def checkpoint_dir(cfg: StoreConfig) -> str:
+    return f"{cfg.models_dir}/tokenizer-{cfg.semantic_id.quantizer}"
+
+
+def _data_checksum(cfg: StoreConfig) -> str:
+    manifest = Path(cfg.data_dir) / MANIFEST_FILE
+    if not manifest.exists():
+        raise StoreError(f"{manifest} not found: run `store ingest` first")
+    outputs = json.loads(manifest.read_text())["outputs"]
+    return str(outputs[ITEMS_FILE])
+
+
+def training_hash(cfg: StoreConfig, data_checksum: str) -> str:
+    """Digest of everything that changes Phase A training (not the quantizer)."""
+    relevant = {
+        "model": cfg.model.model_dump(mode="json"),
+        "train": cfg.tokenizer_train.model_dump(mode="json"),
+        "levels": cfg.semantic_id.num_levels,
+        "diversity": cfg.semantic_id.diversity_weight,
+        "data": data_checksum,
+    }
+    payload = json.dumps(relevant, sort_keys=True).encode()
+    return hashlib.sha256(payload).hexdigest()[:12]
+
+
+def _holdout(n: int, seed: int) -> np.ndarray:
+    """Boolean mask of items held out of Phase A training (for reconstruction metrics)."""
+    count = max(1, round(HOLDOUT_FRACTION * n)) if n >= 20 else 0
+    mask = np.zeros(n, dtype=bool)
+    if count:
+        mask[np.random.default_rng(seed).choice(n, size=count, replace=False)] = True
+    return mask
+
+
+def train_semantic_tokenizer(cfg: StoreConfig, run: Run | None = None) -> TokenizerOutcome | None:
+    """Phase A + clustering for ``cfg``; returns None on ranks other than 0."""
+    items = pq.read_table(f"{cfg.data_dir}/{ITEMS_FILE}")
+    item_ids: list[str] = items.column("item_id").to_pylist()
+    texts: list[str] = items.column("text").to_pylist()
+    fields = [dict(pairs) for pairs in items.column("fields").to_pylist()]
+    sid_cfg, train_cfg, model_cfg = cfg.semantic_id, cfg.tokenizer_train, cfg.model
+    levels = sid_cfg.num_levels
+    data_checksum = _data_checksum(cfg)
+    run_hash = training_hash(cfg, data_checksum)
+
+    model, tokenizer = build_backbone(model_cfg, texts, levels, train_cfg.seed)
+    held_out = _holdout(len(texts), train_cfg.seed)
+    train_texts = [t for t, h in zip(texts, held_out, strict=True) if not h]
+    collate = PhaseABatchCollator(tokenizer, model_cfg.max_text_tokens, levels)
+    loss_fn = partial(phase_a_loss, diversity_weight=sid_cfg.diversity_weight)
+    started = time.perf_counter()
+    result = train(
+        model,
+        train_texts,
+        collate,
+        loss_fn,
+        train_cfg,
+        f"{cfg.models_dir}/tokenizer-checkpoints/{run_hash}",
+        run=run,
+        description="tokenizer",
+    )
+    train_seconds = time.perf_counter() - started
+    if rank() != 0:
+        return None
+    trained = result.model
+    extract: dict[str, Any] = {
+        "max_text_tokens": model_cfg.max_text_tokens,
+        "num_query_tokens": levels,
+    }
+
+    started = time.perf_counter()
+    if sid_cfg.quantizer == "store":
+        vectors = extract_dense(trained, tokenizer, texts, **extract)  # [N, L, D]
+        codebook = q.fit_store(
+            vectors, sid_cfg.codebook_size, sid_cfg.pca_dim, sid_cfg.kmeans_n_init, train_cfg.seed
+        )
+    else:
+        vectors = extract_text_embedding(trained, tokenizer, texts, **extract)  # [N, D]
+        codebook = q.fit_rqkmeans(
+            vectors,
+            levels,
+            sid_cfg.codebook_size,
+            sid_cfg.pca_dim,
+            sid_cfg.kmeans_n_init,
+            train_cfg.seed,
+        )
+    extract_seconds = time.perf_counter() - started
+    codes = q.assign(codebook, vectors)  # [N, L]
+    stats = q.codebook_stats(codes, codebook.codebook_size)
+    sids = q.disambiguate(codes, item_ids)  # [N, L+1]
+    if len({tuple(r) for r in sids.tolist()}) != len(item_ids):
+        raise RuntimeError("semantic IDs are not unique after disambiguation")
+
+    held_texts = [t for t, h in zip(texts, held_out, strict=True) if h]
+    recon = reconstruction_metrics(trained, tokenizer, held_texts, **extract) if held_texts else {}
+    categories = category_sets(fields)
+    has_categories = any(categories)
+    coherence = semantic_coherence(
+        texts, categories if has_categories else None, sids, seed=train_cfg.seed
+    )
+    stats.update(
+        {
+            "quantizer": sid_cfg.quantizer,
+            "num_items": len(item_ids),
+            "codebook_version": codebook.version,
+            "heldout_items": int(held_out.sum()),
+            "heldout_reconstruction": recon,
+            "coherence_first_code": coherence,
+            "train_steps": result.steps,
+            "train_seconds": round(train_seconds, 2),
+            "train_tokens_per_s": round(result.tokens_per_s, 1),
+            "final_train_loss": result.final_loss,
+            "extract_items_per_s": round(len(texts) / max(extract_seconds, 1e-9), 1),
+        }
+    )
+    metadata = {
+        "codebook_version": codebook.version,
+        "quantizer": sid_cfg.quantizer,
+        "num_levels": levels,
+        "codebook_size": codebook.codebook_size,
+        "disambiguation_size": int(sids[:, -1].max()) + 1,
+        "data_manifest_items_sha256": data_checksum,
+        "training_hash": run_hash,
+        "backbone": model_cfg.name_or_path or "built-from-config",
+        "max_text_tokens": model_cfg.max_text_tokens,
+        "pack_bits": pack_bits(sids.shape[1]),
+    }
+
+    target = checkpoint_dir(cfg)
+    with staging_directory(target) as staging:
+        save_model_files(trained, tokenizer, staging)
+        q.save_codebook(codebook, staging)
+        _write_semantic_ids(item_ids, sids, staging / SEMANTIC_IDS_FILE)
+        q.plot_usage(codes, codebook.codebook_size, staging / USAGE_PLOT)
+        (staging / STATS_FILE).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+    logger.info(
+        "semantic tokenizer: %d items, collision rate %.3f before disambiguation, "
+        "first-code category match %.3f vs random %.3f -> %s",
+        len(item_ids),
+        stats["collision_rate"],
+        coherence.get("same_prefix_category_match", float("nan")),
+        coherence.get("random_category_match", float("nan")),
+        target,
+    )
+    return TokenizerOutcome(
+        checkpoint_dir=target,
+        stats=stats,
+        codebook_version=codebook.version,
+        train_steps=result.steps,
+        tokens_per_s=result.tokens_per_s,
+    )
+
+
+def pack_bits(num_levels: int) -> int:
+    """Bits per level in the packed integer column (as many as fit in 63 bits, at most 16)."""
+    return min(16, 63 // num_levels)
+
+
+def _write_semantic_ids(item_ids: list[str], sids: np.ndarray, path: Path) -> None:
+    table = pa.Table.from_pydict(
+        {
+            "item_id": item_ids,
+            "codes": sids.astype(np.int32).tolist(),
+            "sid": [format_sid(row) for row in sids.tolist()],
+            "packed": pack_codes(sids, bits=pack_bits(sids.shape[1])),
+        },
+        schema=SEMANTIC_IDS_SCHEMA,
+    )
+    pq.write_table(table, path, compression="zstd")
+
+
+def load_semantic_ids(directory: str) -> pa.Table:
+    """The item_id -> semantic ID table of a tokenizer checkpoint."""
+    path = Path(directory) / SEMANTIC_IDS_FILE
+    if not path.exists():
+        raise StoreError(f"{path} not found: run `store train --phase tokenizer` first")
+    return pq.read_table(path)
