@@ -196,6 +196,43 @@ class TrainConfig(StrictModel):
     )
 
 
+TaskName = Literal["recommendation", "alignment", "reconstruction", "title_history"]
+
+
+class TaskSpec(StrictModel):
+    """One entry of the task mixture."""
+
+    task: TaskName = Field(description="Which task renders the samples.")
+    weight: float = Field(
+        1.0,
+        ge=0.0,
+        description="Multiplier on the task's natural sample count: 2 = every sample twice, "
+        "0.5 = a seeded half, 0 = off.",
+    )
+
+
+class RecommenderConfig(StrictModel):
+    """Phase B: multi-task generative training of the same LLM."""
+
+    mixture: list[TaskSpec] = Field(
+        default_factory=lambda: [
+            TaskSpec(task="recommendation", weight=1.0),
+            TaskSpec(task="alignment", weight=1.0),
+            TaskSpec(task="reconstruction", weight=1.0),
+        ],
+        description="The task mixture: a plain list of {task, weight}.",
+    )
+    history_len: int = Field(20, gt=0, description="N: most recent history items in a prompt.")
+    beam_size: int = Field(20, gt=0, description="Constrained beam width for validation/eval.")
+    val_max_users: int | None = Field(
+        1000, gt=0, description="Validate on at most this many users (seeded sample)."
+    )
+    early_stopping_patience: int = Field(
+        3, ge=1, description="Stop after this many epochs without a better validation NDCG@10."
+    )
+    eval_batch_size: int = Field(32, gt=0, description="Users per decoding batch.")
+
+
 class StoreConfig(StrictModel):
     """The whole pipeline's configuration (one YAML file)."""
 
@@ -212,6 +249,13 @@ class StoreConfig(StrictModel):
     tokenizer_train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(epochs=20.0, lr=2e-3),
         description="Phase A training (dense tokenizer with reconstruction).",
+    )
+    recommender: RecommenderConfig = Field(
+        default_factory=RecommenderConfig, description="Phase B tasks and validation."
+    )
+    recommender_train: TrainConfig = Field(
+        default_factory=lambda: TrainConfig(epochs=10.0, lr=1e-3),
+        description="Phase B training (multi-task generative recommendation).",
     )
 
     @field_validator("workspace")

@@ -115,13 +115,13 @@ def _holdout(n: int, seed: int) -> np.ndarray:
 
 def train_semantic_tokenizer(cfg: StoreConfig, run: Run | None = None) -> TokenizerOutcome | None:
     """Phase A + clustering for ``cfg``; returns None on ranks other than 0."""
+    data_checksum = _data_checksum(cfg)
     items = pq.read_table(f"{cfg.data_dir}/{ITEMS_FILE}")
     item_ids: list[str] = items.column("item_id").to_pylist()
     texts: list[str] = items.column("text").to_pylist()
     fields = [dict(pairs) for pairs in items.column("fields").to_pylist()]
     sid_cfg, train_cfg, model_cfg = cfg.semantic_id, cfg.tokenizer_train, cfg.model
     levels = sid_cfg.num_levels
-    data_checksum = _data_checksum(cfg)
     run_hash = training_hash(cfg, data_checksum)
 
     model, tokenizer = build_backbone(model_cfg, texts, levels, train_cfg.seed)

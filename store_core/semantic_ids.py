@@ -50,7 +50,7 @@ def level_token(level: int, code: int) -> str:
     return f"<{level_name(level)}_{int(code)}>"
 
 
-def format_sid(codes: Sequence[int]) -> str:
+def format_sid(codes: Sequence[int] | np.ndarray) -> str:
     """Render a semantic ID: ``format_sid([12, 5, 200, 0]) == "<a_12><b_5><c_200><d_0>"``."""
     if len(codes) == 0:
         raise ValueError("a semantic ID needs at least one code")

@@ -1,0 +1,26 @@
+"""What every benchmark prints first: the machine and library versions it ran on."""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+
+def machine_info() -> dict[str, Any]:
+    import torch
+
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+    try:
+        with open("/proc/meminfo") as handle:
+            info["mem_total_gib"] = round(int(handle.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    return info
