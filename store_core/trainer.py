@@ -56,6 +56,20 @@ class TrainResult:
     tokens_per_s: float
     samples_per_s: float
     history: list[dict[str, float]] = field(default_factory=list)
+    validation: list[dict[str, float]] = field(default_factory=list)
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    stopped_early: bool = False
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    """Validate at every epoch end; keep the best weights; stop after ``patience`` epochs
+    without improvement of ``monitor`` (higher is better)."""
+
+    validate: Callable[[nn.Module], dict[str, float]]
+    monitor: str
+    patience: int
 
 
 # --------------------------------------------------------------------------------------
@@ -291,16 +305,30 @@ def _build_engine(model: nn.Module, cfg: TrainConfig, steps: int) -> tuple[Any, 
     return engine, torch.device(engine.device)
 
 
-def _consolidate(engine: Any, model: nn.Module, cfg: TrainConfig) -> nn.Module:
-    """Return a plain module with the full trained weights (gathers ZeRO-3 shards)."""
+def _snapshot(engine: Any, cfg: TrainConfig) -> dict[str, torch.Tensor]:
+    """A CPU copy of the full weights (gathers ZeRO-3 shards; collective under ZeRO-3)."""
     if not cfg.deepspeed.enabled or cfg.deepspeed.stage < 3:
-        module: nn.Module = engine.module
-        return module
+        return {k: v.detach().clone().cpu() for k, v in engine.module.state_dict().items()}
     import deepspeed
 
     params = list(engine.module.parameters())
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        state = {k: v.detach().clone().cpu() for k, v in engine.module.state_dict().items()}
+        return {k: v.detach().clone().cpu() for k, v in engine.module.state_dict().items()}
+
+
+def _consolidate(
+    engine: Any,
+    model: nn.Module,
+    cfg: TrainConfig,
+    best_state: dict[str, torch.Tensor] | None = None,
+) -> nn.Module:
+    """Return a plain module with the full trained (or best) weights."""
+    if not cfg.deepspeed.enabled or cfg.deepspeed.stage < 3:
+        module: nn.Module = engine.module
+        if best_state is not None:
+            module.load_state_dict(best_state)
+        return module
+    state = best_state if best_state is not None else _snapshot(engine, cfg)
     config = getattr(model, "config", None)
     if config is None:
         raise TypeError("ZeRO-3 consolidation needs a Hugging Face model (with .config)")
@@ -326,7 +354,7 @@ def train(
     run: Run | None = None,
     description: str = "train",
     resume: bool = True,
-    on_epoch_end: Callable[[nn.Module, int], dict[str, float]] | None = None,
+    early_stopping: EarlyStopping | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``dataset`` until ``cfg.max_steps`` / ``cfg.epochs``.
 
@@ -334,6 +362,8 @@ def train(
     returns the loss and a dict of floats to log (a ``tokens`` entry feeds tokens/s).
     With ``resume`` the newest checkpoint in ``checkpoint_dir`` is loaded and training
     continues from its step with the same data order as an uninterrupted run.
+    ``early_stopping`` validates at each epoch end (on every rank, so ZeRO-3 forwards stay
+    collective), logs the metrics and returns the best epoch's weights.
     """
     if len(dataset) == 0:
         raise ValueError("no training samples")
@@ -366,6 +396,12 @@ def train(
     tokens_total, samples_total, clock = 0.0, 0, time.perf_counter()
     window_clock = clock
     last_loss = float("nan")
+    validation: list[dict[str, float]] = []
+    best_metric: float | None = None
+    best_epoch: int | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    bad_epochs = 0
+    stopped_early = False
     micro = start * cfg.grad_accum
     step = start
     epoch_batches = plan.batches_per_epoch
@@ -408,14 +444,34 @@ def train(
             window_clock = time.perf_counter()
         if step % cfg.checkpoint_every == 0 or step == steps:
             _save(engine, checkpoint_dir, step, cfg)
-        if on_epoch_end is not None and micro % epoch_batches == 0 and is_main:
-            metrics = on_epoch_end(getattr(engine, "module", engine), micro // epoch_batches)
-            if run is not None and metrics:
-                run.log_metrics(metrics, step=step)
+        if early_stopping is not None and micro % epoch_batches == 0:
+            epoch = micro // epoch_batches
+            metrics = early_stopping.validate(engine.module)
             engine.train()
+            validation.append({"epoch": float(epoch), "step": float(step), **metrics})
+            logger.info("epoch %d validation: %s", epoch, metrics)
+            if is_main and run is not None:
+                run.log_metrics({f"{description}/val_{k}": v for k, v in metrics.items()}, step)
+            value = metrics[early_stopping.monitor]
+            if best_metric is None or value > best_metric:
+                best_metric, best_epoch, bad_epochs = value, epoch, 0
+                best_state = _snapshot(engine, cfg)
+            else:
+                bad_epochs += 1
+                if bad_epochs >= early_stopping.patience:
+                    logger.info(
+                        "early stopping at epoch %d: best %s %.4f at epoch %d",
+                        epoch,
+                        early_stopping.monitor,
+                        best_metric,
+                        best_epoch,
+                    )
+                    stopped_early = True
+                    _save(engine, checkpoint_dir, step, cfg)
+                    break
     bar.close()
     elapsed = max(time.perf_counter() - clock, 1e-9)
-    trained = _consolidate(engine, model, cfg)
+    trained = _consolidate(engine, model, cfg, best_state)
     return TrainResult(
         model=trained,
         steps=step,
@@ -424,6 +480,10 @@ def train(
         tokens_per_s=tokens_total * world_size() / elapsed,
         samples_per_s=samples_total * world_size() / elapsed,
         history=history,
+        validation=validation,
+        best_metric=best_metric,
+        best_epoch=best_epoch,
+        stopped_early=stopped_early,
     )
 
 

@@ -10,7 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from store_core.config import DeepSpeedSettings, TrainConfig
-from store_core.trainer import DataPlan, latest_step, lr_lambda, train
+from store_core.trainer import DataPlan, EarlyStopping, latest_step, lr_lambda, train
 
 VOCAB = 64
 
@@ -120,3 +120,33 @@ def test_lr_schedule_warms_up_then_decays() -> None:
     assert [round(f(s), 2) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert f(4) == pytest.approx(1.0)
     assert f(19) < 0.2 and f(19) >= 0.1
+
+
+@pytest.mark.parametrize("stage", [None, 3], ids=["plain", "zero3"])
+def test_early_stopping_returns_best_epoch_weights(stage: int | None, tmp_path: Path) -> None:
+    scores = iter([0.1, 0.5, 0.3, 0.2, 0.9])  # best at epoch 2, patience 2 -> stop at 4
+    snapshots: list[dict[str, torch.Tensor]] = []
+
+    def validate(module: torch.nn.Module) -> dict[str, float]:
+        snapshots.append(params(module) if stage is None else {})
+        return {"ndcg_at_10": next(scores)}
+
+    cfg = config(stage, max_steps=None, epochs=10, batch_size=16)  # 3 micro-batches/epoch
+    result = train(
+        tiny_model(),
+        dataset(),
+        collate,
+        lm_loss,
+        cfg,
+        str(tmp_path / "ckpt"),
+        early_stopping=EarlyStopping(validate, "ndcg_at_10", patience=2),
+    )
+    assert result.stopped_early
+    assert result.best_epoch == 2 and result.best_metric == 0.5
+    assert [v["epoch"] for v in result.validation] == [1.0, 2.0, 3.0, 4.0]
+    assert result.steps == 12
+    if stage is None:
+        best = snapshots[1]
+        final = params(result.model)
+        for key in best:
+            torch.testing.assert_close(final[key], best[key])
