@@ -1,7 +1,8 @@
 """The ``store`` pipeline flow: the stages as subflows, one MLflow parent run per flow run.
 
-Today's stages: ingest, train-tokenizer (Phase A + clustering). Tasks are thin wrappers
-around ``store_core``; only I/O that can fail transiently (fetching the source) is retried.
+Stages: ingest, train-tokenizer (Phase A), train-recommender (Phase B). Tasks are thin
+wrappers around ``store_core``; only I/O that can fail transiently (fetching the source)
+is retried.
 """
 
 from __future__ import annotations
@@ -18,7 +19,11 @@ from prefect.runtime import deployment, flow_run  # noqa: E402
 from store_core import tracking  # noqa: E402
 from store_core.config import load_config  # noqa: E402
 from store_core.ingest import ResolvedSource, resolve_source  # noqa: E402
-from store_core.stages import ingest_stage, tokenizer_stage  # noqa: E402
+from store_core.stages import (  # noqa: E402
+    ingest_stage,
+    recommender_stage,
+    tokenizer_stage,
+)
 
 
 @task(retries=2, retry_delay_seconds=[5, 30])
@@ -69,6 +74,28 @@ def tokenizer_flow(
     }
 
 
+@flow(name="train-recommender")
+def recommender_flow(
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    parent_run_id: str | None = None,
+) -> dict[str, Any]:
+    """Stage 2b: Phase B multi-task training with validation and early stopping."""
+    cfg = load_config(config, overrides)
+    outcome = recommender_stage(cfg, parent_run_id)
+    metrics = outcome.result.metrics
+    get_run_logger().info(
+        "recommender: best validation NDCG@10 %s at epoch %s",
+        metrics["best_val_ndcg_at_10"],
+        metrics["best_epoch"],
+    )
+    return {
+        "run_id": outcome.run_id,
+        "checkpoint_dir": outcome.result.checkpoint_dir,
+        "best_val_ndcg_at_10": metrics["best_val_ndcg_at_10"],
+    }
+
+
 @flow(name="store")
 def store_pipeline(config: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
     """Run every stage in order, each as a subflow with its own nested MLflow run."""
@@ -80,6 +107,7 @@ def store_pipeline(config: str | None = None, overrides: list[str] | None = None
     with tracking.pipeline_run(cfg, run_name=f"store-{flow_run.name or 'local'}", tags=tags) as run:
         ingest = ingest_flow(config, overrides, run.run_id)
         tokenizer = tokenizer_flow(config, overrides, run.run_id)
+        recommender = recommender_flow(config, overrides, run.run_id)
     summary = {
         "workspace": cfg.workspace,
         "data_dir": cfg.data_dir,
@@ -87,7 +115,11 @@ def store_pipeline(config: str | None = None, overrides: list[str] | None = None
         "mlflow_run_id": run.run_id,
         "mlflow_tracking_uri": tracking.tracking_uri(cfg) if cfg.tracking.enabled else None,
         "models_dir": cfg.models_dir,
-        "stages": {"ingest": ingest, "train_tokenizer": tokenizer},
+        "stages": {
+            "ingest": ingest,
+            "train_tokenizer": tokenizer,
+            "train_recommender": recommender,
+        },
     }
     get_run_logger().info("pipeline finished: outputs under %s", cfg.workspace)
     return summary

@@ -99,6 +99,7 @@ def ingest(config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = 
 
 class Phase(StrEnum):
     tokenizer = "tokenizer"
+    recommender = "recommender"
 
 
 @app.command()
@@ -112,10 +113,11 @@ def train(
     verbose: VerboseOpt = False,
 ) -> None:
     """Train the LLM: Phase A (tokenizer) = dense tokens with reconstruction + clustering
-    into semantic IDs. Runs under `deepspeed`/`torchrun` launchers for several processes."""
+    into semantic IDs; Phase B (recommender) = multi-task generative training of the same
+    model. Runs under `deepspeed`/`torchrun` launchers for several processes."""
     _setup_logging(verbose)
     cfg = _load(config, set_)
-    from store_core.stages import tokenizer_stage
+    from store_core.stages import recommender_stage, tokenizer_stage
 
     phases = [phase] if phase else list(Phase)
     for selected in phases:
@@ -133,6 +135,20 @@ def train(
             out.print(f"checkpoint: {outcome.result.checkpoint_dir}")
             if outcome.run_id:
                 out.print(f"MLflow run: {outcome.run_id}")
+        else:
+            rec = _guard(lambda: recommender_stage(cfg))
+            if rec.result is None:
+                continue
+            m = rec.result.metrics
+            out.print(
+                f"recommender ({m['variant']}): best validation NDCG@10 "
+                f"{m['best_val_ndcg_at_10'] or float('nan'):.4f} at epoch {m['best_epoch']}; "
+                f"text->token agreement {m['agreement_full_id']:.3f} (first code "
+                f"{m['agreement_first_code']:.3f})"
+            )
+            out.print(f"checkpoint: {rec.result.checkpoint_dir}")
+            if rec.run_id:
+                out.print(f"MLflow run: {rec.run_id}")
 
 
 @app.command()

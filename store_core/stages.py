@@ -85,3 +85,38 @@ def tokenizer_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> Stage
 
 def _numeric_or_levels(key: str, value: Any) -> bool:
     return key == "levels" or (isinstance(value, int | float) and not isinstance(value, bool))
+
+
+def recommender_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> StageOutcome:
+    """Phase B: multi-task training with validation; logs per-task losses (step metrics),
+    validation metrics per epoch, agreement, and the checkpoint."""
+    from store_core.item_tokenizer import METADATA_FILE
+    from store_core.recommender import METRICS_FILE, train_recommender
+    from store_core.trainer import rank
+
+    if rank() != 0:
+        return StageOutcome(None, train_recommender(cfg))
+    with tracking.stage_run(cfg, "train_recommender", parent_run_id) as run:
+        run.log_params(
+            tracking.flatten(
+                {
+                    "recommender": cfg.recommender.model_dump(mode="json"),
+                    "train": cfg.recommender_train.model_dump(mode="json"),
+                    "quantizer": cfg.semantic_id.quantizer,
+                }
+            )
+        )
+        outcome = train_recommender(cfg, run)
+        assert outcome is not None
+        metrics = outcome.metrics
+        run.log_metrics(
+            {
+                k: float(v)
+                for k, v in metrics.items()
+                if isinstance(v, int | float) and not isinstance(v, bool) and v is not None
+            }
+        )
+        for name in (METRICS_FILE, METADATA_FILE):
+            run.log_artifact(f"{outcome.checkpoint_dir}/{name}")
+        run.log_artifacts(outcome.checkpoint_dir, "checkpoint")
+        return StageOutcome(run.run_id, outcome)

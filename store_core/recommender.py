@@ -1,0 +1,293 @@
+"""Stage 2b, Phase B: the same LLM learns to recommend by generating semantic IDs.
+
+Starting from the Phase A checkpoint (the model that produced the IDs), the semantic-ID
+vocabulary is added (one token per level and code, plus the disambiguation codes), and
+the model is trained on a mixture of prompt/completion tasks (recommendation, alignment,
+reconstruction, ...), loss on the completion only. Each epoch ends with constrained beam
+search on the validation users; training stops early on NDCG@10 and keeps the best
+epoch's weights. Afterwards the model's text -> token ability is measured against the
+clustering's IDs. The output is again one checkpoint directory:
+
+    <workspace>/models/recommender-<quantizer>-<multitask|rec>/
+        model.safetensors, tokenizer files       the trained LLM (with semantic-ID tokens)
+        codebook.*, semantic_ids.parquet         copied from the Phase A checkpoint
+        metadata.json                            level sizes, tasks, history length, ...
+        metrics.json                             validation curve, best epoch, agreement
+
+Initialising the new rows: a cluster level's token ``<a_k>`` gets, as its input
+embedding, the direction of its cluster centre mapped back from PCA space to the dense
+token space (the space Phase A taught the model to read as input embeddings in its
+reconstruction pass), rescaled to the mean norm of the existing embedding rows. The
+disambiguation tokens and every output row start at the mean of the existing rows.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from store_core.config import StoreConfig
+from store_core.errors import StoreError
+from store_core.generate import SemanticIdTrie, constrained_beam_search
+from store_core.item_tokenizer import (
+    METADATA_FILE,
+    SEMANTIC_IDS_FILE,
+    load_semantic_ids,
+)
+from store_core.item_tokenizer import (
+    checkpoint_dir as tokenizer_dir,
+)
+from store_core.metrics import rank_of, ranking_metrics
+from store_core.model import grow_embeddings, load_checkpoint, save_model_files, staging_directory
+from store_core.prompts import PromptBuilder, lookup_sid_tokens
+from store_core.quantizer import Codebook, load_codebook
+from store_core.semantic_ids import vocabulary
+from store_core.tasks import (
+    EvalSplit,
+    SampleCollator,
+    TaskData,
+    build_mixture,
+    eval_prompts,
+    load_task_data,
+    multitask_loss,
+)
+from store_core.tracking import Run
+from store_core.trainer import EarlyStopping, rank, train
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.json"
+AGREEMENT_SAMPLE = 500
+
+
+@dataclass(frozen=True)
+class RecommenderOutcome:
+    checkpoint_dir: str
+    metrics: dict[str, Any]
+
+
+def variant(cfg: StoreConfig) -> str:
+    """``multitask`` when any task besides recommendation has weight, else ``rec``."""
+    active = {spec.task for spec in cfg.recommender.mixture if spec.weight > 0}
+    return "rec" if active <= {"recommendation"} else "multitask"
+
+
+def recommender_dir(cfg: StoreConfig) -> str:
+    return f"{cfg.models_dir}/recommender-{cfg.semantic_id.quantizer}-{variant(cfg)}"
+
+
+#: Disambiguation tokens reserved beyond the largest one in use, so new items whose
+#: generated prefix is already taken still get a code with a token (see new_items).
+SPARE_DISAMBIGUATION = 4
+
+
+def level_sizes(codes: np.ndarray, codebook: Codebook) -> list[int]:
+    """Tokens per level: K per cluster level; used + spare codes for disambiguation."""
+    last = int(codes[:, -1].max()) + 1 + SPARE_DISAMBIGUATION
+    return [codebook.codebook_size] * codebook.num_levels + [last]
+
+
+def add_semantic_id_tokens(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    codebook: Codebook,
+    sizes: list[int],
+) -> list[list[int]]:
+    """Add the semantic-ID vocabulary and initialise its rows; returns ids per level/code."""
+    tokens = vocabulary(sizes)
+    before = len(tokenizer)
+    missing = [t for t in tokens if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens(missing, special_tokens=True)
+        new_ids = [cast(int, tokenizer.convert_tokens_to_ids(t)) for t in missing]
+        grow_embeddings(model, len(tokenizer), new_ids, reference_rows=before)
+    table = lookup_sid_tokens(tokenizer, sizes)
+    if missing:
+        _init_from_centroids(model, codebook, table, before)
+    return table
+
+
+def _init_from_centroids(
+    model: PreTrainedModel, codebook: Codebook, table: list[list[int]], reference_rows: int
+) -> None:
+    if codebook.kind != "store":
+        return  # residual centres are not dense tokens: keep the mean initialisation
+    weight = cast(torch.Tensor, model.get_input_embeddings().weight)  # [V, D]
+    if weight.shape[1] != codebook.input_dim:
+        return
+    with torch.no_grad():
+        target_norm = weight[:reference_rows].norm(dim=1).mean()
+        for level in range(codebook.num_levels):
+            centres = np.asarray(codebook.centroids[level])  # [K, P]
+            if codebook.pca_means is not None and codebook.pca_components is not None:
+                centres = codebook.pca_means[level] + centres @ codebook.pca_components[level]
+            vectors = torch.as_tensor(centres, dtype=weight.dtype)  # [K, D]
+            vectors = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-6) * target_norm
+            index = torch.tensor(table[level], dtype=torch.long)
+            weight[index] = vectors.to(weight.device)
+
+
+def _sample(values: list[Any], limit: int | None, seed: int) -> list[int]:
+    if limit is None or len(values) <= limit:
+        return list(range(len(values)))
+    picked = np.random.default_rng(seed).choice(len(values), size=limit, replace=False)
+    return sorted(picked.tolist())
+
+
+def evaluate_split(
+    model: torch.nn.Module,
+    data: TaskData,
+    builder: PromptBuilder,
+    trie: SemanticIdTrie,
+    row_of: dict[str, int],
+    cfg: StoreConfig,
+    split: EvalSplit,
+    *,
+    limit: int | None = None,
+    progress: bool = False,
+) -> tuple[dict[str, float], np.ndarray]:
+    """Constrained beam search for the users of ``split``; metrics and per-user ranks."""
+    users, prompts, targets = eval_prompts(data, builder, cfg.recommender.history_len, split)
+    chosen = _sample(users, limit, cfg.recommender_train.seed)
+    prompts = [prompts[i] for i in chosen]
+    targets = [targets[i] for i in chosen]
+    result = constrained_beam_search(
+        model,
+        prompts,
+        trie,
+        beam_size=cfg.recommender.beam_size,
+        pad_token_id=builder.pad_token_id,
+        batch_size=cfg.recommender.eval_batch_size,
+        progress=progress,
+    )
+    ranks = np.array(
+        [rank_of(row_of[t], result.items[i]) for i, t in enumerate(targets)], dtype=np.int64
+    )
+    return ranking_metrics(ranks), ranks
+
+
+def text_to_token_agreement(
+    model: torch.nn.Module,
+    data: TaskData,
+    builder: PromptBuilder,
+    level_ids: list[list[int]],
+    num_levels: int,
+    cfg: StoreConfig,
+) -> dict[str, float]:
+    """How often generating an ID from an item's text reproduces its clustered codes."""
+    catalogue = data.catalogue_items()
+    chosen = [
+        catalogue[i] for i in _sample(catalogue, AGREEMENT_SAMPLE, cfg.recommender_train.seed)
+    ]
+    prompts = [builder.alignment(data.texts[item]) for item in chosen]
+    result = constrained_beam_search(
+        model,
+        prompts,
+        SemanticIdTrie.levelwise(level_ids[:num_levels]),
+        beam_size=min(10, cfg.recommender.beam_size),
+        pad_token_id=builder.pad_token_id,
+        batch_size=cfg.recommender.eval_batch_size,
+    )
+    generated = result.codes[:, 0, :num_levels]  # [P, L] best beam
+    truth = np.array([data.codes[item][:num_levels] for item in chosen])
+    return {
+        "agreement_full_id": float(np.mean(np.all(generated == truth, axis=1))),
+        "agreement_first_code": float(np.mean(generated[:, 0] == truth[:, 0])),
+        "agreement_items": float(len(chosen)),
+    }
+
+
+def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOutcome | None:
+    """Phase B for ``cfg``; returns None on ranks other than 0."""
+    source = tokenizer_dir(cfg)
+    if not (Path(source) / METADATA_FILE).exists():
+        raise StoreError(
+            f"{source} has no Phase A checkpoint: run `store train --phase tokenizer` first"
+        )
+    model, tokenizer = load_checkpoint(source)
+    codebook = load_codebook(source)
+    table = load_semantic_ids(source)
+    item_ids: list[str] = table.column("item_id").to_pylist()
+    codes = np.array(table.column("codes").to_pylist(), dtype=np.int64)  # [N, L+1]
+    sizes = level_sizes(codes, codebook)
+    level_ids = add_semantic_id_tokens(model, tokenizer, codebook, sizes)
+    rec = cfg.recommender
+    builder = PromptBuilder(tokenizer, level_ids, cfg.model.max_text_tokens)
+    data = load_task_data(cfg.data_dir, dict(zip(item_ids, codes.tolist(), strict=True)))
+    samples = build_mixture(rec.mixture, data, builder, rec.history_len, cfg.recommender_train.seed)
+    trie = SemanticIdTrie.from_codes(codes, level_ids)
+    row_of = {item: i for i, item in enumerate(item_ids)}
+
+    def validate(module: torch.nn.Module) -> dict[str, float]:
+        metrics, _ = evaluate_split(
+            module, data, builder, trie, row_of, cfg, "valid", limit=rec.val_max_users
+        )
+        return {k: metrics[k] for k in ("recall_at_10", "ndcg_at_10", "recall_at_20", "mrr")}
+
+    result = train(
+        model,
+        samples,
+        SampleCollator(builder.pad_token_id, None),
+        multitask_loss,
+        cfg.recommender_train,
+        f"{cfg.models_dir}/{Path(recommender_dir(cfg)).name}-checkpoints",
+        run=run,
+        description="recommender",
+        early_stopping=EarlyStopping(validate, "ndcg_at_10", rec.early_stopping_patience),
+    )
+    if rank() != 0:
+        return None
+    trained = result.model
+    agreement = text_to_token_agreement(trained, data, builder, level_ids, codebook.num_levels, cfg)
+    counts: dict[str, int] = {}
+    for sample in samples:
+        counts[sample.task] = counts.get(sample.task, 0) + 1
+    metrics: dict[str, Any] = {
+        "variant": variant(cfg),
+        "quantizer": cfg.semantic_id.quantizer,
+        "samples_per_task": counts,
+        "train_steps": result.steps,
+        "train_tokens_per_s": round(result.tokens_per_s, 1),
+        "final_train_loss": result.final_loss,
+        "validation": result.validation,
+        "best_epoch": result.best_epoch,
+        "best_val_ndcg_at_10": result.best_metric,
+        "stopped_early": result.stopped_early,
+        **agreement,
+    }
+    best = max(result.validation, key=lambda v: v["ndcg_at_10"], default=None)
+    if best is not None:
+        metrics["best_val_recall_at_10"] = best["recall_at_10"]
+    metadata = json.loads((Path(source) / METADATA_FILE).read_text())
+    metadata.update(
+        {
+            "level_sizes": sizes,
+            "history_len": rec.history_len,
+            "mixture": [spec.model_dump() for spec in rec.mixture],
+            "variant": variant(cfg),
+            "phase_a_checkpoint": source,
+        }
+    )
+    target = recommender_dir(cfg)
+    with staging_directory(target) as staging:
+        save_model_files(trained, tokenizer, staging)
+        for name in ("codebook.safetensors", "codebook.json", SEMANTIC_IDS_FILE):
+            shutil.copy2(Path(source) / name, staging / name)
+        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
+        (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    logger.info(
+        "recommender (%s): best validation NDCG@10 %.4f at epoch %s -> %s",
+        variant(cfg),
+        result.best_metric or float("nan"),
+        result.best_epoch,
+        target,
+    )
+    return RecommenderOutcome(target, metrics)

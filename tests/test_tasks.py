@@ -1,0 +1,437 @@
+"""Phase B tasks: data loading, prefix expansion, mixture weights, collation, loss, eval prompts."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any, get_args
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from store_core.config import TaskName, TaskSpec, load_config
+from store_core.errors import DataError, StoreError
+from store_core.ingest import run_ingest
+from store_core.model import train_bpe_tokenizer
+from store_core.prompts import PromptBuilder, lookup_sid_tokens
+from store_core.schemas import ITEMS_SCHEMA, SPLITS_SCHEMA
+from store_core.semantic_ids import vocabulary
+from store_core.tasks import (
+    IGNORE_INDEX,
+    TASK_ORDER,
+    TASKS,
+    Sample,
+    SampleCollator,
+    TaskData,
+    build_mixture,
+    eval_prompts,
+    load_task_data,
+    multitask_loss,
+)
+
+SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
+LEVELS = [4, 4, 4]
+N = 3  # history_len in the hand-made tests
+
+# item -> (title, text); G has no title, Z has no semantic ID, X is a cold-start item.
+ITEMS = {
+    "A": ("Alien", "title: Alien; genres: Horror"),
+    "B": ("Babe", "title: Babe; genres: Children"),
+    "C": ("Casino", "title: Casino; genres: Crime"),
+    "D": ("Dune", "title: Dune; genres: Sci-Fi"),
+    "E": ("Emma", "title: Emma; genres: Drama"),
+    "F": ("Fargo", "title: Fargo; genres: Crime"),
+    "G": (None, "genres: Documentary"),
+    "H": ("Heat", "title: Heat; genres: Action"),
+    "X": ("Xanadu", "title: Xanadu; genres: Musical"),
+    "Z": ("Zelig", "title: Zelig; genres: Comedy"),
+}
+CODES = {item: [i % 4, (i // 4) % 4, i % 3] for i, item in enumerate(sorted(ITEMS)) if item != "Z"}
+# user -> [(item, split, cold_start)] in chronological order.
+SEQUENCES = {
+    "u1": [
+        ("A", "train", False),
+        ("B", "train", False),
+        ("C", "train", False),
+        ("D", "valid", False),
+        ("E", "test", False),
+    ],
+    "u2": [("F", "train", False), ("A", "test", False)],  # 1 train row: no sample
+    "u3": [("B", "test", False)],  # only a test row
+    "u4": [
+        ("A", "train", False),
+        ("X", "excluded", True),
+        *[(i, "train", False) for i in "BCDEFG"],
+        ("H", "valid", False),
+        ("A", "test", False),
+    ],
+    "u5": [("C", "train", False), ("D", "train", False), ("X", "test", True)],
+}
+TRAIN = {
+    user: [item for item, split, _ in rows if split == "train"] for user, rows in SEQUENCES.items()
+}
+
+
+def write_dataset(directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    items = pa.Table.from_pydict(
+        {
+            "item_id": sorted(ITEMS),
+            "title": [ITEMS[i][0] for i in sorted(ITEMS)],
+            "fields": [[] for _ in ITEMS],
+            "text": [ITEMS[i][1] for i in sorted(ITEMS)],
+            "content_hash": ["h"] * len(ITEMS),
+        },
+        schema=ITEMS_SCHEMA,
+    )
+    rows = [
+        (user, item, position, split, cold)
+        for user, seq in SEQUENCES.items()
+        for position, (item, split, cold) in enumerate(seq)
+    ]
+    rows.reverse()  # the loader must order by position, not by file order
+    splits = pa.Table.from_pylist(
+        [dict(zip(SPLITS_SCHEMA.names, row, strict=True)) for row in rows], schema=SPLITS_SCHEMA
+    )
+    pq.write_table(items, directory / "items.parquet")
+    pq.write_table(splits, directory / "splits.parquet")
+    return directory
+
+
+def make_tokenizer(levels: list[int]) -> PreTrainedTokenizerFast:
+    texts = [text for _, text in ITEMS.values()] + ["Recommend the next item. History: Next:"]
+    tokenizer = train_bpe_tokenizer(texts * 3, vocab_size=300)
+    tokenizer.add_tokens(vocabulary(levels), special_tokens=True)
+    return tokenizer
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return make_tokenizer(LEVELS)
+
+
+@pytest.fixture(scope="module")
+def builder(tokenizer: PreTrainedTokenizerFast) -> PromptBuilder:
+    return PromptBuilder(tokenizer, lookup_sid_tokens(tokenizer, LEVELS), max_text_tokens=32)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> TaskData:
+    return load_task_data(str(write_dataset(tmp_path_factory.mktemp("data"))), CODES)
+
+
+def expected_count(sequences: dict[str, list[str]]) -> int:
+    return sum(max(0, len(s) - 1) for s in sequences.values())
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_load_task_data(data: TaskData) -> None:
+    assert data.item_ids == sorted(ITEMS)
+    assert data.train_sequences == TRAIN  # ordered by position; 'excluded' dropped
+    assert data.valid_targets == {"u1": "D", "u4": "H"}
+    assert data.test_targets == {"u1": "E", "u2": "A", "u3": "B", "u4": "A", "u5": "X"}
+    assert data.cold_items == frozenset({"X"})
+    assert data.titles["G"] is None and data.display_title("G") == "genres: Documentary"
+    assert data.catalogue_items() == ["A", "B", "C", "D", "E", "F", "G", "H"]  # no X, no Z
+
+
+def test_load_task_data_errors(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"items\.parquet"):
+        load_task_data(str(tmp_path / "nowhere"), CODES)
+    directory = write_dataset(tmp_path / "data")
+    codes = {k: v for k, v in CODES.items() if k != "H"}
+    with pytest.raises(StoreError, match=r"1 items .* no semantic ID .*'H'"):
+        load_task_data(str(directory), codes)
+
+
+def test_every_task_name_has_a_renderer() -> None:
+    assert get_args(TaskName) == TASK_ORDER
+    assert set(TASKS) == set(TASK_ORDER)
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+def test_recommendation_expands_every_train_prefix(data: TaskData, builder: PromptBuilder) -> None:
+    samples = TASKS["recommendation"](data, builder, N)
+    assert len(samples) == expected_count(TRAIN) == 2 + 0 + 0 + 6 + 1
+    expected = []
+    for user in sorted(TRAIN):
+        seq = TRAIN[user]
+        for t in range(1, len(seq)):
+            expected.append((seq[max(0, t - N) : t], seq[t]))
+    for sample, (history, target) in zip(samples, expected, strict=True):
+        assert sample.task == "recommendation"
+        assert sample.prompt == builder.recommendation([CODES[i] for i in history])
+        assert sample.completion == builder.sid_completion(CODES[target])
+    # u4 (train A B C D E F G; X excluded): histories grow to N, then slide.
+    assert expected[3] == (["A", "B"], "C")
+    assert expected[6] == (["C", "D", "E"], "F")
+    assert expected[-2] == (["D", "E", "F"], "G")
+    targets = {target for _, target in expected}
+    assert "H" not in targets and "D" in targets  # D is u4's train item, u1's valid item
+    assert len(expected[-2][0]) == N
+
+
+def test_catalogue_tasks_one_sample_per_item(
+    data: TaskData, builder: PromptBuilder, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    alignment = TASKS["alignment"](data, builder, N)
+    reconstruction = TASKS["reconstruction"](data, builder, N)
+    catalogue = ["A", "B", "C", "D", "E", "F", "G", "H"]
+    assert len(alignment) == len(reconstruction) == len(catalogue)
+    for item, a, r in zip(catalogue, alignment, reconstruction, strict=True):
+        assert a == Sample("alignment", builder.alignment(ITEMS[item][1]), a.completion)
+        assert a.completion == builder.sid_completion(CODES[item])
+        assert r.prompt == builder.reconstruction(CODES[item])
+        assert r.completion == builder.text_completion(ITEMS[item][1])
+    assert tokenizer.decode(alignment[0].prompt + alignment[0].completion) == (
+        "<s>Item: title: Alien; genres: Horror Semantic ID:<a_0><b_0><c_0></s>"
+    )
+    assert tokenizer.decode(reconstruction[1].prompt + reconstruction[1].completion) == (
+        "<s>Semantic ID:<a_1><b_0><c_1> Item: title: Babe; genres: Children</s>"
+    )
+
+
+def test_title_history_uses_titles_with_text_fallback(
+    data: TaskData, builder: PromptBuilder, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    samples = TASKS["title_history"](data, builder, N)
+    recommendation = TASKS["recommendation"](data, builder, N)
+    assert len(samples) == len(recommendation)
+    assert [s.completion for s in samples] == [s.completion for s in recommendation]
+    # u4's last prefix: history D, E, F -> G.
+    last_u4 = samples[-2]
+    assert tokenizer.decode(last_u4.prompt + last_u4.completion) == (
+        "<s>Recommend the next item. History: Dune; Emma; Fargo Next:<a_2><b_1><c_0></s>"
+    )
+    u5 = samples[-1]
+    assert tokenizer.decode(u5.prompt) == "<s>Recommend the next item. History: Casino Next:"
+    with_g = builder.title_history(["Emma", "Fargo", data.display_title("G")])
+    assert tokenizer.decode(with_g) == (
+        "<s>Recommend the next item. History: Emma; Fargo; genres: Documentary Next:"
+    )
+
+
+def test_golden_recommendation_sample(
+    data: TaskData, builder: PromptBuilder, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    first = TASKS["recommendation"](data, builder, N)[1]  # u1: A, B -> C
+    assert tokenizer.decode(first.prompt + first.completion) == (
+        "<s>Recommend the next item. History:<a_0><b_0><c_0><a_1><b_0><c_1> Next:"
+        "<a_2><b_0><c_2></s>"
+    )
+
+
+@pytest.mark.skipif(
+    not (SHARED_DATASETS / "ml-100k").exists(), reason="shared ml-100k dataset not present"
+)
+def test_ml100k_prefix_count(tmp_path: Path) -> None:
+    path = SHARED_DATASETS / "ml-100k"
+    cfg = load_config(
+        None,
+        [
+            f"workspace={tmp_path}",
+            "data.dataset=null",
+            "data.format=movielens",
+            f"data.path={path}",
+            "tracking.enabled=false",
+        ],
+    )
+    run_ingest(cfg)
+    items = pq.read_table(f"{cfg.data_dir}/items.parquet").column("item_id").to_pylist()
+    levels = [8, 8, 27]
+    codes = {item: [i % 8, (i // 8) % 8, i // 64] for i, item in enumerate(items)}
+    data = load_task_data(cfg.data_dir, codes)
+    assert sum(len(s) for s in data.train_sequences.values()) == 98114
+    tokenizer = make_tokenizer(levels)
+    builder = PromptBuilder(tokenizer, lookup_sid_tokens(tokenizer, levels), max_text_tokens=32)
+    samples = TASKS["recommendation"](data, builder, 20)
+    assert len(samples) == expected_count(data.train_sequences) == 98114 - 943 == 97171
+    longest = max(len(s.prompt) for s in samples)
+    assert longest == len(builder.recommendation([[0, 0, 0]] * 20))
+
+
+# --------------------------------------------------------------------------- mixture
+
+
+def test_mixture_weights(data: TaskData, builder: PromptBuilder) -> None:
+    n_rec = expected_count(TRAIN)  # 9
+    n_items = 8
+
+    def counts(specs: list[TaskSpec], seed: int = 0) -> Counter[str]:
+        return Counter(s.task for s in build_mixture(specs, data, builder, N, seed))
+
+    one = [TaskSpec(task="recommendation"), TaskSpec(task="alignment")]
+    assert counts(one) == {"recommendation": n_rec, "alignment": n_items}
+    doubled = [TaskSpec(task="recommendation", weight=2.0), TaskSpec(task="alignment")]
+    assert counts(doubled) == {"recommendation": 2 * n_rec, "alignment": n_items}
+    halved = [TaskSpec(task="recommendation"), TaskSpec(task="alignment", weight=0.5)]
+    assert counts(halved) == {"recommendation": n_rec, "alignment": n_items // 2}
+    dropped = [TaskSpec(task="recommendation"), TaskSpec(task="reconstruction", weight=0.0)]
+    assert counts(dropped) == {"recommendation": n_rec}
+    twice = [TaskSpec(task="alignment"), TaskSpec(task="alignment")]
+    assert counts(twice) == {"alignment": 2 * n_items}
+    mixed = [TaskSpec(task="alignment", weight=1.5), TaskSpec(task="title_history", weight=0.25)]
+    assert counts(mixed) == {"alignment": 12, "title_history": round(0.25 * n_rec)}
+
+
+def test_mixture_subsets_are_seeded_and_without_replacement(
+    data: TaskData, builder: PromptBuilder
+) -> None:
+    natural = TASKS["alignment"](data, builder, N)
+    spec = [TaskSpec(task="alignment", weight=0.5)]
+    first = build_mixture(spec, data, builder, N, seed=1)
+    assert first == build_mixture(spec, data, builder, N, seed=1)  # deterministic
+    subsets = {
+        tuple(natural.index(s) for s in build_mixture(spec, data, builder, N, seed))
+        for seed in range(10)
+    }
+    assert len(subsets) > 1  # the seed matters
+    for subset in subsets:
+        assert len(set(subset)) == len(subset) == 4  # no sample drawn twice
+    with_whole = build_mixture([TaskSpec(task="alignment", weight=2.5)], data, builder, N, 1)
+    assert with_whole[: 2 * len(natural)] == natural * 2
+    assert with_whole[2 * len(natural) :] == first
+
+
+# --------------------------------------------------------------------------- collation
+
+
+def test_collator_masks_prompt_and_padding() -> None:
+    samples = [
+        Sample("recommendation", [1, 10, 11, 12], [20, 21, 2]),
+        Sample("reconstruction", [1, 13], [22, 2]),
+    ]
+    batch = SampleCollator(pad_token_id=0)(samples)
+    assert batch["input_ids"].tolist() == [[1, 10, 11, 12, 20, 21, 2], [1, 13, 22, 2, 0, 0, 0]]
+    assert batch["attention_mask"].tolist() == [[1] * 7, [1, 1, 1, 1, 0, 0, 0]]
+    m = IGNORE_INDEX
+    assert batch["labels"].tolist() == [[m, m, m, m, 20, 21, 2], [m, m, 22, 2, m, m, m]]
+    assert batch["task_ids"].tolist() == [
+        TASK_ORDER.index("recommendation"),
+        TASK_ORDER.index("reconstruction"),
+    ]
+
+
+def test_collator_truncates_the_prompt_from_the_left() -> None:
+    sample = Sample("recommendation", [1, 10, 11, 12, 13, 14], [20, 21, 2])
+    plain = SampleCollator(pad_token_id=0, max_length=5)([sample])
+    assert plain["input_ids"].tolist() == [[13, 14, 20, 21, 2]]
+    assert plain["labels"].tolist()[0][2:] == [20, 21, 2]
+    keep_start = SampleCollator(pad_token_id=0, max_length=5, start_token_id=1)([sample])
+    assert keep_start["input_ids"].tolist() == [[1, 14, 20, 21, 2]]
+    assert keep_start["labels"].tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 20, 21, 2]]
+    short = Sample("alignment", [1, 10], [20, 2])
+    assert SampleCollator(0, 5, start_token_id=1)([short])["input_ids"].tolist() == [[1, 10, 20, 2]]
+    with pytest.raises(ValueError, match="does not fit"):
+        SampleCollator(pad_token_id=0, max_length=3)([sample])
+
+
+# --------------------------------------------------------------------------- loss
+
+
+def tiny_model(vocab_size: int) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(config)
+
+
+class EngineLike(torch.nn.Module):
+    """Stands in for a DeepSpeed engine: wraps the model in ``.module`` and forwards calls."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def forward(self, **kwargs: Any) -> Any:
+        return self.module(**kwargs)
+
+
+def test_multitask_loss_equals_hand_computed_cross_entropy(
+    data: TaskData, builder: PromptBuilder, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    samples = [
+        *TASKS["recommendation"](data, builder, N)[:2],
+        TASKS["alignment"](data, builder, N)[0],
+        TASKS["reconstruction"](data, builder, N)[3],
+    ]
+    batch = SampleCollator(pad_token_id=int(tokenizer.pad_token_id))(samples)
+    model = tiny_model(len(tokenizer))
+    loss, metrics = multitask_loss(model, batch)
+
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    log_probs = F.log_softmax(logits.float(), dim=-1)  # [B, T, V]
+    per_task: dict[str, list[float]] = {}
+    for row, sample in enumerate(samples):
+        start = len(sample.prompt)
+        for offset, token in enumerate(sample.completion):
+            # The logits one position earlier predict each completion token.
+            nll = -log_probs[row, start + offset - 1, token]
+            per_task.setdefault(sample.task, []).append(float(nll))
+    everything = [v for values in per_task.values() for v in values]
+    assert loss.item() == pytest.approx(sum(everything) / len(everything), rel=1e-5)
+    assert metrics["tokens"] == len(everything) == sum(len(s.completion) for s in samples)
+    assert set(metrics) == {
+        "tokens",
+        "loss_recommendation",
+        "loss_alignment",
+        "loss_reconstruction",
+    }
+    for task, values in per_task.items():
+        assert metrics[f"loss_{task}"] == pytest.approx(sum(values) / len(values), rel=1e-5)
+
+    # The same through an engine-like wrapper; gradients reach the parameters.
+    wrapped_loss, wrapped_metrics = multitask_loss(EngineLike(model), batch)
+    assert wrapped_loss.item() == pytest.approx(loss.item(), rel=1e-6)
+    assert wrapped_metrics == pytest.approx(metrics)
+    wrapped_loss.backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_multitask_loss_single_task_and_empty_batch(tokenizer: PreTrainedTokenizerFast) -> None:
+    """Keys only for the tasks present; the loss depends on the completion; no target fails."""
+    model = tiny_model(len(tokenizer))
+    collate = SampleCollator(pad_token_id=0)
+    base = collate([Sample("alignment", [1, 5, 6, 7], [8, 2])])
+    other_completion = collate([Sample("alignment", [1, 5, 6, 7], [9, 2])])
+    loss, metrics = multitask_loss(model, base)
+    assert metrics["tokens"] == 2.0 and set(metrics) == {"tokens", "loss_alignment"}
+    assert multitask_loss(model, other_completion)[0].item() != pytest.approx(loss.item())
+    with pytest.raises(ValueError, match="no completion tokens"):
+        multitask_loss(model, {**base, "labels": torch.full_like(base["labels"], -100)})
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def test_eval_prompts(data: TaskData, builder: PromptBuilder) -> None:
+    users, prompts, targets = eval_prompts(data, builder, N, "valid")
+    assert users == ["u1", "u4"] and targets == ["D", "H"]
+    assert prompts[0] == builder.recommendation([CODES[i] for i in ["A", "B", "C"]])
+    assert prompts[1] == builder.recommendation([CODES[i] for i in ["E", "F", "G"]])
+
+    users, prompts, targets = eval_prompts(data, builder, N, "test")
+    assert users == ["u1", "u2", "u3", "u4", "u5"]
+    assert targets == ["E", "A", "B", "A", "X"]
+    histories = [["B", "C", "D"], ["F"], [], ["F", "G", "H"], ["C", "D"]]
+    for prompt, history in zip(prompts, histories, strict=True):
+        assert prompt == builder.recommendation([CODES[i] for i in history])
+    with pytest.raises(ValueError, match="split"):
+        eval_prompts(data, builder, N, "train")  # type: ignore[arg-type]
