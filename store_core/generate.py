@@ -45,7 +45,7 @@ from typing import Any, Literal, cast
 
 import numpy as np
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
 from store_core.progress import progress as progress_bar
 from store_core.semantic_ids import level_token
@@ -136,12 +136,15 @@ class SemanticIdTrie:
     * **sparse**: the sorted int64 keys ``parent x K_l + code`` of the existing transitions
       (8 bytes each); the child is the key's position, found with ``torch.searchsorted``.
 
-    With L=3 x K=256 plus a disambiguation level: the first two levels have 1 and <= 256
-    nodes (dense, <= 256 KiB); level 2 has up to 65,536 nodes (64 MiB dense at full
-    usage) and the last level one node per distinct (c1, c2, c3) - about one per item - so
-    at 1M items those two are sparse (~8 MB each) instead of 64 MiB and
-    ``N x K_last x 4`` bytes. Nodes at full depth are leaves; ``leaf_items`` maps each to
-    its row in the ``codes`` the trie was built from.
+    With L=3 x K=256 plus a disambiguation level of 8 (the default layout), measured on
+    random catalogues: the first two levels have 1 and 256 parents (dense, 256 KiB);
+    level 2 has up to 65,536 parents (64 MiB dense) and level 3 about one parent per item
+    (N x 8 x 4 bytes dense). With the 16 MiB default, level 2 goes sparse past 16,384
+    distinct level-0/1 prefixes (~20k items) and level 3 past ~520k items. At 1M items the trie
+    is 22.9 MiB (levels 2 and 3 sparse, 7.4 + 7.6 MiB, plus 7.6 MiB of leaf items) instead
+    of 101.5 MiB all dense, builds in 0.35 s, and decodes ~7% slower than all dense. Nodes
+    at full depth are leaves; ``leaf_items`` maps each to its row in the ``codes`` the
+    trie was built from.
 
     :meth:`levelwise` is the "any valid code at each level" constraint (for a NEW item):
     one node per depth whose every code leads to the next, and no items.
@@ -156,6 +159,7 @@ class SemanticIdTrie:
         self.leaf_items = leaf_items  # [num_leaves] int64: row in `codes`, -1 for levelwise
         self.codes = codes  # [N, M] the catalogue, or None for levelwise
         self._python_trie: dict[int, Any] | None = None
+        self._copies: dict[torch.device, SemanticIdTrie] = {}  # see `to`
 
     # ---- construction
 
@@ -305,15 +309,22 @@ class SemanticIdTrie:
         return f"{items}; " + "; ".join(parts) + f"; total {self.memory_bytes() / 2**20:.2f} MiB"
 
     def to(self, device: torch.device | str) -> SemanticIdTrie:
-        """The same trie with its tensors on ``device`` (itself when already there)."""
+        """The same trie with its tensors on ``device`` (itself when already there).
+
+        The copy is kept, so decoding repeatedly on a GPU moves the tables once.
+        """
         target = torch.device(device)
         if self.device == target:
             return self
-        moved = SemanticIdTrie(
-            [level.to(target) for level in self._levels], self.leaf_items.to(target), self.codes
-        )
-        moved._python_trie = self._python_trie
-        return moved
+        if target not in self._copies:
+            moved = SemanticIdTrie(
+                [level.to(target) for level in self._levels],
+                self.leaf_items.to(target),
+                self.codes,
+            )
+            moved._python_trie = self._python_trie
+            self._copies[target] = moved
+        return self._copies[target]
 
     # ---- queries
 
@@ -418,7 +429,7 @@ _MASKABLE_ATTENTION = frozenset({"sdpa", "eager"})
 
 
 def constrained_beam_search(
-    model: PreTrainedModel,
+    model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],
     trie: SemanticIdTrie,
     *,
@@ -429,6 +440,12 @@ def constrained_beam_search(
     strategy: Strategy = "auto",
 ) -> BeamResult:
     """Top ``beam_size`` valid semantic IDs per prompt, by batched beam search in M steps.
+
+    ``model`` is any Hugging Face causal LM module (called with ``input_ids``,
+    ``attention_mask``, ``position_ids``, the cache and ``use_cache=True``); it runs under
+    ``torch.no_grad()`` in eval mode and gets its previous mode back. The number of
+    forwards depends only on ``len(prompts)``, ``batch_size`` and M, so ranks of a
+    ZeRO-3 job calling this on equal-sized shards stay in step.
 
     ``prompts`` are token-id lists (any lengths); they are grouped by length into batches of
     ``batch_size`` (less padding) and the results returned in the input order. Every step
@@ -457,7 +474,7 @@ def constrained_beam_search(
     for index, prompt in enumerate(prompts):
         if len(prompt) == 0:
             raise ValueError(f"prompt {index} is empty")
-    attention = getattr(model.config, "_attn_implementation", None)
+    attention = getattr(getattr(model, "config", None), "_attn_implementation", None)
     if strategy == "auto":
         strategy = "shared_prefix" if attention in _MASKABLE_ATTENTION else "expand"
     elif strategy == "shared_prefix" and attention not in _MASKABLE_ATTENTION:
@@ -495,7 +512,7 @@ class _BatchSearch:
 
     def __init__(
         self,
-        model: PreTrainedModel,
+        model: torch.nn.Module,
         trie: SemanticIdTrie,
         beam_size: int,
         pad_token_id: int,
@@ -643,7 +660,7 @@ def _output_cache(out: Any) -> Any:
 
 
 def hf_reference_search(
-    model: PreTrainedModel,
+    model: torch.nn.Module,
     prompts: Sequence[Sequence[int]],
     trie: SemanticIdTrie,
     *,
@@ -691,7 +708,7 @@ def hf_reference_search(
 
             input_ids = torch.tensor([list(prompt)], dtype=torch.long, device=device)
             with torch.no_grad():
-                # PreTrainedModel's stubs do not declare GenerationMixin.generate.
+                # Any Hugging Face causal LM (GenerationMixin); typed as a plain Module.
                 out = cast(Any, model).generate(
                     input_ids,
                     attention_mask=torch.ones_like(input_ids),

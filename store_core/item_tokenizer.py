@@ -64,6 +64,7 @@ SEMANTIC_IDS_SCHEMA = pa.schema(
         pa.field("codes", pa.list_(pa.int32()), nullable=False),
         pa.field("sid", pa.string(), nullable=False),
         pa.field("packed", pa.int64(), nullable=False),
+        pa.field("content_hash", pa.string(), nullable=False),  # of the text that was tokenized
     ]
 )
 
@@ -211,7 +212,8 @@ def train_semantic_tokenizer(cfg: StoreConfig, run: Run | None = None) -> Tokeni
     with staging_directory(target) as staging:
         save_model_files(trained, tokenizer, staging)
         q.save_codebook(codebook, staging)
-        _write_semantic_ids(item_ids, sids, staging / SEMANTIC_IDS_FILE)
+        hashes = items.column("content_hash").to_pylist()
+        _write_semantic_ids(item_ids, sids, hashes, staging / SEMANTIC_IDS_FILE)
         q.plot_usage(codes, codebook.codebook_size, staging / USAGE_PLOT)
         (staging / STATS_FILE).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
@@ -238,13 +240,16 @@ def pack_bits(num_levels: int) -> int:
     return min(16, 63 // num_levels)
 
 
-def _write_semantic_ids(item_ids: list[str], sids: np.ndarray, path: Path) -> None:
+def _write_semantic_ids(
+    item_ids: list[str], sids: np.ndarray, hashes: list[str], path: Path
+) -> None:
     table = pa.Table.from_pydict(
         {
             "item_id": item_ids,
             "codes": sids.astype(np.int32).tolist(),
             "sid": [format_sid(row) for row in sids.tolist()],
             "packed": pack_codes(sids, bits=pack_bits(sids.shape[1])),
+            "content_hash": hashes,
         },
         schema=SEMANTIC_IDS_SCHEMA,
     )

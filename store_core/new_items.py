@@ -19,7 +19,6 @@ import torch
 from store_core.errors import StoreError
 from store_core.generate import SemanticIdTrie, constrained_beam_search
 from store_core.prompts import PromptBuilder
-from store_core.quantizer import extend_disambiguation
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +46,57 @@ def generate_ids(
     return result.codes, result.scores
 
 
+class DisambiguationState:
+    """Next free disambiguation code per cluster prefix, seeded from every issued ID.
+
+    Incremental (O(1) per new item) so catalogue tokenization can stream; the rule is the
+    one of :func:`store_core.quantizer.extend_disambiguation`: a prefix's next code is one
+    past the largest ever used with it, so an ID once issued is never handed to another item.
+    """
+
+    def __init__(self, issued: np.ndarray, last_size: int) -> None:
+        self.last_size = last_size
+        self.next_free: dict[tuple[int, ...], int] = {}
+        for row in np.asarray(issued, dtype=np.int64).tolist():
+            prefix = tuple(row[:-1])
+            self.next_free[prefix] = max(self.next_free.get(prefix, 0), row[-1] + 1)
+
+    def peek(self, prefix: Sequence[int]) -> int:
+        return self.next_free.get(tuple(int(c) for c in prefix), 0)
+
+    def take(self, prefix: Sequence[int]) -> list[int]:
+        key = tuple(int(c) for c in prefix)
+        code = self.next_free.get(key, 0)
+        self.next_free[key] = code + 1
+        return [*key, code]
+
+
+def choose_ids(
+    beams: np.ndarray, scores: np.ndarray, item_ids: Sequence[str], state: DisambiguationState
+) -> np.ndarray:
+    """Pick each item's ID from its beams (best first) and reserve it in ``state``.
+
+    beams: [P, B, L] generated prefixes; scores: [P, B]. Items are processed in item_id
+    order so the result does not depend on batch composition within a call.
+    """
+    out = np.empty((len(item_ids), beams.shape[2] + 1), dtype=np.int64)
+    for index in sorted(range(len(item_ids)), key=lambda i: item_ids[i]):
+        chosen = None
+        for beam in range(beams.shape[1]):
+            if not np.isfinite(scores[index, beam]):
+                break
+            if state.peek(beams[index, beam]) < state.last_size:
+                chosen = state.take(beams[index, beam])
+                break
+        if chosen is None:
+            raise StoreError(
+                f"item {item_ids[index]}: every generated prefix has used all "
+                f"{state.last_size} disambiguation codes; retrain (store train) to re-cluster"
+            )
+        out[index] = chosen
+    return out
+
+
 def tokenize_new_items(
     model: torch.nn.Module,
     builder: PromptBuilder,
@@ -66,26 +116,5 @@ def tokenize_new_items(
     beams, scores = generate_ids(
         model, builder, level_ids, texts, beam_size=beam_size, batch_size=batch_size
     )
-    last_size = len(level_ids[-1])
-    issued = np.asarray(existing, dtype=np.int64).reshape(-1, len(level_ids))
-    out = np.empty((len(texts), len(level_ids)), dtype=np.int64)
-    # One item at a time (in item_id order) so items sharing a prefix get distinct codes.
-    for index in sorted(range(len(texts)), key=lambda i: item_ids[i]):
-        chosen = None
-        for beam in range(beams.shape[1]):
-            if not np.isfinite(scores[index, beam]):
-                break
-            candidate = extend_disambiguation(
-                issued, beams[index, beam][None, :], [item_ids[index]]
-            )
-            if candidate[0, -1] < last_size:
-                chosen = candidate[0]
-                break
-        if chosen is None:
-            raise StoreError(
-                f"item {item_ids[index]}: every generated prefix has used all {last_size} "
-                "disambiguation codes; retrain (store train) to re-cluster the catalogue"
-            )
-        out[index] = chosen
-        issued = np.vstack([issued, chosen[None, :]])
-    return out
+    state = DisambiguationState(existing, len(level_ids[-1]))
+    return choose_ids(beams, scores, item_ids, state)

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from store_core.generate import (
     BeamResult,
     SemanticIdTrie,
+    Strategy,
     constrained_beam_search,
     hf_reference_search,
     level_token_ids_from_tokenizer,
@@ -21,6 +24,16 @@ VOCAB = 100
 PAD, EOS = 0, 2
 SIZES = [12, 12, 10, 6]  # 40 semantic-ID tokens: ids 60..99
 BEAM = 20
+STRATEGIES: list[Strategy] = ["shared_prefix", "expand"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models gain nothing from threads, and lose a lot when other jobs hold the cores."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def level_ids(sizes: list[int] = SIZES) -> list[list[int]]:
@@ -149,12 +162,43 @@ def test_same_top_k_as_hf_generate(seed: int, dtype: torch.dtype) -> None:
     trie = SemanticIdTrie.from_codes(catalogue(200, seed=seed), level_ids())
     model = tiny_model(seed, dtype)
     prompts = random_prompts(6, seed=seed)
-    ours = constrained_beam_search(model, prompts, trie, beam_size=BEAM, pad_token_id=PAD)
     ref = hf_reference_search(
         model, prompts, trie, beam_size=BEAM, pad_token_id=PAD, eos_token_id=EOS
     )
     assert ref.alive.all()
-    assert_same(ours, ref)
+    for strategy in STRATEGIES:
+        ours = constrained_beam_search(
+            model, prompts, trie, beam_size=BEAM, pad_token_id=PAD, strategy=strategy
+        )
+        assert_same(ours, ref)
+
+
+def test_same_top_k_as_hf_generate_qwen2() -> None:
+    torch.manual_seed(9)
+    config = Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=256,
+        pad_token_id=PAD,
+        bos_token_id=1,
+        eos_token_id=EOS,
+        initializer_range=0.2,
+    )
+    model = Qwen2ForCausalLM(config).double().eval()
+    trie = SemanticIdTrie.from_codes(catalogue(200, seed=9), level_ids())
+    prompts = random_prompts(4, seed=9)
+    ref = hf_reference_search(
+        model, prompts, trie, beam_size=BEAM, pad_token_id=PAD, eos_token_id=EOS
+    )
+    for strategy in STRATEGIES:
+        ours = constrained_beam_search(
+            model, prompts, trie, beam_size=BEAM, pad_token_id=PAD, strategy=strategy
+        )
+        assert_same(ours, ref)
 
 
 def test_sparse_trie_decodes_the_same() -> None:
@@ -168,17 +212,32 @@ def test_sparse_trie_decodes_the_same() -> None:
     assert_same(a, b, atol=0)
 
 
-def test_batch_size_does_not_change_results() -> None:
+def test_batch_size_and_strategy_do_not_change_results() -> None:
     trie = SemanticIdTrie.from_codes(catalogue(150, seed=5), level_ids())
     model = tiny_model(seed=5)
     prompts = random_prompts(14, seed=5, low=1, high=60)  # very different lengths
-    one = constrained_beam_search(
-        model, prompts, trie, beam_size=BEAM, pad_token_id=PAD, batch_size=1
-    )
-    seven = constrained_beam_search(
-        model, prompts, trie, beam_size=BEAM, pad_token_id=PAD, batch_size=7
-    )
-    assert_same(one, seven, atol=1e-5)
+    first: BeamResult | None = None
+    for strategy in STRATEGIES:
+        for batch in (1, 7):
+            result = constrained_beam_search(
+                model,
+                prompts,
+                trie,
+                beam_size=BEAM,
+                pad_token_id=PAD,
+                batch_size=batch,
+                strategy=strategy,
+            )
+            first = first or result
+            assert_same(result, first, atol=1e-5)
+
+
+def test_strategy_needs_maskable_attention() -> None:
+    trie = SemanticIdTrie.levelwise(level_ids())
+    model = tiny_model(seed=0)
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="sdpa or eager"):
+        constrained_beam_search(model, [[5]], trie, pad_token_id=PAD, strategy="shared_prefix")
 
 
 def test_levelwise_generates_new_combinations() -> None:
@@ -206,17 +265,20 @@ def test_fewer_valid_ids_than_beams() -> None:
     trie = SemanticIdTrie.from_codes(codes, level_ids())
     model = tiny_model(seed=7)
     prompts = random_prompts(4, seed=7)
-    result = constrained_beam_search(model, prompts, trie, beam_size=BEAM, pad_token_id=PAD)
-    for p in range(4):
-        assert sorted(result.items[p, :5].tolist()) == [0, 1, 2, 3, 4]
-        np.testing.assert_array_equal(codes[result.items[p, :5]], result.codes[p, :5])
-        assert np.isfinite(result.scores[p, :5]).all()
-        assert np.isneginf(result.scores[p, 5:]).all()
-        assert (result.codes[p, 5:] == -1).all() and (result.items[p, 5:] == -1).all()
     ref = hf_reference_search(
         model, prompts, trie, beam_size=BEAM, pad_token_id=PAD, eos_token_id=EOS
     )
-    assert_same(result, ref)
+    for strategy in STRATEGIES:
+        result = constrained_beam_search(
+            model, prompts, trie, beam_size=BEAM, pad_token_id=PAD, strategy=strategy
+        )
+        assert_same(result, ref)
+        for p in range(4):
+            assert sorted(result.items[p, :5].tolist()) == [0, 1, 2, 3, 4]
+            np.testing.assert_array_equal(codes[result.items[p, :5]], result.codes[p, :5])
+            assert np.isfinite(result.scores[p, :5]).all()
+            assert np.isneginf(result.scores[p, 5:]).all()
+            assert (result.codes[p, 5:] == -1).all() and (result.items[p, 5:] == -1).all()
     # A single valid ID and a beam of one.
     single = SemanticIdTrie.from_codes(codes[3:4], level_ids())
     one = constrained_beam_search(model, prompts[:1], single, beam_size=1, pad_token_id=PAD)
@@ -230,21 +292,22 @@ def test_trained_preference_is_ranked_first() -> None:
     tokens = level_ids()
     prompts = random_prompts(2, seed=8, low=5, high=12)
     targets = [17, 93]  # prompt i should recommend item targets[i]
-    sequences = [
-        p + [tokens[level][c] for level, c in enumerate(codes[t])]
-        for p, t in zip(prompts, targets, strict=True)
-    ]
+    batch = torch.full((2, 16), PAD)
+    labels = torch.full((2, 16), -100)  # loss on the semantic ID only
+    mask = torch.zeros((2, 16), dtype=torch.long)
+    for row, (prompt, target) in enumerate(zip(prompts, targets, strict=True)):
+        sid = [tokens[level][c] for level, c in enumerate(codes[target])]
+        seq = prompt + sid
+        batch[row, : len(seq)] = torch.tensor(seq)
+        labels[row, len(prompt) : len(seq)] = torch.tensor(sid)
+        mask[row, : len(seq)] = 1
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
-    for _ in range(60):
-        for prompt, seq in zip(prompts, sequences, strict=True):
-            ids = torch.tensor([seq])
-            labels = ids.clone()
-            labels[:, : len(prompt)] = -100  # loss on the semantic ID only
-            loss = model(input_ids=ids, labels=labels).loss
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
+    for _ in range(40):
+        loss = model(input_ids=batch, attention_mask=mask, labels=labels).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
     result = constrained_beam_search(model, prompts, trie, beam_size=BEAM, pad_token_id=PAD)
     assert result.items[:, 0].tolist() == targets
     assert model.training  # the previous mode is restored
