@@ -1,0 +1,232 @@
+"""Stage 3: tokenize the whole catalogue into a new DuckDB version of semantic IDs.
+
+Streams ``items.parquet`` in record batches (memory stays flat as the catalogue grows),
+decides per item what its ID is, writes the rows to a temporary Parquet file batch by
+batch, and commits them as one new version in a single DuckDB transaction.
+
+Two modes:
+
+* ``keep`` (default, also the nightly job): items whose ``content_hash`` is unchanged
+  keep their ID (the recommender learned it); new and changed items get an ID generated
+  from their text (text -> token, no retraining) made unique by the disambiguation
+  level; items gone from the catalogue stay as inactive rows. With nothing new, changed
+  or removed, no version is written.
+* ``regenerate``: every item's ID is generated from its text (method ``generated``).
+
+The base the ``keep`` mode starts from is the newest version written under the
+checkpoint's codebook, else the clustering IDs stored with the checkpoint (method
+``cluster``). IDs once issued under a codebook are never handed to another item.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from store_core import storage
+from store_core.bundle import RecommenderBundle, load_bundle
+from store_core.config import StoreConfig
+from store_core.ingest import ITEMS_FILE
+from store_core.new_items import DisambiguationState, choose_ids, generate_ids
+from store_core.progress import progress
+from store_core.semantic_ids import format_sid, pack_codes
+
+logger = logging.getLogger(__name__)
+
+Mode = Literal["keep", "regenerate"]
+METHOD_CLUSTER = "cluster"
+METHOD_GENERATED = "generated"
+
+
+@dataclass(frozen=True)
+class CatalogueOutcome:
+    version: int | None  # None when nothing changed and no version was written
+    counts: dict[str, int]
+    items_per_s: float
+    seconds: float
+
+
+@dataclass(frozen=True)
+class _BaseRow:
+    codes: tuple[int, ...]
+    content_hash: str
+    method: str
+
+
+def _base_rows(bundle: RecommenderBundle, db: str) -> tuple[dict[str, _BaseRow], np.ndarray]:
+    """(item -> row of the base version, every ID ever issued under this codebook)."""
+    table = bundle.semantic_ids
+    cluster = {
+        item: _BaseRow(tuple(codes), content_hash, METHOD_CLUSTER)
+        for item, codes, content_hash in zip(
+            table.column("item_id").to_pylist(),
+            table.column("codes").to_pylist(),
+            table.column("content_hash").to_pylist(),
+            strict=True,
+        )
+    }
+    issued = [list(r.codes) for r in cluster.values()]
+    current = storage.current_rows(db, bundle.codebook_version)
+    if current is None:
+        return cluster, np.array(issued, dtype=np.int64)
+    base = {
+        item: _BaseRow(tuple(codes), content_hash, method)
+        for item, codes, content_hash, method in zip(
+            current.column("item_id").to_pylist(),
+            current.column("codes").to_pylist(),
+            current.column("content_hash").to_pylist(),
+            current.column("method").to_pylist(),
+            strict=True,
+        )
+    }
+    issued.extend(storage.issued_codes(db, bundle.codebook_version))
+    return base, np.array(issued, dtype=np.int64)
+
+
+def _batches(path: str, batch_size: int) -> Iterator[pa.RecordBatch]:
+    parquet = pq.ParquetFile(path)
+    yield from parquet.iter_batches(
+        batch_size=batch_size, columns=["item_id", "text", "content_hash"]
+    )
+
+
+def tokenize_catalogue(
+    cfg: StoreConfig,
+    checkpoint: str,
+    *,
+    mode: Mode = "keep",
+    batch_size: int = 256,
+    note: str = "",
+    extra_codebook_fields: dict[str, Any] | None = None,
+) -> CatalogueOutcome:
+    """Write a new semantic-ID version for the catalogue in ``cfg.data_dir``."""
+    started = time.perf_counter()
+    bundle = load_bundle(checkpoint)
+    db = cfg.duckdb_path
+    base, issued = _base_rows(bundle, db)
+    levels = len(bundle.level_ids)
+    bits = bundle.pack_bits
+    state = DisambiguationState(issued, len(bundle.level_ids[-1]))
+    counts = {"new": 0, "changed": 0, "unchanged": 0, "removed": 0, "generated": 0}
+    seen: set[str] = set()
+    items_path = f"{cfg.data_dir}/{ITEMS_FILE}"
+    total = pq.ParquetFile(items_path).metadata.num_rows
+    fd, tmp_path = tempfile.mkstemp(suffix=".parquet", dir=os.path.dirname(db) or ".")
+    os.close(fd)
+    writer = pq.ParquetWriter(tmp_path, storage.SEMANTIC_ID_ROWS_SCHEMA)
+    writer_open = True
+    try:
+        bar = progress(total=total, desc="tokenize catalogue", unit="item")
+        for batch in _batches(items_path, batch_size):
+            ids: list[str] = batch.column("item_id").to_pylist()
+            texts: list[str] = batch.column("text").to_pylist()
+            hashes: list[str] = batch.column("content_hash").to_pylist()
+            codes = np.zeros((len(ids), levels), dtype=np.int64)
+            methods = [METHOD_GENERATED] * len(ids)
+            todo: list[int] = []
+            for i, (item, content) in enumerate(zip(ids, hashes, strict=True)):
+                seen.add(item)
+                old = base.get(item)
+                if mode == "keep" and old is not None and old.content_hash == content:
+                    codes[i] = old.codes
+                    methods[i] = old.method
+                    counts["unchanged"] += 1
+                    continue
+                counts["new" if old is None else "changed"] += 1
+                todo.append(i)
+            if todo:
+                beams, scores = generate_ids(
+                    bundle.model,
+                    bundle.builder,
+                    bundle.level_ids,
+                    [texts[i] for i in todo],
+                    batch_size=cfg.recommender.eval_batch_size,
+                )
+                chosen = choose_ids(beams, scores, [ids[i] for i in todo], state)
+                codes[todo] = chosen
+                counts["generated"] += len(todo)
+            writer.write_table(_rows(ids, codes, hashes, methods, [True] * len(ids), bits))
+            bar.update(len(ids))
+        bar.close()
+        removed = sorted(set(base) - seen)
+        if removed:
+            removed_codes = np.array([base[i].codes for i in removed], dtype=np.int64)
+            writer.write_table(
+                _rows(
+                    removed,
+                    removed_codes,
+                    [base[i].content_hash for i in removed],
+                    [base[i].method for i in removed],
+                    [False] * len(removed),
+                    bits,
+                )
+            )
+        counts["removed"] = len(removed)
+        writer.close()
+        writer_open = False
+        seconds = time.perf_counter() - started
+        unchanged_catalogue = mode == "keep" and not (
+            counts["new"] or counts["changed"] or counts["removed"]
+        )
+        if unchanged_catalogue and storage.current_rows(db, bundle.codebook_version) is not None:
+            logger.info("catalogue unchanged: no new semantic-ID version written")
+            return CatalogueOutcome(None, counts, total / max(seconds, 1e-9), seconds)
+        codebook_row = _codebook_row(bundle, extra_codebook_fields)
+        version = storage.write_semantic_id_version(
+            db, codebook_row, tmp_path, counts, note or f"tokenize-catalogue ({mode})"
+        )
+    finally:
+        if writer_open:
+            writer.close()
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+    seconds = time.perf_counter() - started
+    logger.info("semantic-ID version %d written: %s", version, counts)
+    return CatalogueOutcome(version, counts, total / max(seconds, 1e-9), seconds)
+
+
+def _rows(
+    ids: list[str],
+    codes: np.ndarray,
+    hashes: list[str],
+    methods: list[str],
+    active: list[bool],
+    bits: int,
+) -> pa.Table:
+    return pa.Table.from_pydict(
+        {
+            "item_id": ids,
+            "codes": codes.astype(np.int32).tolist(),
+            "sid": [format_sid(row) for row in codes.tolist()],
+            "packed": pack_codes(codes, bits=bits),
+            "content_hash": hashes,
+            "method": methods,
+            "active": active,
+        },
+        schema=storage.SEMANTIC_ID_ROWS_SCHEMA,
+    )
+
+
+def _codebook_row(bundle: RecommenderBundle, extra: dict[str, Any] | None) -> dict[str, Any]:
+    meta = bundle.metadata
+    row: dict[str, Any] = {
+        "codebook_version": bundle.codebook_version,
+        "quantizer": meta["quantizer"],
+        "num_levels": meta["num_levels"],
+        "codebook_size": meta["codebook_size"],
+        "level_sizes": meta["level_sizes"],
+        "pack_bits": meta["pack_bits"],
+        "model_uri": bundle.directory,
+        "mlflow_run_id": None,
+    }
+    row.update(extra or {})
+    return row
