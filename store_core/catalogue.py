@@ -60,6 +60,7 @@ class _BaseRow:
     codes: tuple[int, ...]
     content_hash: str
     method: str
+    active: bool = True
 
 
 def _base_rows(bundle: RecommenderBundle, db: str) -> tuple[dict[str, _BaseRow], np.ndarray]:
@@ -79,12 +80,13 @@ def _base_rows(bundle: RecommenderBundle, db: str) -> tuple[dict[str, _BaseRow],
     if current is None:
         return cluster, np.array(issued, dtype=np.int64)
     base = {
-        item: _BaseRow(tuple(codes), content_hash, method)
-        for item, codes, content_hash, method in zip(
+        item: _BaseRow(tuple(codes), content_hash, method, active)
+        for item, codes, content_hash, method, active in zip(
             current.column("item_id").to_pylist(),
             current.column("codes").to_pylist(),
             current.column("content_hash").to_pylist(),
             current.column("method").to_pylist(),
+            current.column("active").to_pylist(),
             strict=True,
         )
     }
@@ -136,6 +138,8 @@ def tokenize_catalogue(
             for i, (item, content) in enumerate(zip(ids, hashes, strict=True)):
                 seen.add(item)
                 old = base.get(item)
+                if old is not None and not old.active:
+                    old = None  # a removed item that came back is tokenized afresh
                 if mode == "keep" and old is not None and old.content_hash == content:
                     codes[i] = old.codes
                     methods[i] = old.method
@@ -157,16 +161,19 @@ def tokenize_catalogue(
             writer.write_table(_rows(ids, codes, hashes, methods, [True] * len(ids), bits))
             bar.update(len(ids))
         bar.close()
-        removed = sorted(set(base) - seen)
-        if removed:
-            removed_codes = np.array([base[i].codes for i in removed], dtype=np.int64)
+        # Rows already inactive in the base are carried forward as they are; only items
+        # that were active and are gone now count as removed.
+        gone = sorted(set(base) - seen)
+        removed = [i for i in gone if base[i].active]
+        if gone:
+            gone_codes = np.array([base[i].codes for i in gone], dtype=np.int64)
             writer.write_table(
                 _rows(
-                    removed,
-                    removed_codes,
-                    [base[i].content_hash for i in removed],
-                    [base[i].method for i in removed],
-                    [False] * len(removed),
+                    gone,
+                    gone_codes,
+                    [base[i].content_hash for i in gone],
+                    [base[i].method for i in gone],
+                    [False] * len(gone),
                     bits,
                 )
             )

@@ -45,3 +45,27 @@ def clean_memory_fs() -> Iterator[None]:
     fs.store.clear()
     fs.pseudo_dirs.clear()
     fs.pseudo_dirs.append("")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A workspace with the tiny dataset ingested and both training phases done (once per
+    session). Tests that change it must copy it first (:func:`copy_workspace`)."""
+    from store_core.config import load_config
+    from store_core.ingest import run_ingest
+    from store_core.item_tokenizer import train_semantic_tokenizer
+    from store_core.recommender import train_recommender
+
+    ws = tmp_path_factory.mktemp("tiny-pipeline") / "ws"
+    cfg = load_config("tiny", [f"workspace={ws}", "tracking.enabled=false"])
+    run_ingest(cfg)
+    assert train_semantic_tokenizer(cfg) is not None
+    assert train_recommender(cfg) is not None
+    return ws
+
+
+def copy_workspace(source: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, target)
+    return target

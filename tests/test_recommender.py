@@ -35,11 +35,9 @@ def prepared(ws: Path, *overrides: str) -> StoreConfig:
 
 
 @pytest.fixture(scope="module")
-def tiny_trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[StoreConfig, Path]:
-    cfg = prepared(tmp_path_factory.mktemp("rec") / "ws")
-    outcome = train_recommender(cfg)
-    assert outcome is not None
-    return cfg, Path(outcome.checkpoint_dir)
+def tiny_trained(tiny_pipeline: Path) -> tuple[StoreConfig, Path]:
+    cfg = load_config("tiny", [f"workspace={tiny_pipeline}", "tracking.enabled=false"])
+    return cfg, Path(recommender_dir(cfg))
 
 
 def test_checkpoint_and_metrics(tiny_trained: tuple[StoreConfig, Path]) -> None:
