@@ -151,6 +151,75 @@ def train(
                 out.print(f"MLflow run: {rec.run_id}")
 
 
+@app.command("tokenize-catalogue")
+def tokenize_catalogue(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    mode: Annotated[
+        str,
+        typer.Option(
+            help="keep: unchanged items keep their IDs, new/changed get generated ones; "
+            "regenerate: generate every item's ID from its text."
+        ),
+    ] = "keep",
+    verbose: VerboseOpt = False,
+) -> None:
+    """Write a new version of every item's semantic ID into DuckDB (one transaction)."""
+    _setup_logging(verbose)
+    cfg = _load(config, set_)
+    from store_core.stages import catalogue_stage
+
+    outcome = _guard(lambda: catalogue_stage(cfg, mode=mode)).result
+    counts = ", ".join(f"{k} {v}" for k, v in outcome.counts.items())
+    if outcome.version is None:
+        out.print(f"catalogue unchanged ({counts}): no new version written")
+    else:
+        out.print(f"semantic-ID version {outcome.version} written ({counts})")
+    out.print(f"{outcome.items_per_s:.1f} items/s; DuckDB: {cfg.duckdb_path}")
+
+
+@app.command()
+def recommend(
+    user: Annotated[str | None, typer.Option("--user", "-u", help="A user id.")] = None,
+    history: Annotated[
+        str | None, typer.Option(help="An ad-hoc history: comma-separated item ids, oldest first.")
+    ] = None,
+    k: Annotated[int, typer.Option("-k", help="How many items.")] = 10,
+    exclude_history: Annotated[
+        bool, typer.Option(help="Never recommend an item from the history.")
+    ] = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON lines output.")] = False,
+) -> None:
+    """Top-K items for a user (their whole history) or an ad-hoc history."""
+    cfg = _load(config, set_)
+    if (user is None) == (history is None):
+        err.print("[bold red]error:[/] give exactly one of --user or --history")
+        raise typer.Exit(code=2)
+    from store_core.bundle import load_bundle
+    from store_core.recommend import recommend as run_recommend
+    from store_core.recommend import user_history
+    from store_core.recommender import recommender_dir
+
+    def go() -> list[Any]:
+        items = user_history(cfg, user) if user is not None else (history or "").split(",")
+        bundle = load_bundle(recommender_dir(cfg))
+        return run_recommend(
+            cfg, bundle, [i.strip() for i in items if i.strip()], k, exclude_history=exclude_history
+        )
+
+    recs = _guard(go)
+    if as_json:
+        for rec in recs:
+            sys.stdout.write(json.dumps(rec.__dict__) + "\n")
+        return
+    table = Table("rank", "item_id", "title", "score", "semantic ID")
+    for rec in recs:
+        table.add_row(str(rec.rank), rec.item_id, rec.title or "", f"{rec.score:.3f}", rec.sid)
+    out.print(table)
+
+
 @app.command()
 def run(config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
     """Run the whole pipeline as the Prefect flow ``store`` (a local temporary server is

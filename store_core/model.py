@@ -37,11 +37,16 @@ from transformers import (
     PreTrainedTokenizerBase,
     PreTrainedTokenizerFast,
 )
+from transformers.utils import logging as transformers_logging
 
 from store_core.config import ModelConfig
 from store_core.errors import StoreError
+from store_core.progress import progress_enabled
 
 logger = logging.getLogger(__name__)
+
+if not progress_enabled():  # no "Loading weights" bars in logs, CI and piped output
+    transformers_logging.disable_progress_bar()
 
 #: Special tokens of the tokenizer trained here (ids 0, 1, 2 in this order).
 PAD_TOKEN = "<pad>"

@@ -120,3 +120,42 @@ def recommender_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> Sta
             run.log_artifact(f"{outcome.checkpoint_dir}/{name}")
         run.log_artifacts(outcome.checkpoint_dir, "checkpoint")
         return StageOutcome(run.run_id, outcome)
+
+
+def catalogue_stage(
+    cfg: StoreConfig,
+    parent_run_id: str | None = None,
+    *,
+    mode: str = "keep",
+    mlflow_model_run: str | None = None,
+) -> StageOutcome:
+    """Tokenize the catalogue into a new DuckDB version; logs counts, items/s and the
+    exported version (Parquet) as an artifact."""
+    import tempfile
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from store_core import storage
+    from store_core.catalogue import tokenize_catalogue
+    from store_core.recommender import recommender_dir
+
+    if mode not in ("keep", "regenerate"):
+        raise ValueError(f"mode must be 'keep' or 'regenerate', got {mode!r}")
+    with tracking.stage_run(cfg, "tokenize_catalogue", parent_run_id) as run:
+        outcome = tokenize_catalogue(
+            cfg,
+            recommender_dir(cfg),
+            mode=mode,  # type: ignore[arg-type]
+            extra_codebook_fields={"mlflow_run_id": mlflow_model_run or parent_run_id},
+        )
+        run.log_params({"mode": mode, "checkpoint": recommender_dir(cfg)})
+        run.log_metrics({f"items_{k}": float(v) for k, v in outcome.counts.items()})
+        run.log_metrics({"items_per_s": outcome.items_per_s, "seconds": outcome.seconds})
+        if outcome.version is not None:
+            run.log_metrics({"semantic_id_version": float(outcome.version)})
+            with tempfile.TemporaryDirectory() as tmp:
+                export = Path(tmp) / f"semantic_ids_v{outcome.version}.parquet"
+                pq.write_table(storage.current_ids(cfg.duckdb_path), export)
+                run.log_artifact(str(export))
+        return StageOutcome(run.run_id, outcome)

@@ -88,3 +88,28 @@ def test_unknown_config_key_exits_nonzero(tmp_path: Path) -> None:
     result = runner.invoke(app, ["ingest", "-c", "tiny", "--set", "data.colour=red"])
     assert result.exit_code == 1
     assert "unknown key 'data.colour'" in result.output
+
+
+def test_recommend_for_a_user_and_an_adhoc_history(tiny_pipeline: Path) -> None:
+    base = ["-c", "tiny", "--set", f"workspace={tiny_pipeline}", "--set", "tracking.enabled=false"]
+    result = runner.invoke(app, ["recommend", "--user", "0", "-k", "5", "--json", *base])
+    assert result.exit_code == 0, result.output
+    recs = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [r["rank"] for r in recs] == [1, 2, 3, 4, 5]
+    scores = [r["score"] for r in recs]
+    assert scores == sorted(scores, reverse=True)
+    items = json.loads((Path(__file__).parent / "data/tiny/Tiny.item.json").read_text())
+    assert all(r["item_id"] in items and r["title"] == items[r["item_id"]]["title"] for r in recs)
+    again = runner.invoke(app, ["recommend", "--user", "0", "-k", "5", "--json", *base])
+    assert again.stdout == result.stdout  # a fixed model gives a fixed answer
+
+    adhoc = runner.invoke(
+        app,
+        ["recommend", "--history", "1,2,3", "-k", "3", "--exclude-history", "--json", *base],
+    )
+    assert adhoc.exit_code == 0, adhoc.output
+    got = [json.loads(line)["item_id"] for line in adhoc.stdout.splitlines()]
+    assert len(got) == 3 and not {"1", "2", "3"} & set(got)
+
+    bad = runner.invoke(app, ["recommend", "--user", "nobody", *base])
+    assert bad.exit_code == 1 and "no interactions" in bad.output
