@@ -1,6 +1,7 @@
 """The ``store`` pipeline flow: the stages as subflows, one MLflow parent run per flow run.
 
-Stages: ingest, train-tokenizer (Phase A), train-recommender (Phase B). Tasks are thin
+Stages: ingest, train-tokenizer (Phase A), train-recommender (Phase B), tokenize-catalogue,
+evaluate. Tasks are thin
 wrappers around ``store_core``; only I/O that can fail transiently (fetching the source)
 is retried.
 """
@@ -20,6 +21,8 @@ from store_core import tracking  # noqa: E402
 from store_core.config import load_config  # noqa: E402
 from store_core.ingest import ResolvedSource, resolve_source  # noqa: E402
 from store_core.stages import (  # noqa: E402
+    catalogue_stage,
+    evaluate_stage,
     ingest_stage,
     recommender_stage,
     tokenizer_stage,
@@ -96,8 +99,37 @@ def recommender_flow(
     }
 
 
+@flow(name="tokenize-catalogue")
+def catalogue_flow(
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    parent_run_id: str | None = None,
+    mode: str = "keep",
+) -> dict[str, Any]:
+    """Stage 3: every item's semantic ID as a new DuckDB version (one transaction)."""
+    cfg = load_config(config, overrides)
+    outcome = catalogue_stage(cfg, parent_run_id, mode=mode).result
+    get_run_logger().info("semantic-ID version %s: %s", outcome.version, outcome.counts)
+    return {"version": outcome.version, "counts": outcome.counts}
+
+
+@flow(name="evaluate")
+def evaluate_flow(
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    parent_run_id: str | None = None,
+) -> dict[str, Any]:
+    """Stage 4: STORE vs the baselines on the test split; report + plot + eval_results."""
+    cfg = load_config(config, overrides)
+    outcome = evaluate_stage(cfg, parent_run_id)
+    result = outcome.result
+    return {"run_id": outcome.run_id, "report": result.report_path, "plot": result.plot_path}
+
+
 @flow(name="store")
-def store_pipeline(config: str | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+def store_pipeline(
+    config: str | None = None, overrides: list[str] | None = None, evaluate: bool = True
+) -> dict[str, Any]:
     """Run every stage in order, each as a subflow with its own nested MLflow run."""
     cfg = load_config(config, overrides)
     tags = {tracking.FLOW_RUN_TAG: str(flow_run.id or "")}
@@ -108,6 +140,8 @@ def store_pipeline(config: str | None = None, overrides: list[str] | None = None
         ingest = ingest_flow(config, overrides, run.run_id)
         tokenizer = tokenizer_flow(config, overrides, run.run_id)
         recommender = recommender_flow(config, overrides, run.run_id)
+        catalogue = catalogue_flow(config, overrides, run.run_id)
+        evaluation = evaluate_flow(config, overrides, run.run_id) if evaluate else None
     summary = {
         "workspace": cfg.workspace,
         "data_dir": cfg.data_dir,
@@ -119,6 +153,8 @@ def store_pipeline(config: str | None = None, overrides: list[str] | None = None
             "ingest": ingest,
             "train_tokenizer": tokenizer,
             "train_recommender": recommender,
+            "tokenize_catalogue": catalogue,
+            "evaluate": evaluation,
         },
     }
     get_run_logger().info("pipeline finished: outputs under %s", cfg.workspace)

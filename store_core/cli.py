@@ -12,6 +12,7 @@ import logging
 import sys
 from collections.abc import Callable
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -179,6 +180,18 @@ def tokenize_catalogue(
 
 
 @app.command()
+def evaluate(config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
+    """Evaluate STORE against TIGER-style, SASRec-CE and popularity on the test split."""
+    _setup_logging(verbose)
+    cfg = _load(config, set_)
+    from store_core.stages import evaluate_stage
+
+    outcome = _guard(lambda: evaluate_stage(cfg)).result
+    out.print(Path(outcome.report_path).read_text(encoding="utf-8"))
+    out.print(f"report: {outcome.report_path}\nplot:   {outcome.plot_path}")
+
+
+@app.command()
 def recommend(
     user: Annotated[str | None, typer.Option("--user", "-u", help="A user id.")] = None,
     history: Annotated[
@@ -221,19 +234,30 @@ def recommend(
 
 
 @app.command()
-def run(config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
+def run(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    evaluate: Annotated[
+        bool, typer.Option(help="Run the evaluation stage (STORE vs the baselines).")
+    ] = True,
+    verbose: VerboseOpt = False,
+) -> None:
     """Run the whole pipeline as the Prefect flow ``store`` (a local temporary server is
     started when PREFECT_API_URL is not set)."""
     _setup_logging(verbose)
     cfg = _load(config, set_)
     from flows.pipeline import store_pipeline
 
-    summary: dict[str, Any] = _guard(lambda: store_pipeline(config, set_ or []))
+    summary: dict[str, Any] = _guard(lambda: store_pipeline(config, set_ or [], evaluate))
     out.print("[bold green]pipeline finished[/]")
     out.print(f"Workspace: {cfg.workspace}")
     out.print(f"Parquet:   {summary['data_dir']}")
     out.print(f"DuckDB:    {summary['duckdb']}")
     out.print(f"Models:    {summary['models_dir']}")
+    catalogue = summary["stages"]["tokenize_catalogue"]
+    out.print(f"Semantic IDs: DuckDB version {catalogue['version']} ({catalogue['counts']})")
+    if summary["stages"].get("evaluate"):
+        out.print(f"Report:    {summary['stages']['evaluate']['report']}")
     if summary.get("mlflow_run_id"):
         out.print(
             f"MLflow:    run {summary['mlflow_run_id']} at {summary['mlflow_tracking_uri']}"

@@ -10,8 +10,9 @@ reports:
 * ``cold_*``: the same metrics on users whose test target no training sequence contains
   (never a recommendation target or history item in training, cold-start holdout
   included);
-* ``*_history_excluded``: the second rule of EVALUATION.md, history items removed from
-  every system's ranking.
+* ``history_excluded_*``: the second rule of EVALUATION.md: each user's whole history
+  (train items + validation item) removed from every system's ranking. For beams, the
+  remaining beam entries keep their order.
 """
 
 from __future__ import annotations
@@ -42,11 +43,12 @@ class SystemResult:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _history(data: TaskData, user: str, split: EvalSplit, n: int) -> list[str]:
+def _history(data: TaskData, user: str, split: EvalSplit) -> list[str]:
+    """The user's whole history before the target (the rule SASRec's reference uses)."""
     history = list(data.train_sequences.get(user, []))
     if split == "test" and user in data.valid_targets:
         history.append(data.valid_targets[user])
-    return history[max(0, len(history) - n) :]
+    return history
 
 
 def _prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
@@ -115,7 +117,7 @@ def evaluate_generative(
     for u, (user, target) in enumerate(zip(users, targets, strict=True)):
         beam = result.items[u][alive[u]]
         ranks[u] = rank_of(row_of[target], beam)
-        history = {row_of[i] for i in _history(data, user, split, cfg.recommender.history_len)}
+        history = {row_of[i] for i in _history(data, user, split)}
         filtered = np.array([i for i in beam.tolist() if i not in history], dtype=np.int64)
         ranks_excluded[u] = rank_of(row_of[target], filtered)
         top10.update(beam[:10].tolist())
@@ -132,3 +134,181 @@ def evaluate_generative(
         len(users),
     )
     return SystemResult(system, cfg.recommender_train.seed, metrics)
+
+
+# --------------------------------------------------------------------------------------
+# side-by-side evaluation of every system
+# --------------------------------------------------------------------------------------
+SYSTEM_LABELS = {
+    "store": "STORE (multi-task, STORE quantizer)",
+    "tiger": "TIGER-style (RQ-KMeans, recommendation only)",
+    "sasrec": "SASRec-CE",
+    "popularity": "Popularity",
+}
+
+
+def tiger_config(cfg: StoreConfig) -> StoreConfig:
+    """The TIGER-style variant of ``cfg``: RQ-KMeans IDs, the recommendation task only."""
+    from store_core.config import TaskSpec
+
+    return cfg.model_copy(
+        update={
+            "semantic_id": cfg.semantic_id.model_copy(update={"quantizer": "rqkmeans"}),
+            "recommender": cfg.recommender.model_copy(
+                update={"mixture": [TaskSpec(task="recommendation", weight=1.0)]}
+            ),
+        }
+    )
+
+
+def _baseline_result(system: str, seed: int, out: dict[str, Any]) -> SystemResult:
+    metrics = dict(out["test"])
+    metrics.update(_prefixed(out["test_history_excluded"], "history_excluded_"))
+    metrics["users"] = float(out.get("users", 0))
+    extra = {k: v for k, v in out.items() if k not in ("test", "test_history_excluded")}
+    return SystemResult(system, seed, metrics, extra)
+
+
+def run_systems(cfg: StoreConfig, *, train_missing: bool = True) -> list[SystemResult]:
+    """Evaluate every configured system on the test split (trains TIGER-style if absent)."""
+    from pathlib import Path
+
+    from store_core.bundle import load_bundle
+    from store_core.item_tokenizer import train_semantic_tokenizer
+    from store_core.recommender import recommender_dir, train_recommender
+
+    results: list[SystemResult] = []
+    ev = cfg.evaluation
+    for system in ev.systems:
+        if system in ("store", "tiger"):
+            sys_cfg = cfg if system == "store" else tiger_config(cfg)
+            directory = recommender_dir(sys_cfg)
+            if not Path(directory, "metadata.json").exists():
+                if system == "store" or not train_missing:
+                    raise FileNotFoundError(f"{directory}: train it first (store train)")
+                logger.info("training the TIGER-style variant into %s", directory)
+                train_semantic_tokenizer(sys_cfg)
+                train_recommender(sys_cfg)
+            bundle = load_bundle(directory)
+            results.append(
+                evaluate_generative(bundle, sys_cfg, system=system, max_users=ev.max_users)
+            )
+        elif system == "popularity":
+            from store_core.baselines.popularity import run_popularity
+
+            results.append(_baseline_result("popularity", 0, run_popularity(cfg.data_dir)))
+        elif system == "sasrec":
+            from store_core.baselines.sasrec import run_sasrec
+
+            for seed in ev.sasrec_seeds:
+                out = run_sasrec(cfg.data_dir, ev.sasrec, seed)
+                results.append(_baseline_result("sasrec", seed, out))
+    return results
+
+
+def aggregate(results: Sequence[SystemResult]) -> dict[str, dict[str, tuple[float, float, int]]]:
+    """system -> metric -> (mean, std, n) over the seeds run."""
+    grouped: dict[str, dict[str, list[float]]] = {}
+    for result in results:
+        for key, value in result.metrics.items():
+            grouped.setdefault(result.system, {}).setdefault(key, []).append(value)
+    return {
+        system: {k: (float(np.mean(v)), float(np.std(v)), len(v)) for k, v in metrics.items()}
+        for system, metrics in grouped.items()
+    }
+
+
+REPORT_METRICS = (
+    "recall_at_1",
+    "recall_at_5",
+    "recall_at_10",
+    "recall_at_20",
+    "ndcg_at_5",
+    "ndcg_at_10",
+    "ndcg_at_20",
+    "mrr",
+)
+
+
+def markdown_report(results: Sequence[SystemResult], title: str, notes: Sequence[str] = ()) -> str:
+    """A Markdown table per history rule: mean +- std over seeds for each system."""
+    agg = aggregate(results)
+    lines = [f"# {title}", ""]
+    for rule, prefix in (
+        ("history items kept (headline)", ""),
+        ("history excluded", "history_excluded_"),
+    ):
+        lines += [f"## {rule}", ""]
+        lines.append(
+            "| system | seeds | "
+            + " | ".join(m.replace("_at_", "@") for m in REPORT_METRICS)
+            + " |"
+        )
+        lines.append("|---|---|" + "---|" * len(REPORT_METRICS))
+        for system, metrics in agg.items():
+            cells = []
+            for metric in REPORT_METRICS:
+                mean, std, n = metrics.get(prefix + metric, (float("nan"), 0.0, 0))
+                cells.append(f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}")
+            seeds = max(v[2] for v in metrics.values())
+            lines.append(
+                f"| {SYSTEM_LABELS.get(system, system)} | {seeds} | " + " | ".join(cells) + " |"
+            )
+        lines.append("")
+    extras = []
+    for system, metrics in agg.items():
+        for key in ("invalid_id_rate", "coverage_at_10", "cold_users", "cold_recall_at_10"):
+            if key in metrics:
+                extras.append(
+                    f"- {SYSTEM_LABELS.get(system, system)}: {key} = {metrics[key][0]:.4f}"
+                )
+    if extras:
+        lines += ["## Generative-only checks", "", *extras, ""]
+    lines += [f"- {note}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
+def plot_metric_vs_k(results: Sequence[SystemResult], path: str) -> None:
+    """Recall@K and NDCG@K against K, one line per system (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    agg = aggregate(results)
+    ks = (1, 5, 10, 20)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for system, metrics in agg.items():
+        label = SYSTEM_LABELS.get(system, system)
+        axes[0].plot(ks, [metrics[f"recall_at_{k}"][0] for k in ks], marker="o", label=label)
+        axes[1].plot(ks, [metrics[f"ndcg_at_{k}"][0] for k in ks], marker="o", label=label)
+    for ax, name in zip(axes, ("Recall@K", "NDCG@K"), strict=True):
+        ax.set_xlabel("K")
+        ax.set_title(name)
+        ax.set_xticks(ks)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def eval_rows(results: Sequence[SystemResult], run_id: str, dataset: str) -> list[dict[str, Any]]:
+    """Rows for the DuckDB ``eval_results`` table."""
+    rows = []
+    for result in results:
+        for metric, value in result.metrics.items():
+            excluded = metric.startswith("history_excluded_")
+            rows.append(
+                {
+                    "run_id": run_id,
+                    "dataset": dataset,
+                    "system": result.system,
+                    "seed": result.seed,
+                    "split": "test",
+                    "metric": metric.removeprefix("history_excluded_"),
+                    "value": float(value),
+                    "history_rule": "excluded" if excluded else "kept",
+                }
+            )
+    return rows

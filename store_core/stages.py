@@ -159,3 +159,51 @@ def catalogue_stage(
                 pq.write_table(storage.current_ids(cfg.duckdb_path), export)
                 run.log_artifact(str(export))
         return StageOutcome(run.run_id, outcome)
+
+
+@dataclass(frozen=True)
+class EvaluationOutcome:
+    report_path: str
+    plot_path: str
+    results: list[Any]
+
+
+def evaluate_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> StageOutcome:
+    """Every configured system on the test split: metrics to MLflow (``<system>/<metric>``,
+    mean over seeds), rows to DuckDB ``eval_results``, a Markdown report and a plot."""
+    import time
+    from pathlib import Path
+
+    from store_core import storage
+    from store_core.evaluation import (
+        aggregate,
+        eval_rows,
+        markdown_report,
+        plot_metric_vs_k,
+        run_systems,
+    )
+
+    with tracking.stage_run(cfg, "evaluate", parent_run_id) as run:
+        run.log_params({"systems": ",".join(cfg.evaluation.systems)})
+        results = run_systems(cfg)
+        for system, metrics in aggregate(results).items():
+            run.log_metrics({f"{system}/{k}": mean for k, (mean, _, _) in metrics.items()})
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        reports = Path(cfg.workspace) / "reports"
+        reports.mkdir(parents=True, exist_ok=True)
+        dataset = Path(cfg.data.path or cfg.data.dataset or "dataset").name
+        report = reports / f"eval-{stamp}.md"
+        plot = reports / f"eval-{stamp}.png"
+        plot_metric_vs_k(results, str(plot))
+        report.write_text(
+            markdown_report(
+                results,
+                f"Evaluation on {dataset} (test split, full ranking)",
+                [f"plot: {plot.name}", f"MLflow run: {run.run_id}"],
+            )
+        )
+        run_id = run.run_id or f"local-{stamp}"
+        storage.write_eval_results(cfg.duckdb_path, eval_rows(results, run_id, dataset))
+        run.log_artifact(str(report))
+        run.log_artifact(str(plot))
+        return StageOutcome(run.run_id, EvaluationOutcome(str(report), str(plot), results))

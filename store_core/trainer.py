@@ -444,8 +444,10 @@ def train(
             window_clock = time.perf_counter()
         if step % cfg.checkpoint_every == 0 or step == steps:
             _save(engine, checkpoint_dir, step, cfg)
-        if early_stopping is not None and micro % epoch_batches == 0:
-            epoch = micro // epoch_batches
+        at_epoch_end = micro % epoch_batches == 0
+        due = step % cfg.eval_every == 0 if cfg.eval_every else at_epoch_end
+        if early_stopping is not None and due:
+            epoch = step // cfg.eval_every if cfg.eval_every else micro // epoch_batches
             metrics = early_stopping.validate(engine.module)
             engine.train()
             validation.append({"epoch": float(epoch), "step": float(step), **metrics})

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from store_core.generate import SemanticIdTrie, constrained_beam_search
 
 from store_core.config import StoreConfig, load_config
+from store_core.generate import SemanticIdTrie, constrained_beam_search
 from store_core.ingest import run_ingest
 from store_core.item_tokenizer import load_semantic_ids, train_semantic_tokenizer
 from store_core.model import load_checkpoint

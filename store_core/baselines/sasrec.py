@@ -39,7 +39,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
 from store_core.baselines.data import (
@@ -50,67 +49,13 @@ from store_core.baselines.data import (
     target_ranks,
     top_k_items,
 )
-from store_core.config import StrictModel
+from store_core.config import SASRecConfig
 from store_core.metrics import ranking_metrics
 from store_core.progress import progress
 
 logger = logging.getLogger(__name__)
 
 IGNORE = -100
-
-
-class SASRecConfig(StrictModel):
-    """SASRec-CE hyper-parameters.
-
-    Defaults are RecBole 1.2.1's SASRec (hidden 64, 2 layers, 2 heads, inner 256, dropout
-    0.5/0.5, Adam lr 1e-3, no weight decay, early-stopping patience 10) with history 20;
-    only the batching differs, because training here is seq2seq (module docstring).
-    """
-
-    history_len: int = Field(20, gt=0, description="L: most recent history items fed.")
-    hidden_size: int = Field(64, gt=0, description="Embedding and hidden size H.")
-    num_layers: int = Field(2, gt=0, description="Transformer blocks.")
-    num_heads: int = Field(2, gt=0, description="Attention heads (must divide hidden_size).")
-    inner_size: int = Field(256, gt=0, description="Feed-forward width.")
-    hidden_dropout: float = Field(0.5, ge=0.0, lt=1.0, description="Embedding/residual dropout.")
-    attn_dropout: float = Field(0.5, ge=0.0, lt=1.0, description="Attention-weight dropout.")
-    layer_norm_eps: float = Field(1e-12, gt=0.0, description="LayerNorm epsilon.")
-    init_std: float = Field(0.02, gt=0.0, description="Std of the normal weight init.")
-    lr: float = Field(1e-3, gt=0.0, description="Adam learning rate.")
-    weight_decay: float = Field(0.0, ge=0.0, description="Adam weight decay.")
-    batch_size: int = Field(
-        64,
-        gt=0,
-        description="Training windows per optimizer step (each labels up to train_stride "
-        "targets). 64 matched RecBole on ml-100k and scientific; 256 under-trains ml-100k.",
-    )
-    train_stride: int | None = Field(
-        None,
-        gt=0,
-        description="Targets between consecutive training windows (1 .. history_len). None "
-        "= history_len: seq2seq training; 1 = every target with its full history.",
-    )
-    max_epochs: int = Field(200, gt=0, description="Upper bound on training epochs.")
-    patience: int = Field(
-        10, ge=1, description="Stop after this many epochs without a better validation NDCG@10."
-    )
-    eval_batch_size: int = Field(1024, gt=0, description="Users per scoring batch.")
-
-    @model_validator(mode="after")
-    def _check(self) -> SASRecConfig:
-        if self.hidden_size % self.num_heads:
-            raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}"
-            )
-        if self.train_stride is not None and self.train_stride > self.history_len:
-            raise ValueError(
-                f"train_stride {self.train_stride} exceeds history_len {self.history_len}"
-            )
-        return self
-
-    @property
-    def stride(self) -> int:
-        return self.train_stride or self.history_len
 
 
 @dataclass
