@@ -35,6 +35,22 @@ def test_store_flow_runs_ingest_subflow_with_tracking(tmp_path: Path) -> None:
     assert child.data.tags[tracking.PARENT_TAG] == parent.info.run_id
     assert child.data.metrics["items"] == 48
 
+    # Every stage ran as a subflow with its own nested MLflow run.
+    experiment = client.get_experiment_by_name("store-tiny")
+    assert experiment is not None
+    runs = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{tracking.PARENT_TAG}` = '{parent.info.run_id}'",
+    )
+    stages = {r.data.tags[tracking.STAGE_TAG] for r in runs}
+    assert {"ingest", "train_tokenizer", "train_recommender", "tokenize_catalogue"} <= stages
+    assert "evaluate" in stages
+    assert summary["stages"]["tokenize_catalogue"]["version"] == 1
+    assert query(summary["duckdb"], "SELECT count(*) FROM current_semantic_ids")[1] == [(48,)]
+    assert Path(summary["stages"]["evaluate"]["report"]).exists()
+    evaluate_run = next(r for r in runs if r.data.tags[tracking.STAGE_TAG] == "evaluate")
+    assert evaluate_run.data.metrics["store/invalid_id_rate"] == 0.0
+
 
 def test_fetch_source_task_resolves_path(tmp_path: Path) -> None:
     source = fetch_source.fn("tiny", [f"workspace={tmp_path}"])
