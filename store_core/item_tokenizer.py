@@ -34,6 +34,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from store_core import quantizer as q
+from store_core.codebook_stats import codebook_stats, plot_usage
 from store_core.coherence import category_sets, semantic_coherence
 from store_core.config import StoreConfig
 from store_core.dense_tokenizer import (
@@ -168,7 +169,7 @@ def train_semantic_tokenizer(cfg: StoreConfig, run: Run | None = None) -> Tokeni
         )
     extract_seconds = time.perf_counter() - started
     codes = q.assign(codebook, vectors)  # [N, L]
-    stats = q.codebook_stats(codes, codebook.codebook_size)
+    stats = codebook_stats(codes, codebook.codebook_size)
     sids = q.disambiguate(codes, item_ids)  # [N, L+1]
     if len({tuple(r) for r in sids.tolist()}) != len(item_ids):
         raise RuntimeError("semantic IDs are not unique after disambiguation")
@@ -214,7 +215,7 @@ def train_semantic_tokenizer(cfg: StoreConfig, run: Run | None = None) -> Tokeni
         q.save_codebook(codebook, staging)
         hashes = items.column("content_hash").to_pylist()
         _write_semantic_ids(item_ids, sids, hashes, staging / SEMANTIC_IDS_FILE)
-        q.plot_usage(codes, codebook.codebook_size, staging / USAGE_PLOT)
+        plot_usage(codes, codebook.codebook_size, staging / USAGE_PLOT)
         (staging / STATS_FILE).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
     logger.info(

@@ -47,13 +47,13 @@ def tokenizer_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> Stage
     Under a multi-process launcher only rank 0 tracks and returns an outcome (others
     return an outcome whose result is None).
     """
+    from store_core.codebook_stats import stats_metrics
     from store_core.item_tokenizer import (
         METADATA_FILE,
         STATS_FILE,
         USAGE_PLOT,
         train_semantic_tokenizer,
     )
-    from store_core.quantizer import stats_metrics
     from store_core.trainer import rank
 
     if rank() != 0:

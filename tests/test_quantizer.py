@@ -10,20 +10,18 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
+from store_core.codebook_stats import codebook_stats, plot_usage, stats_metrics
 from store_core.errors import DataError
 from store_core.quantizer import (
     Codebook,
     assign,
-    codebook_stats,
     disambiguate,
     effective_k,
     extend_disambiguation,
     fit_rqkmeans,
     fit_store,
     load_codebook,
-    plot_usage,
     save_codebook,
-    stats_metrics,
 )
 
 
@@ -173,7 +171,7 @@ def test_codebook_stats_hand_made(caplog: pytest.LogCaptureFixture) -> None:
     flat = stats_metrics(stats)
     assert flat["level_1_codes_used"] == 4.0 and flat["collision_rate"] == 0.75
     # A collapsed level is reported and warned about, not silent.
-    with caplog.at_level(logging.WARNING, logger="store_core.quantizer"):
+    with caplog.at_level(logging.WARNING, logger="store_core.codebook_stats"):
         collapsed = codebook_stats(np.array([[0, 1], [0, 2], [0, 3], [0, 0]]), 8)
     assert collapsed["levels"][0]["perplexity"] == 1.0
     assert collapsed["levels"][0]["codes_used"] == 1
