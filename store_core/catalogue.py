@@ -159,6 +159,7 @@ def tokenize_catalogue(
                 codes[todo] = chosen
                 counts["generated"] += len(todo)
             writer.write_table(_rows(ids, codes, hashes, methods, [True] * len(ids), bits))
+            bundle.builder.clear_text_cache()
             bar.update(len(ids))
         bar.close()
         # Rows already inactive in the base are carried forward as they are; only items

@@ -207,13 +207,16 @@ def run_systems(cfg: StoreConfig, *, train_missing: bool = True) -> list[SystemR
 
 
 def aggregate(results: Sequence[SystemResult]) -> dict[str, dict[str, tuple[float, float, int]]]:
-    """system -> metric -> (mean, std, n) over the seeds run."""
+    """system -> metric -> (mean, sample std (ddof=1), n) over the seeds run."""
     grouped: dict[str, dict[str, list[float]]] = {}
     for result in results:
         for key, value in result.metrics.items():
             grouped.setdefault(result.system, {}).setdefault(key, []).append(value)
     return {
-        system: {k: (float(np.mean(v)), float(np.std(v)), len(v)) for k, v in metrics.items()}
+        system: {
+            k: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, len(v))
+            for k, v in metrics.items()
+        }
         for system, metrics in grouped.items()
     }
 

@@ -44,6 +44,7 @@ INTERACTIONS_FILE = "interactions.parquet"
 SPLITS_FILE = "splits.parquet"
 COLD_ITEMS_FILE = "cold_start_items.parquet"
 MANIFEST_FILE = "manifest.json"
+ROW_GROUP_SIZE = 8192
 
 
 @dataclass(frozen=True)
@@ -168,7 +169,8 @@ def build_interactions(
 
 def _write_parquet(table: pa.Table, uri: str) -> None:
     with fsspec.open(uri, "wb") as handle:
-        pq.write_table(table, handle, compression="zstd")
+        # Bounded row groups let later stages stream the file with flat memory.
+        pq.write_table(table, handle, compression="zstd", row_group_size=ROW_GROUP_SIZE)
 
 
 def _count(values: Iterable[str]) -> int:

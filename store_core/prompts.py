@@ -167,6 +167,10 @@ class PromptBuilder:
             ):
                 self._text_cache[text] = ids
 
+    def clear_text_cache(self) -> None:
+        """Forget tokenized texts (streaming callers clear it per batch: flat memory)."""
+        self._text_cache.clear()
+
     def text_token_ids(self, text: str) -> list[int]:
         """Ids of ``" {text}"`` truncated to ``max_text_tokens`` (a copy)."""
         ids = self._text_cache.get(text)

@@ -86,7 +86,7 @@ def recommender_dir(cfg: StoreConfig) -> str:
 
 #: Disambiguation tokens reserved beyond the largest one in use, so new items whose
 #: generated prefix is already taken still get a code with a token (see new_items).
-SPARE_DISAMBIGUATION = 4
+SPARE_DISAMBIGUATION = 16
 
 
 def level_sizes(codes: np.ndarray, codebook: Codebook) -> list[int]:
