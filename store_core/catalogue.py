@@ -20,12 +20,14 @@ checkpoint's codebook, else the clustering IDs stored with the checkpoint (metho
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -236,5 +238,10 @@ def _codebook_row(bundle: RecommenderBundle, extra: dict[str, Any] | None) -> di
         "model_uri": bundle.directory,
         "mlflow_run_id": None,
     }
+    stats_path = Path(str(meta.get("phase_a_checkpoint", ""))) / "stats.json"
+    if stats_path.is_file():
+        stats = json.loads(stats_path.read_text())
+        row["collision_rate"] = stats.get("collision_rate")
+        row["stats"] = {k: v for k, v in stats.items() if k != "validation"}
     row.update(extra or {})
     return row

@@ -41,6 +41,8 @@ def test_first_version_keeps_the_trained_ids(tiny_pipeline: Path, tmp_path: Path
     ids = current(cfg.duckdb_path)
     assert len(ids) == 48 and len({s for s, _ in ids.values()}) == 48
     assert {m for _, m in ids.values()} == {"cluster"}
+    codebook = storage.codebook_rows(cfg.duckdb_path)[0]
+    assert 0.0 <= codebook["collision_rate"] <= 1.0  # Phase A stats travel with the codebook
     # Everyday SQL through the macros, read-only.
     item, (sid, _) = next(iter(sorted(ids.items())))
     _, rows = storage.query(cfg.duckdb_path, f"SELECT sid_of('{item}'), item_of('{sid}')")
