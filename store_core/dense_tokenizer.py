@@ -50,7 +50,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from store_core.model import query_token_ids
+from store_core.model import model_device, query_token_ids
+from store_core.prompts import start_token_id
 
 logger = logging.getLogger(__name__)
 
@@ -60,16 +61,6 @@ Batch = dict[str, torch.Tensor]
 
 
 # --------------------------------------------------------------------------- batching
-
-
-def _start_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    """Token opening both passes: bos, or eos for tokenizers without bos (e.g. Qwen)."""
-    token_id = tokenizer.bos_token_id
-    if token_id is None:
-        token_id = tokenizer.eos_token_id
-    if token_id is None:
-        raise ValueError("tokenizer has neither a bos nor an eos token")
-    return int(token_id)
 
 
 def _eos_id(tokenizer: PreTrainedTokenizerBase) -> int:
@@ -167,7 +158,7 @@ def encode_texts(
     return layout_batch(
         tokenize_texts(tokenizer, texts, max_text_tokens),
         query_ids,
-        start_id=_start_id(tokenizer),
+        start_id=start_token_id(tokenizer),
         eos_id=_eos_id(tokenizer),
         pad_id=_pad_id(tokenizer),
     )
@@ -196,15 +187,6 @@ def _hf_model(model: Any) -> Any:
     return getattr(model, "module", model)
 
 
-def _device(model: Any) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    if isinstance(device, str | int):
-        return torch.device(device)
-    return next(iter(model.parameters())).device
-
-
 def _to_device(batch: Batch, device: torch.device) -> Batch:
     return {key: value.to(device, non_blocking=True) for key, value in batch.items()}
 
@@ -229,7 +211,7 @@ def _gather_queries(hidden: torch.Tensor, query_positions: torch.Tensor) -> torc
 
 def dense_tokens(model: Any, batch: Batch) -> torch.Tensor:
     """The L dense tokens of each item in ``batch`` (differentiable).  # [B, L, D]"""
-    batch = _to_device(batch, _device(model))
+    batch = _to_device(batch, model_device(model))
     hidden = _encoder_hidden(model, batch)  # [B, T, D]
     return _gather_queries(hidden, batch["query_positions"])
 
@@ -280,7 +262,7 @@ def phase_a_loss(
     token), ``diversity`` (see :func:`diversity_penalty`), ``tokens`` (target tokens in
     the batch: text tokens plus one ``</s>`` per item).
     """
-    batch = _to_device(batch, _device(model))
+    batch = _to_device(batch, model_device(model))
     z = _gather_queries(_encoder_hidden(model, batch), batch["query_positions"])  # [B, L, D]
     logits, targets = _reconstruction_logits(model, batch, z)  # [N, V], [N]
     recon = F.cross_entropy(logits, targets)
@@ -324,8 +306,8 @@ def _iter_batches(
     """``(indices into texts, batch on the model's device)`` with the model in eval mode
     and gradients off; the model's training mode is restored afterwards."""
     token_lists = tokenize_texts(tokenizer, texts, max_text_tokens)
-    device = _device(model)
-    start_id, eos_id, pad_id = _start_id(tokenizer), _eos_id(tokenizer), _pad_id(tokenizer)
+    device = model_device(model)
+    start_id, eos_id, pad_id = start_token_id(tokenizer), _eos_id(tokenizer), _pad_id(tokenizer)
     was_training = model.training
     model.eval()
     try:

@@ -265,6 +265,16 @@ def build_backbone(
     return model, tokenizer
 
 
+def model_device(model: Any) -> torch.device:
+    """Where a model (or a DeepSpeed engine wrapping one) keeps its parameters."""
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    if isinstance(device, str | int):
+        return torch.device(device)
+    return next(iter(model.parameters())).device
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Number of distinct parameters (tied weights once; full size under ZeRO-3)."""
     seen: set[int] = set()

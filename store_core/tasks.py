@@ -57,6 +57,7 @@ import torch.nn.functional as F
 
 from store_core.config import TaskName, TaskSpec
 from store_core.errors import DataError, StoreError
+from store_core.model import model_device
 from store_core.prompts import PromptBuilder
 from store_core.schemas import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID
 
@@ -402,15 +403,6 @@ class SampleCollator:
 # --------------------------------------------------------------------------- loss
 
 
-def _device(model: Any) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    if isinstance(device, str | int):
-        return torch.device(device)
-    return next(iter(model.parameters())).device
-
-
 def multitask_loss(model: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
     """Mean cross-entropy over every completion token of the batch, plus per-task means.
 
@@ -421,7 +413,7 @@ def multitask_loss(model: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, fl
     Metrics: ``loss_<task>`` (mean per completion token of that task's rows) for each task
     present, and ``tokens`` (completion tokens in the batch).
     """
-    device = _device(model)
+    device = model_device(model)
     input_ids = batch["input_ids"].to(device)  # [B, T]
     attention_mask = batch["attention_mask"].to(device)  # [B, T]
     targets = batch["labels"].to(device)[:, 1:]  # [B, T-1]: logits at p predict labels[p+1]
