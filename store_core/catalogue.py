@@ -65,8 +65,9 @@ class _BaseRow:
     active: bool = True
 
 
-def _base_rows(bundle: RecommenderBundle, db: str) -> tuple[dict[str, _BaseRow], np.ndarray]:
-    """(item -> row of the base version, every ID ever issued under this codebook)."""
+def _base_rows(bundle: RecommenderBundle, db: str) -> tuple[dict[str, _BaseRow], np.ndarray, bool]:
+    """(item -> row of the base version, every ID ever issued under this codebook,
+    whether the base is a DuckDB version rather than the checkpoint's clustering)."""
     table = bundle.semantic_ids
     cluster = {
         item: _BaseRow(tuple(codes), content_hash, METHOD_CLUSTER)
@@ -80,7 +81,7 @@ def _base_rows(bundle: RecommenderBundle, db: str) -> tuple[dict[str, _BaseRow],
     issued = [list(r.codes) for r in cluster.values()]
     current = storage.current_rows(db, bundle.codebook_version)
     if current is None:
-        return cluster, np.array(issued, dtype=np.int64)
+        return cluster, np.array(issued, dtype=np.int64), False
     base = {
         item: _BaseRow(tuple(codes), content_hash, method, active)
         for item, codes, content_hash, method, active in zip(
@@ -93,7 +94,7 @@ def _base_rows(bundle: RecommenderBundle, db: str) -> tuple[dict[str, _BaseRow],
         )
     }
     issued.extend(storage.issued_codes(db, bundle.codebook_version))
-    return base, np.array(issued, dtype=np.int64)
+    return base, np.array(issued, dtype=np.int64), True
 
 
 def _batches(path: str, batch_size: int) -> Iterator[pa.RecordBatch]:
@@ -116,7 +117,7 @@ def tokenize_catalogue(
     started = time.perf_counter()
     bundle = load_bundle(checkpoint)
     db = cfg.duckdb_path
-    base, issued = _base_rows(bundle, db)
+    base, issued, has_version = _base_rows(bundle, db)
     levels = len(bundle.level_ids)
     bits = bundle.pack_bits
     state = DisambiguationState(issued, len(bundle.level_ids[-1]))
@@ -187,7 +188,7 @@ def tokenize_catalogue(
         unchanged_catalogue = mode == "keep" and not (
             counts["new"] or counts["changed"] or counts["removed"]
         )
-        if unchanged_catalogue and storage.current_rows(db, bundle.codebook_version) is not None:
+        if unchanged_catalogue and has_version:
             logger.info("catalogue unchanged: no new semantic-ID version written")
             return CatalogueOutcome(None, counts, total / max(seconds, 1e-9), seconds)
         codebook_row = _codebook_row(bundle, extra_codebook_fields)
