@@ -86,3 +86,41 @@ def sample_cold_items(item_ids: list[str], fraction: float, seed: int) -> set[st
     rng = np.random.default_rng(seed)
     picked = rng.choice(len(pool), size=count, replace=False)
     return {pool[i] for i in sorted(picked.tolist())}
+
+
+@dataclass(frozen=True)
+class UserSplits:
+    """``splits.parquet`` grouped per user: what both the generative tasks and the
+    ID-only baselines read, so the two see exactly the same histories and targets."""
+
+    train: dict[str, list[str]]  # user -> train items by position ('excluded' dropped)
+    valid: dict[str, str]  # user -> validation item
+    test: dict[str, str]  # user -> test item
+    cold: frozenset[str]  # items of the cold-start holdout
+
+
+def group_splits(
+    user_ids: list[str],
+    item_ids: list[str],
+    positions: list[int],
+    labels: list[str],
+    cold_flags: list[bool],
+) -> UserSplits:
+    """Group the rows of ``splits.parquet`` (any order) per user, ordered by position."""
+    order = sorted(range(len(user_ids)), key=lambda r: (user_ids[r], positions[r]))
+    train: dict[str, list[str]] = {}
+    valid: dict[str, str] = {}
+    test: dict[str, str] = {}
+    cold: set[str] = set()
+    for r in order:
+        user, item, label = user_ids[r], item_ids[r], labels[r]
+        sequence = train.setdefault(user, [])
+        if cold_flags[r]:
+            cold.add(item)
+        if label == SPLIT_TRAIN:
+            sequence.append(item)
+        elif label == SPLIT_VALID:
+            valid[user] = item
+        elif label == SPLIT_TEST:
+            test[user] = item
+    return UserSplits(train, valid, test, frozenset(cold))

@@ -59,7 +59,7 @@ from store_core.config import TaskName, TaskSpec
 from store_core.errors import DataError, StoreError
 from store_core.model import model_device
 from store_core.prompts import PromptBuilder
-from store_core.schemas import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID
+from store_core.splits import group_splits
 
 logger = logging.getLogger(__name__)
 
@@ -142,24 +142,10 @@ def load_task_data(data_dir: str, codes: Mapping[str, Sequence[int]]) -> TaskDat
     rows = _read_table(
         f"{data_dir}/{SPLITS_FILE}", ["user_id", "item_id", "position", "split", "cold_start"]
     )
-    order = sorted(
-        range(len(rows["user_id"])), key=lambda r: (rows["user_id"][r], rows["position"][r])
+    grouped = group_splits(
+        rows["user_id"], rows["item_id"], rows["position"], rows["split"], rows["cold_start"]
     )
-    train: dict[str, list[str]] = {}
-    valid: dict[str, str] = {}
-    test: dict[str, str] = {}
-    cold: set[str] = set()
-    for r in order:
-        user, item, split = rows["user_id"][r], rows["item_id"][r], rows["split"][r]
-        sequence = train.setdefault(user, [])
-        if rows["cold_start"][r]:
-            cold.add(item)
-        if split == SPLIT_TRAIN:
-            sequence.append(item)
-        elif split == SPLIT_VALID:
-            valid[user] = item
-        elif split == SPLIT_TEST:
-            test[user] = item
+    train, valid, test, cold = grouped.train, grouped.valid, grouped.test, grouped.cold
     table = {str(k): [int(c) for c in v] for k, v in codes.items()}
     used = {i for s in train.values() for i in s} | set(valid.values()) | set(test.values())
     missing = sorted(used - table.keys())

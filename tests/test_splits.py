@@ -1,6 +1,13 @@
 from __future__ import annotations
 
-from store_core.splits import Interaction, kcore, sample_cold_items, sequences, split_labels
+from store_core.splits import (
+    Interaction,
+    group_splits,
+    kcore,
+    sample_cold_items,
+    sequences,
+    split_labels,
+)
 
 
 def test_order_by_time_then_source_position_then_item_id() -> None:
@@ -62,3 +69,17 @@ def test_cold_sample_is_seeded_and_sized() -> None:
     assert first == sample_cold_items(list(reversed(items)), 0.1, seed=3)
     assert first != sample_cold_items(items, 0.1, seed=4)
     assert sample_cold_items(items, 0.0, seed=3) == set()
+
+
+def test_group_splits_orders_by_position_and_drops_excluded() -> None:
+    grouped = group_splits(
+        ["b", "a", "a", "a", "a", "b"],
+        ["x", "t", "p", "q", "r", "y"],
+        [1, 3, 0, 1, 2, 0],
+        ["test", "test", "train", "excluded", "valid", "train"],
+        [False, False, False, True, False, False],
+    )
+    assert grouped.train == {"a": ["p"], "b": ["y"]}
+    assert grouped.valid == {"a": "r"}
+    assert grouped.test == {"a": "t", "b": "x"}
+    assert grouped.cold == frozenset({"q"})

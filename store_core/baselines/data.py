@@ -35,7 +35,7 @@ import torch
 
 from store_core.errors import DataError
 from store_core.ingest import ITEMS_FILE, SPLITS_FILE
-from store_core.schemas import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID
+from store_core.splits import group_splits
 
 logger = logging.getLogger(__name__)
 
@@ -126,10 +126,9 @@ def load_sequence_data(data_dir: str) -> SequenceData:
     """Read ``items.parquet`` and ``splits.parquet`` of an ingested workspace's data dir."""
     splits_uri = f"{data_dir}/{SPLITS_FILE}"
     rows = _read(splits_uri, ["user_id", "item_id", "position", "split", "cold_start"])
-    rows = rows.sort_by([("user_id", "ascending"), ("position", "ascending")])
     catalogue = _read(f"{data_dir}/{ITEMS_FILE}", ["item_id"]).column("item_id").to_pylist()
     cols: dict[str, list[Any]] = {
-        name: rows.column(name).to_pylist() for name in ("user_id", "item_id", "split")
+        name: rows.column(name).to_pylist() for name in ("user_id", "item_id", "position", "split")
     }
     cold_flags = rows.column("cold_start").to_pylist()
     item_ids = tuple(sorted(set(catalogue) | set(cols["item_id"])))
@@ -142,23 +141,13 @@ def load_sequence_data(data_dir: str) -> SequenceData:
         )
     index = {item: i + 1 for i, item in enumerate(item_ids)}
 
-    train: dict[str, list[int]] = {}
-    valid: dict[str, int] = {}
-    test: dict[str, int] = {}
-    cold: set[int] = set()
-    for user, item, split, is_cold in zip(
-        cols["user_id"], cols["item_id"], cols["split"], cold_flags, strict=True
-    ):
-        sequence = train.setdefault(user, [])
-        idx = index[item]
-        if is_cold:
-            cold.add(idx)
-        if split == SPLIT_TRAIN:
-            sequence.append(idx)
-        elif split == SPLIT_VALID:
-            valid[user] = idx
-        elif split == SPLIT_TEST:
-            test[user] = idx
+    grouped = group_splits(
+        cols["user_id"], cols["item_id"], cols["position"], cols["split"], cold_flags
+    )
+    train = {u: [index[i] for i in seq] for u, seq in grouped.train.items()}
+    valid = {u: index[i] for u, i in grouped.valid.items()}
+    test = {u: index[i] for u, i in grouped.test.items()}
+    cold = {index[i] for i in grouped.cold}
     data = SequenceData(
         item_ids=item_ids,
         train_sequences={u: np.asarray(s, dtype=np.int64) for u, s in train.items()},
