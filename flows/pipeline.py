@@ -1,21 +1,26 @@
 """The ``store`` pipeline flow: the stages as subflows, one MLflow parent run per flow run.
 
 Stages: ingest, train-tokenizer (Phase A), train-recommender (Phase B), tokenize-catalogue,
-evaluate. Tasks are thin
-wrappers around ``store_core``; only I/O that can fail transiently (fetching the source)
-is retried.
+evaluate. ``job="full"`` runs them all (the ``full-pipeline`` deployment);
+``job="retokenize"`` runs ingest + tokenize-catalogue in keep mode with the current model
+(the ``nightly-retokenize`` deployment). Subflows are thin wrappers around ``store_core``;
+only I/O that can fail transiently (fetching the source) is a retried task. Summaries are
+published as Prefect artifacts (Markdown, visible in the UI) next to the MLflow runs.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 from store_core.telemetry import disable_telemetry
 
 disable_telemetry()
 
 from prefect import flow, get_run_logger, task  # noqa: E402
+from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.runtime import deployment, flow_run  # noqa: E402
+from prefect.tasks import exponential_backoff  # noqa: E402
 
 from store_core import tracking  # noqa: E402
 from store_core.config import load_config  # noqa: E402
@@ -24,12 +29,20 @@ from store_core.stages import (  # noqa: E402
     catalogue_stage,
     evaluate_stage,
     ingest_stage,
+    model_version_of,
     recommender_stage,
     tokenizer_stage,
 )
 
+Job = Literal["full", "retokenize"]
 
-@task(retries=2, retry_delay_seconds=[5, 30])
+#: Prefect artifact keys (lowercase, digits, dashes): the latest of each is shown per key.
+CATALOGUE_ARTIFACT = "store-catalogue-summary"
+EVALUATION_ARTIFACT = "store-evaluation"
+RUN_ARTIFACT = "store-run-summary"
+
+
+@task(retries=3, retry_delay_seconds=exponential_backoff(backoff_factor=5), retry_jitter_factor=0.5)
 def fetch_source(config: str | None, overrides: list[str]) -> ResolvedSource:
     """Resolve (and for built-in datasets download) the source: network I/O, retried."""
     return resolve_source(load_config(config, overrides))
@@ -92,10 +105,12 @@ def recommender_flow(
         metrics["best_val_ndcg_at_10"],
         metrics["best_epoch"],
     )
+    registered = model_version_of(outcome.result.checkpoint_dir)
     return {
         "run_id": outcome.run_id,
         "checkpoint_dir": outcome.result.checkpoint_dir,
         "best_val_ndcg_at_10": metrics["best_val_ndcg_at_10"],
+        "model_uri": registered["uri"] if registered else None,
     }
 
 
@@ -108,9 +123,15 @@ def catalogue_flow(
 ) -> dict[str, Any]:
     """Stage 3: every item's semantic ID as a new DuckDB version (one transaction)."""
     cfg = load_config(config, overrides)
-    outcome = catalogue_stage(cfg, parent_run_id, mode=mode).result
+    stage = catalogue_stage(cfg, parent_run_id, mode=mode)
+    outcome = stage.result
     get_run_logger().info("semantic-ID version %s: %s", outcome.version, outcome.counts)
-    return {"version": outcome.version, "counts": outcome.counts}
+    create_markdown_artifact(
+        outcome.summary_markdown(mode),
+        key=CATALOGUE_ARTIFACT,
+        description="New, changed, removed and unchanged items of this catalogue run",
+    )
+    return {"run_id": stage.run_id, "version": outcome.version, "counts": outcome.counts}
 
 
 @flow(name="evaluate")
@@ -123,39 +144,78 @@ def evaluate_flow(
     cfg = load_config(config, overrides)
     outcome = evaluate_stage(cfg, parent_run_id)
     result = outcome.result
+    create_markdown_artifact(
+        Path(result.report_path).read_text(),
+        key=EVALUATION_ARTIFACT,
+        description="STORE vs the baselines on the test split (mean +- std over seeds)",
+    )
     return {"run_id": outcome.run_id, "report": result.report_path, "plot": result.plot_path}
 
 
 @flow(name="store")
 def store_pipeline(
-    config: str | None = None, overrides: list[str] | None = None, evaluate: bool = True
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    evaluate: bool = True,
+    job: Job = "full",
 ) -> dict[str, Any]:
-    """Run every stage in order, each as a subflow with its own nested MLflow run."""
+    """``job="full"``: every stage in order, each as a subflow with its own nested MLflow
+    run. ``job="retokenize"``: ingest the current catalogue, then give new and changed
+    items semantic IDs with the current model (no training)."""
     cfg = load_config(config, overrides)
-    tags = {tracking.FLOW_RUN_TAG: str(flow_run.id or "")}
+    tags = {tracking.FLOW_RUN_TAG: str(flow_run.id or ""), "store.job": job}
     if deployment.id:
-        tags["prefect.deployment_id"] = str(deployment.id)
-        tags["prefect.deployment_name"] = str(deployment.name)
-    with tracking.pipeline_run(cfg, run_name=f"store-{flow_run.name or 'local'}", tags=tags) as run:
-        ingest = ingest_flow(config, overrides, run.run_id)
-        tokenizer = tokenizer_flow(config, overrides, run.run_id)
-        recommender = recommender_flow(config, overrides, run.run_id)
-        catalogue = catalogue_flow(config, overrides, run.run_id)
-        evaluation = evaluate_flow(config, overrides, run.run_id) if evaluate else None
+        tags[tracking.DEPLOYMENT_ID_TAG] = str(deployment.id)
+        tags[tracking.DEPLOYMENT_NAME_TAG] = str(deployment.name)
+    stages: dict[str, Any] = {}
+    name = f"store-{job}-{flow_run.name or 'local'}"
+    with tracking.pipeline_run(cfg, run_name=name, tags=tags) as run:
+        stages["ingest"] = ingest_flow(config, overrides, run.run_id)
+        if job == "full":
+            stages["train_tokenizer"] = tokenizer_flow(config, overrides, run.run_id)
+            stages["train_recommender"] = recommender_flow(config, overrides, run.run_id)
+        stages["tokenize_catalogue"] = catalogue_flow(config, overrides, run.run_id)
+        if job == "full" and evaluate:
+            stages["evaluate"] = evaluate_flow(config, overrides, run.run_id)
     summary = {
+        "job": job,
         "workspace": cfg.workspace,
         "data_dir": cfg.data_dir,
         "duckdb": cfg.duckdb_path,
         "mlflow_run_id": run.run_id,
         "mlflow_tracking_uri": tracking.tracking_uri(cfg) if cfg.tracking.enabled else None,
         "models_dir": cfg.models_dir,
-        "stages": {
-            "ingest": ingest,
-            "train_tokenizer": tokenizer,
-            "train_recommender": recommender,
-            "tokenize_catalogue": catalogue,
-            "evaluate": evaluation,
-        },
+        "stages": stages,
     }
+    create_markdown_artifact(
+        run_summary_markdown(summary), key=RUN_ARTIFACT, description=f"store ({job}) outputs"
+    )
     get_run_logger().info("pipeline finished: outputs under %s", cfg.workspace)
     return summary
+
+
+def run_summary_markdown(summary: dict[str, Any]) -> str:
+    """Where a run's outputs are, as the Markdown of the run-summary artifact."""
+    catalogue = summary["stages"]["tokenize_catalogue"]
+    lines = [
+        f"# store ({summary['job']})",
+        "",
+        "| output | where |",
+        "|---|---|",
+        f"| workspace | `{summary['workspace']}` |",
+        f"| Parquet | `{summary['data_dir']}` |",
+        f"| DuckDB | `{summary['duckdb']}` (semantic-ID version {catalogue['version']}) |",
+        f"| models | `{summary['models_dir']}` |",
+        f"| MLflow run | `{summary['mlflow_run_id']}` at `{summary['mlflow_tracking_uri']}` |",
+        "",
+        "| items | count |",
+        "|---|---:|",
+        *(f"| {k} | {v} |" for k, v in catalogue["counts"].items()),
+    ]
+    recommender = summary["stages"].get("train_recommender")
+    if recommender:
+        lines += ["", f"Best validation NDCG@10: {recommender['best_val_ndcg_at_10']}"]
+    evaluation = summary["stages"].get("evaluate")
+    if evaluation:
+        lines += ["", f"Evaluation report: `{evaluation['report']}`"]
+    return "\n".join(lines) + "\n"

@@ -56,6 +56,29 @@ class CatalogueOutcome:
     items_per_s: float
     seconds: float
 
+    def summary_markdown(self, mode: str, model_uri: str | None = None) -> str:
+        """The run summary users see in the Prefect UI and MLflow: what changed."""
+        if self.version is None:
+            headline = "Catalogue unchanged: no new semantic-ID version was written."
+        else:
+            headline = f"Semantic-ID version **{self.version}** written."
+        lines = [
+            "# Catalogue tokenization",
+            "",
+            headline,
+            "",
+            "| items | count |",
+            "|---|---:|",
+            *(
+                f"| {key} | {self.counts.get(key, 0)} |"
+                for key in ("new", "changed", "removed", "unchanged", "generated")
+            ),
+            "",
+            f"mode `{mode}`, {self.seconds:.1f} s, {self.items_per_s:.0f} items/s"
+            + (f", model `{model_uri}`" if model_uri else ""),
+        ]
+        return "\n".join(lines) + "\n"
+
 
 @dataclass(frozen=True)
 class _BaseRow:

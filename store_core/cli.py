@@ -266,6 +266,69 @@ def run(
 
 
 @app.command()
+def serve(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    stop: Annotated[
+        bool, typer.Option("--stop", help="Stop the `store serve` running for this workspace.")
+    ] = False,
+    prefect_port: Annotated[
+        int | None,
+        typer.Option(help="Prefect server port on 127.0.0.1 (default 4200, else a free one)."),
+    ] = None,
+    mlflow: Annotated[
+        bool, typer.Option("--mlflow", help="Also serve the MLflow UI on the workspace store.")
+    ] = False,
+    mlflow_port: Annotated[
+        int | None,
+        typer.Option(help="MLflow server port on 127.0.0.1 (default 5000, else a free one)."),
+    ] = None,
+    schedule: Annotated[
+        bool, typer.Option(help="Schedule nightly-retokenize (service.nightly_cron).")
+    ] = True,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Run the pipeline as a service on this machine: a Prefect server on 127.0.0.1
+    (unless PREFECT_API_URL is set), the deployments store/full-pipeline and
+    store/nightly-retokenize, and with --mlflow an MLflow UI. Ctrl-C or
+    `store serve --stop` stops everything."""
+    _setup_logging(verbose)
+    cfg = _load(config, set_)
+    from store_core import serve as local
+
+    if stop:
+        stopped = _guard(lambda: local.stop_running(cfg))
+        out.print("stopped" if stopped else f"no `store serve` running for {cfg.workspace}")
+        return
+    stack = local.LocalStack(
+        cfg,
+        config,
+        set_ or [],
+        prefect_port=prefect_port,
+        mlflow=mlflow,
+        mlflow_port=mlflow_port,
+        schedule=schedule,
+    )
+    _guard(stack.start)
+    urls = stack.urls
+    out.print("[bold green]store is being served[/] (Ctrl-C or `store serve --stop` stops it)")
+    out.print(f"Prefect UI:   {urls['prefect_ui']}")
+    if "mlflow_ui" in urls:
+        out.print(f"MLflow UI:    {urls['mlflow_ui']}")
+    out.print(
+        f"Deployments:  store/full-pipeline, store/nightly-retokenize "
+        f"(cron '{cfg.service.nightly_cron}' {cfg.service.timezone}"
+        f"{'' if schedule else ', not scheduled'})"
+    )
+    out.print("In another terminal:")
+    out.print(f"  export PREFECT_API_URL={urls['prefect_api']}")
+    out.print("  prefect deployment run store/full-pipeline --watch")
+    out.print(f"Logs:         {local.serve_dir(cfg)}/*.log")
+    sys.stdout.flush()
+    raise typer.Exit(stack.watch())
+
+
+@app.command()
 def query(
     sql: Annotated[str, typer.Argument(help="One SQL statement, run read-only.")],
     config: ConfigOpt = None,

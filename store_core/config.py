@@ -121,6 +121,11 @@ class TrackingConfig(StrictModel):
         description="Artifact root for a newly created experiment. Default: "
         "<workspace>/mlflow/artifacts.",
     )
+    registered_model: str | None = Field(
+        None,
+        description="MLflow model-registry name the trained recommender is registered under "
+        "(a new version per training run). Default: '<experiment>-recommender'.",
+    )
 
 
 class ModelConfig(StrictModel):
@@ -322,6 +327,33 @@ class EvaluationConfig(StrictModel):
     )
 
 
+class ServiceConfig(StrictModel):
+    """The deployments ``store serve`` and ``prefect.yaml`` define."""
+
+    nightly_cron: str = Field(
+        "0 3 * * *", description="Cron schedule of the nightly-retokenize deployment."
+    )
+    timezone: str = Field("UTC", description="IANA time zone the cron schedule is read in.")
+
+    @field_validator("nightly_cron")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError(f"expected a 5-field cron expression, got {value!r}")
+        return value
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown time zone {value!r} (use an IANA name)") from None
+        return value
+
+
 class StoreConfig(StrictModel):
     """The whole pipeline's configuration (one YAML file)."""
 
@@ -348,6 +380,9 @@ class StoreConfig(StrictModel):
     recommender_train: TrainConfig = Field(
         default_factory=lambda: TrainConfig(epochs=10.0, lr=1e-3),
         description="Phase B training (multi-task generative recommendation).",
+    )
+    service: ServiceConfig = Field(
+        default_factory=ServiceConfig, description="Deployments and their schedules."
     )
 
     @field_validator("workspace")

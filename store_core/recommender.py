@@ -255,6 +255,7 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
         "quantizer": cfg.semantic_id.quantizer,
         "samples_per_task": counts,
         "train_steps": result.steps,
+        "resumed_from_step": result.resumed_from,
         "train_tokens_per_s": round(result.tokens_per_s, 1),
         "final_train_loss": result.final_loss,
         "validation": result.validation,

@@ -119,7 +119,57 @@ def recommender_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> Sta
         for name in (METRICS_FILE, METADATA_FILE):
             run.log_artifact(f"{outcome.checkpoint_dir}/{name}")
         run.log_artifacts(outcome.checkpoint_dir, "checkpoint")
+        record_model_version(cfg, run, outcome.checkpoint_dir, metrics)
         return StageOutcome(run.run_id, outcome)
+
+
+#: Written into the recommender checkpoint after registration: which MLflow model version
+#: and run this checkpoint is, so later catalogue runs (the nightly job) can point at it.
+MODEL_VERSION_FILE = "mlflow_model.json"
+
+
+def record_model_version(
+    cfg: StoreConfig, run: tracking.Run, checkpoint_dir: str, metrics: dict[str, Any]
+) -> tracking.ModelVersion | None:
+    """Register the logged checkpoint as a new model version (tagged with the codebook
+    version it produced) and write :data:`MODEL_VERSION_FILE` next to the weights."""
+    import json
+    from pathlib import Path
+
+    from store_core.item_tokenizer import METADATA_FILE
+
+    meta = json.loads((Path(checkpoint_dir) / METADATA_FILE).read_text())
+    tags = {
+        "codebook_version": str(meta["codebook_version"]),
+        "quantizer": str(meta.get("quantizer", cfg.semantic_id.quantizer)),
+        "variant": str(metrics.get("variant", "")),
+        "best_val_ndcg_at_10": str(metrics.get("best_val_ndcg_at_10")),
+    }
+    version = tracking.register_model(
+        cfg,
+        run,
+        "checkpoint",
+        tags=tags,
+        description=f"Phase B recommender, codebook {tags['codebook_version']}",
+    )
+    target = Path(checkpoint_dir) / MODEL_VERSION_FILE
+    if version is None:
+        target.unlink(missing_ok=True)  # no registry entry describes these weights
+        return None
+    tmp = target.with_suffix(".tmp")
+    tmp.write_text(json.dumps({**version.to_json(), "tags": tags}, indent=2))
+    tmp.replace(target)
+    run.set_tags({"store.model_uri": version.uri})
+    return version
+
+
+def model_version_of(checkpoint_dir: str) -> dict[str, Any] | None:
+    """The registry entry :func:`record_model_version` wrote for a checkpoint, if any."""
+    import json
+    from pathlib import Path
+
+    path = Path(checkpoint_dir) / MODEL_VERSION_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def catalogue_stage(
@@ -142,16 +192,22 @@ def catalogue_stage(
 
     if mode not in ("keep", "regenerate"):
         raise ValueError(f"mode must be 'keep' or 'regenerate', got {mode!r}")
+    checkpoint = recommender_dir(cfg)
+    registered = model_version_of(checkpoint)
+    lineage: dict[str, Any] = {"mlflow_run_id": mlflow_model_run or parent_run_id}
+    if registered is not None:
+        lineage = {"model_uri": registered["uri"], "mlflow_run_id": registered["run_id"]}
     with tracking.stage_run(cfg, "tokenize_catalogue", parent_run_id) as run:
         outcome = tokenize_catalogue(
             cfg,
-            recommender_dir(cfg),
+            checkpoint,
             mode=mode,  # type: ignore[arg-type]
-            extra_codebook_fields={"mlflow_run_id": mlflow_model_run or parent_run_id},
+            extra_codebook_fields=lineage,
         )
-        run.log_params({"mode": mode, "checkpoint": recommender_dir(cfg)})
+        run.log_params({"mode": mode, "checkpoint": checkpoint, **lineage})
         run.log_metrics({f"items_{k}": float(v) for k, v in outcome.counts.items()})
         run.log_metrics({"items_per_s": outcome.items_per_s, "seconds": outcome.seconds})
+        run.log_text(outcome.summary_markdown(mode, lineage.get("model_uri")), "summary.md")
         if outcome.version is not None:
             run.log_metrics({"semantic_id_version": float(outcome.version)})
             with tempfile.TemporaryDirectory() as tmp:

@@ -198,9 +198,17 @@ CREATE TABLE IF NOT EXISTS semantic_id_versions (
     item_count       BIGINT NOT NULL,    -- active items
     row_count        BIGINT NOT NULL,    -- all rows, removed (inactive) items included
     counts           JSON NOT NULL,      -- {"new": .., "changed": .., "removed": .., ...}
-    note             VARCHAR
+    note             VARCHAR,
+    model_uri        VARCHAR,            -- the model that tokenized this version
+    mlflow_run_id    VARCHAR             -- the MLflow run that trained it
 )
 """
+
+#: Columns added after the first release, added to older databases on open.
+_ADDED_COLUMNS = (
+    "ALTER TABLE semantic_id_versions ADD COLUMN IF NOT EXISTS model_uri VARCHAR",
+    "ALTER TABLE semantic_id_versions ADD COLUMN IF NOT EXISTS mlflow_run_id VARCHAR",
+)
 
 #: ``eval_results``: one metric value per row.
 EVAL_RESULTS_DDL = """
@@ -432,6 +440,7 @@ def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
         SEMANTIC_IDS_ITEM_INDEX_DDL,
         SEMANTIC_ID_VERSIONS_DDL,
         EVAL_RESULTS_DDL,
+        *_ADDED_COLUMNS,
         *VIEWS_AND_MACROS_SQL,
     ):
         con.execute(ddl)
@@ -739,9 +748,11 @@ def write_semantic_id_version(
             before_commit(version)
         con.execute(
             """
-            INSERT INTO semantic_id_versions
+            INSERT INTO semantic_id_versions (version, codebook_version, created_at,
+                item_count, row_count, counts, note, model_uri, mlflow_run_id)
             SELECT $version, $codebook_version, now()::TIMESTAMP,
-                   count(*) FILTER (WHERE active), count(*), $counts, $note
+                   count(*) FILTER (WHERE active), count(*), $counts, $note,
+                   $model_uri, $mlflow_run_id
             FROM incoming
             """,
             {
@@ -749,6 +760,8 @@ def write_semantic_id_version(
                 "codebook_version": codebook["codebook_version"],
                 "counts": counts_json,
                 "note": note,
+                "model_uri": codebook["model_uri"],
+                "mlflow_run_id": codebook["mlflow_run_id"],
             },
         )
     logger.info(

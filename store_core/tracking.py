@@ -13,6 +13,7 @@ import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from store_core.telemetry import disable_telemetry
 disable_telemetry()
 
 from mlflow.entities import RunStatus  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -29,6 +31,8 @@ logger = logging.getLogger(__name__)
 PARENT_TAG = "mlflow.parentRunId"
 FLOW_RUN_TAG = "prefect.flow_run_id"
 STAGE_TAG = "store.stage"
+DEPLOYMENT_ID_TAG = "prefect.deployment_id"
+DEPLOYMENT_NAME_TAG = "prefect.deployment_name"
 
 
 def tracking_uri(cfg: StoreConfig) -> str:
@@ -84,6 +88,15 @@ class Run:
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / file_name
             path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+            self.client.log_artifact(self.run_id, str(path))
+
+    def log_text(self, text: str, file_name: str) -> None:
+        """Log a text (e.g. a Markdown summary) as an artifact file."""
+        if self.client is None or self.run_id is None:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / file_name
+            path.write_text(text)
             self.client.log_artifact(self.run_id, str(path))
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
@@ -155,3 +168,60 @@ def stage_run(cfg: StoreConfig, stage: str, parent_run_id: str | None = None) ->
         tags[PARENT_TAG] = parent_run_id
     with _run(cfg, stage, tags) as run:
         yield run
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A model version in the MLflow registry: ``models:/<name>/<version>``."""
+
+    name: str
+    version: str
+    run_id: str
+    source: str
+
+    @property
+    def uri(self) -> str:
+        return f"models:/{self.name}/{self.version}"
+
+    def to_json(self) -> dict[str, str]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "run_id": self.run_id,
+            "source": self.source,
+            "uri": self.uri,
+        }
+
+
+def registered_model_name(cfg: StoreConfig) -> str:
+    return cfg.tracking.registered_model or f"{cfg.tracking.experiment}-recommender"
+
+
+def register_model(
+    cfg: StoreConfig,
+    run: Run,
+    artifact_path: str,
+    *,
+    tags: Mapping[str, str] | None = None,
+    description: str = "",
+) -> ModelVersion | None:
+    """Register ``<run's artifacts>/<artifact_path>`` as a new version of the configured
+    registered model (created on first use); None when tracking is disabled."""
+    if run.client is None or run.run_id is None:
+        return None
+    client = run.client
+    name = registered_model_name(cfg)
+    try:
+        client.get_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise
+        client.create_registered_model(
+            name, description="STORE: one LLM for semantic IDs and generative recommendation."
+        )
+    source = f"{client.get_run(run.run_id).info.artifact_uri}/{artifact_path}"
+    version = client.create_model_version(
+        name, source, run_id=run.run_id, tags=dict(tags or {}), description=description
+    )
+    logger.info("registered model %s version %s (run %s)", name, version.version, run.run_id)
+    return ModelVersion(name, str(version.version), run.run_id, source)

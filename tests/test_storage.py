@@ -468,7 +468,7 @@ def test_eval_results_round_trip(tmp_path: Path) -> None:
 def test_query_refuses_writes(hand_db: str) -> None:
     for sql in (
         "DELETE FROM semantic_ids",
-        "INSERT INTO semantic_id_versions VALUES (9, 'x', now(), 0, 0, '{}', '')",
+        "INSERT INTO semantic_id_versions VALUES (9, 'x', now(), 0, 0, '{}', '', NULL, NULL)",
         "CREATE OR REPLACE MACRO sid_of(x) AS 1",
     ):
         with pytest.raises(StoreError, match="read-only"):
