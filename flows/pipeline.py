@@ -126,12 +126,12 @@ def catalogue_flow(
     stage = catalogue_stage(cfg, parent_run_id, mode=mode)
     outcome = stage.result
     get_run_logger().info("semantic-ID version %s: %s", outcome.version, outcome.counts)
-    create_markdown_artifact(
-        outcome.summary_markdown(mode),
-        key=CATALOGUE_ARTIFACT,
-        description="New, changed, removed and unchanged items of this catalogue run",
-    )
-    return {"run_id": stage.run_id, "version": outcome.version, "counts": outcome.counts}
+    return {
+        "run_id": stage.run_id,
+        "version": outcome.version,
+        "counts": outcome.counts,
+        "summary_markdown": outcome.summary_markdown(mode),
+    }
 
 
 @flow(name="evaluate")
@@ -144,11 +144,6 @@ def evaluate_flow(
     cfg = load_config(config, overrides)
     outcome = evaluate_stage(cfg, parent_run_id)
     result = outcome.result
-    create_markdown_artifact(
-        Path(result.report_path).read_text(),
-        key=EVALUATION_ARTIFACT,
-        description="STORE vs the baselines on the test split (mean +- std over seeds)",
-    )
     return {"run_id": outcome.run_id, "report": result.report_path, "plot": result.plot_path}
 
 
@@ -187,11 +182,31 @@ def store_pipeline(
         "models_dir": cfg.models_dir,
         "stages": stages,
     }
-    create_markdown_artifact(
-        run_summary_markdown(summary), key=RUN_ARTIFACT, description=f"store ({job}) outputs"
-    )
+    publish_artifacts(summary)
     get_run_logger().info("pipeline finished: outputs under %s", cfg.workspace)
     return summary
+
+
+def publish_artifacts(summary: dict[str, Any]) -> None:
+    """Markdown artifacts on the flow run the user triggered (shown in the Prefect UI):
+    the run summary, the catalogue changes and, after a full run, the evaluation."""
+    create_markdown_artifact(
+        run_summary_markdown(summary),
+        key=RUN_ARTIFACT,
+        description=f"store ({summary['job']}): where the outputs are",
+    )
+    create_markdown_artifact(
+        summary["stages"]["tokenize_catalogue"]["summary_markdown"],
+        key=CATALOGUE_ARTIFACT,
+        description="New, changed, removed and unchanged items of this catalogue run",
+    )
+    evaluation = summary["stages"].get("evaluate")
+    if evaluation:
+        create_markdown_artifact(
+            Path(evaluation["report"]).read_text(),
+            key=EVALUATION_ARTIFACT,
+            description="STORE vs the baselines on the test split (mean +- std over seeds)",
+        )
 
 
 def run_summary_markdown(summary: dict[str, Any]) -> str:

@@ -69,3 +69,29 @@ def copy_workspace(source: Path, target: Path) -> Path:
 
     shutil.copytree(source, target)
     return target
+
+
+#: What :func:`write_changed_catalogue` does to the tiny catalogue.
+CHANGED_ITEMS = ("0", "1")
+REMOVED_ITEM = "47"
+ADDED_ITEMS = ("new0", "new1", "new2")
+
+
+def write_changed_catalogue(target: Path, source: Path = TINY_DATA) -> Path:
+    """The tiny dataset with 3 items added, 2 changed and 1 removed, written to ``target``
+    (interactions unchanged except that nobody references the removed item)."""
+    import json
+
+    target.mkdir(parents=True, exist_ok=True)
+    items = json.loads((source / "Tiny.item.json").read_text())
+    inters = json.loads((source / "Tiny.inter.json").read_text())
+    del items[REMOVED_ITEM]
+    inters = {u: [i for i in seq if i != REMOVED_ITEM] for u, seq in inters.items()}
+    items["0"]["title"] = "Acme Beaker Pro"
+    items["1"]["description"] = "A precision pipette for lab equipment work."
+    titles = ["Acme Flask Mini", "Voltix Probe", "Sciplus Goggles XL"]
+    for item, title in zip(ADDED_ITEMS, titles, strict=True):
+        items[item] = {"title": title, "categories": "Industrial & Scientific,New"}
+    (target / "Tiny.item.json").write_text(json.dumps(items))
+    (target / "Tiny.inter.json").write_text(json.dumps(inters))
+    return target

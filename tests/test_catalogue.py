@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from store_core import storage
@@ -10,7 +9,7 @@ from store_core.catalogue import tokenize_catalogue
 from store_core.config import StoreConfig, load_config
 from store_core.ingest import run_ingest
 from store_core.recommender import recommender_dir
-from tests.conftest import TINY_DATA, copy_workspace
+from tests.conftest import TINY_DATA, copy_workspace, write_changed_catalogue
 
 
 def config(ws: Path, data_path: Path = TINY_DATA) -> StoreConfig:
@@ -59,20 +58,7 @@ def test_nightly_semantics_new_changed_removed(tiny_pipeline: Path, tmp_path: Pa
     assert first.version == 1
     before = current(config(ws).duckdb_path)
 
-    # A new catalogue: 3 items added, 2 changed, 1 removed (interactions unchanged except
-    # for the removed item, which nobody may reference).
-    src = tmp_path / "src"
-    src.mkdir()
-    items = json.loads((TINY_DATA / "Tiny.item.json").read_text())
-    inters = json.loads((TINY_DATA / "Tiny.inter.json").read_text())
-    del items["47"]
-    inters = {u: [i for i in seq if i != "47"] for u, seq in inters.items()}
-    items["0"]["title"] = "Acme Beaker Pro"
-    items["1"]["description"] = "A precision pipette for lab equipment work."
-    for k, title in enumerate(["Acme Flask Mini", "Voltix Probe", "Sciplus Goggles XL"]):
-        items[f"new{k}"] = {"title": title, "categories": "Industrial & Scientific,New"}
-    (src / "Tiny.item.json").write_text(json.dumps(items))
-    (src / "Tiny.inter.json").write_text(json.dumps(inters))
+    src = write_changed_catalogue(tmp_path / "src")
     cfg = config(ws, src)
     run_ingest(cfg)
     outcome = tokenize_catalogue(cfg, recommender_dir(cfg))

@@ -1,0 +1,367 @@
+"""The pipeline as a service, as a user runs it: ``store serve`` (a real Prefect server on
+a free loopback port, the deployments served, an MLflow server), then
+``prefect deployment run store/full-pipeline`` and ``store/nightly-retokenize`` through
+the Prefect CLI, then ``store serve --stop``. Runs in the default test run (~3 min)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+from mlflow.tracking import MlflowClient
+
+from store_core import storage, tracking
+from store_core.serve import STATE_FILE, free_port
+from tests.conftest import (
+    ADDED_ITEMS,
+    CHANGED_ITEMS,
+    REMOVED_ITEM,
+    REPO,
+    TINY_DATA,
+    write_changed_catalogue,
+)
+
+BIN = Path(sys.executable).parent
+EXPERIMENT = "store-tiny"
+MODEL_NAME = "store-tiny-recommender"
+NIGHTLY_CRON = "0 3 1 1 *"  # far from any test run, so the schedule never fires here
+TIMEZONE = "Europe/Berlin"
+
+
+@dataclass
+class Served:
+    proc: subprocess.Popen[str]
+    workspace: Path
+    data: Path
+    env: dict[str, str]
+    args: list[str]
+    prefect_port: int
+    mlflow_port: int
+    log: Path
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.prefect_port}/api"
+
+    @property
+    def db(self) -> str:
+        return str(self.workspace / "store.duckdb")
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return dict(json.loads((self.workspace / "serve" / STATE_FILE).read_text()))
+
+    def store(self, *argv: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [str(BIN / "store"), *argv, *self.args],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=REPO,
+        )
+
+    def run_deployment(self, name: str) -> str:
+        """``prefect deployment run store/<name> --watch``; returns the flow-run id."""
+        proc = subprocess.run(
+            [str(BIN / "prefect"), "deployment", "run", f"store/{name}", "--watch"],
+            env={**self.env, "PREFECT_API_URL": self.api},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 0, output[-4000:] + self.logs()
+        assert "Completed" in output, output[-4000:]
+        return next(
+            line.split("UUID:")[1].strip() for line in output.splitlines() if "UUID:" in line
+        )
+
+    def api_post(self, path: str, body: dict[str, Any]) -> Any:
+        request = urllib.request.Request(
+            f"{self.api}{path}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.loads(response.read())
+
+    def api_get(self, path: str) -> Any:
+        with urllib.request.urlopen(f"{self.api}{path}", timeout=30) as response:
+            return json.loads(response.read())
+
+    def artifacts(self, flow_run_id: str) -> dict[str, str]:
+        found = self.api_post(
+            "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
+        )
+        return {a["key"]: a["data"] for a in found if a.get("key")}
+
+    def mlflow(self) -> MlflowClient:
+        return MlflowClient(tracking_uri=f"http://127.0.0.1:{self.mlflow_port}")
+
+    def logs(self) -> str:
+        parts = [f"\n--- {self.log.name}\n{self.log.read_text()[-3000:]}"]
+        for path in sorted((self.workspace / "serve").glob("*.log")):
+            parts.append(f"\n--- {path.name}\n{path.read_text(errors='replace')[-3000:]}")
+        return "".join(parts)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
+    root = tmp_path_factory.mktemp("served")
+    data = root / "data"
+    shutil.copytree(TINY_DATA, data)
+    workspace = root / "ws"
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")
+    }
+    env.update(PREFECT_HOME=str(root / "prefect-home"), PYTHONUNBUFFERED="1", COLUMNS="200")
+    args = [
+        "--config",
+        "tiny",
+        "--set",
+        f"workspace={workspace}",
+        "--set",
+        f"data.path={data}",
+        "--set",
+        f"service.nightly_cron={NIGHTLY_CRON}",
+        "--set",
+        f"service.timezone={TIMEZONE}",
+    ]
+    prefect_port, mlflow_port = free_port(), free_port()
+    log = root / "store-serve.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(
+            [
+                str(BIN / "store"),
+                "serve",
+                *args,
+                "--prefect-port",
+                str(prefect_port),
+                "--mlflow",
+                "--mlflow-port",
+                str(mlflow_port),
+            ],
+            env=env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            text=True,
+            cwd=REPO,
+        )
+    stack = Served(proc, workspace, data, env, args, prefect_port, mlflow_port, log)
+    deadline = time.monotonic() + 300
+    while not (workspace / "serve" / STATE_FILE).exists():
+        assert proc.poll() is None, "store serve exited while starting" + stack.logs()
+        assert time.monotonic() < deadline, "store serve not ready in 300 s" + stack.logs()
+        time.sleep(1)
+    try:
+        yield stack
+    finally:
+        if proc.poll() is None:
+            stack.store("serve", "--stop")
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # pragma: no cover - last resort
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def full_run(served: Served) -> str:
+    """The flow-run id of one ``store/full-pipeline`` run on the served stack."""
+    return served.run_deployment("full-pipeline")
+
+
+def test_serve_prints_urls_and_binds_loopback(served: Served) -> None:
+    urls = served.state["urls"]
+    assert urls["prefect_api"] == served.api
+    assert urls["mlflow_ui"] == f"http://127.0.0.1:{served.mlflow_port}"
+    listening = {
+        (c.laddr.ip, c.laddr.port)
+        for c in psutil.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN
+    }
+    assert ("127.0.0.1", served.prefect_port) in listening
+    assert ("127.0.0.1", served.mlflow_port) in listening
+    assert not any(port == served.prefect_port and ip != "127.0.0.1" for ip, port in listening)
+    output = served.log.read_text()
+    assert f"export PREFECT_API_URL={served.api}" in output
+    # The nightly deployment carries the configured cron and time zone.
+    nightly = served.api_get("/deployments/name/store/nightly-retokenize")
+    (schedule,) = nightly["schedules"]
+    assert schedule["schedule"]["cron"] == NIGHTLY_CRON
+    assert schedule["schedule"]["timezone"] == TIMEZONE
+    assert nightly["parameters"]["job"] == "retokenize"
+
+
+def test_full_pipeline_deployment(served: Served, full_run: str) -> None:
+    # DuckDB: every item has a semantic ID, and the version says which model made it.
+    assert storage.query(served.db, "SELECT count(*) FROM current_semantic_ids")[1] == [(48,)]
+    _, rows = storage.query(
+        served.db, "SELECT model_uri, mlflow_run_id FROM semantic_id_versions WHERE version = 1"
+    )
+    ((model_uri, model_run),) = rows
+    assert model_uri == f"models:/{MODEL_NAME}/1"
+
+    # MLflow: a parent run tagged with this flow run and deployment, one nested run per stage.
+    client = served.mlflow()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None
+    (parent,) = client.search_runs(
+        [experiment.experiment_id], f"tags.`{tracking.FLOW_RUN_TAG}` = '{full_run}'"
+    )
+    assert parent.data.tags[tracking.DEPLOYMENT_NAME_TAG] == "full-pipeline"
+    children = client.search_runs(
+        [experiment.experiment_id], f"tags.`{tracking.PARENT_TAG}` = '{parent.info.run_id}'"
+    )
+    stages = {r.data.tags[tracking.STAGE_TAG]: r for r in children}
+    assert set(stages) == {
+        "ingest",
+        "train_tokenizer",
+        "train_recommender",
+        "tokenize_catalogue",
+        "evaluate",
+    }
+    assert stages["train_recommender"].info.run_id == model_run
+    assert stages["evaluate"].data.metrics["store/invalid_id_rate"] == 0.0
+
+    # The model registry: version 1, from the training run, tagged with its codebook.
+    version = client.get_model_version(MODEL_NAME, "1")
+    assert version.run_id == model_run
+    _, codebooks = storage.query(served.db, "SELECT codebook_version, model_uri FROM codebooks")
+    assert codebooks == [(version.tags["codebook_version"], model_uri)]
+    assert client.list_artifacts(model_run, "checkpoint")  # the weights the version points at
+
+    # Prefect artifacts: run summary, catalogue summary, evaluation report.
+    artifacts = served.artifacts(full_run)
+    assert {"store-run-summary", "store-catalogue-summary", "store-evaluation"} <= set(artifacts)
+    assert "| unchanged | 48 |" in artifacts["store-catalogue-summary"]
+    assert "| STORE (multi-task, STORE quantizer) | 1 |" in artifacts["store-evaluation"]
+
+
+def _start_reader(served: Served, tmp: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
+    stop, report = tmp / "stop", tmp / "reader.json"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "tests" / "duckdb_reader.py"),
+            served.db,
+            str(stop),
+            str(report),
+        ],
+        env={**served.env, "PYTHONPATH": str(REPO)},
+        cwd=REPO,
+    )
+    return proc, stop, report
+
+
+def test_nightly_deployment_semantics_with_a_reader_running(
+    served: Served, full_run: str, tmp_path: Path
+) -> None:
+    before = {
+        i: s
+        for i, s in storage.query(served.db, "SELECT item_id, sid FROM current_semantic_ids")[1]
+    }
+    write_changed_catalogue(served.data)  # 3 added, 2 changed, 1 removed, in place
+    reader, stop, report = _start_reader(served, tmp_path)
+    try:
+        time.sleep(1.0)  # the reader sees version 1 before the run starts
+        nightly = served.run_deployment("nightly-retokenize")
+        time.sleep(1.0)  # ... and version 2 after it
+    finally:
+        stop.touch()
+        reader.wait(timeout=180)
+    assert reader.returncode == 0
+
+    # The reader never failed and only ever saw complete versions.
+    seen = json.loads(report.read_text())
+    assert seen["errors"] == []
+    assert seen["observations"], "the reader never got a snapshot"
+    for version, row_count, item_count, rows_of_version, current_rows in seen["observations"]:
+        assert rows_of_version == row_count, f"partial version {version} visible"
+        assert current_rows == item_count
+    assert {obs[0] for obs in seen["observations"]} == {1, 2}
+
+    # New, changed, removed, unchanged.
+    _, rows = storage.query(served.db, "SELECT counts FROM semantic_id_versions WHERE version = 2")
+    counts = json.loads(rows[0][0])
+    assert {k: counts[k] for k in ("new", "changed", "removed", "unchanged")} == {
+        "new": 3,
+        "changed": 2,
+        "removed": 1,
+        "unchanged": 45,
+    }
+    after = {
+        i: s
+        for i, s in storage.query(served.db, "SELECT item_id, sid FROM current_semantic_ids")[1]
+    }
+    untouched = set(before) - {*CHANGED_ITEMS, REMOVED_ITEM}
+    assert {i: after[i] for i in untouched} == {i: before[i] for i in untouched}
+    assert set(ADDED_ITEMS) <= set(after) and REMOVED_ITEM not in after
+    assert len(set(after.values())) == len(after) == 50
+    _, rows = storage.query(
+        served.db,
+        f"SELECT active FROM semantic_ids WHERE version = 2 AND item_id = '{REMOVED_ITEM}'",
+    )
+    assert rows == [(False,)]  # marked inactive, not deleted
+
+    # The run summary reached MLflow and the Prefect UI.
+    assert "| new | 3 |" in served.artifacts(nightly)["store-catalogue-summary"]
+    client = served.mlflow()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None
+    (parent,) = client.search_runs(
+        [experiment.experiment_id], f"tags.`{tracking.FLOW_RUN_TAG}` = '{nightly}'"
+    )
+    assert parent.data.tags[tracking.DEPLOYMENT_NAME_TAG] == "nightly-retokenize"
+    (catalogue,) = client.search_runs(
+        [experiment.experiment_id],
+        f"tags.`{tracking.PARENT_TAG}` = '{parent.info.run_id}' "
+        f"and tags.`{tracking.STAGE_TAG}` = 'tokenize_catalogue'",
+    )
+    assert catalogue.data.metrics["items_new"] == 3.0
+    assert catalogue.data.metrics["items_removed"] == 1.0
+
+    # Nothing changed since: a second nightly run writes no version.
+    served.run_deployment("nightly-retokenize")
+    assert storage.latest_version(served.db) == 2
+
+
+def test_stop_leaves_no_process_behind(served: Served, full_run: str) -> None:
+    state = served.state
+    pids = [served.proc.pid] + [s["pid"] for s in state["services"]]
+    family = {
+        p.pid
+        for pid in pids
+        if psutil.pid_exists(pid)
+        for p in psutil.Process(pid).children(recursive=True)
+    }
+    result = served.store("serve", "--stop")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "stopped" in result.stdout
+    assert served.proc.wait(timeout=90) == 0
+    time.sleep(0.5)
+    alive = [
+        pid
+        for pid in {*pids, *family}
+        if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    ]
+    assert alive == []
+    for port in (served.prefect_port, served.mlflow_port):
+        with socket.socket() as sock:
+            assert sock.connect_ex(("127.0.0.1", port)) != 0
+    assert not (served.workspace / "serve" / STATE_FILE).exists()
+    # Stopping again is harmless.
+    again = served.store("serve", "--stop")
+    assert again.returncode == 0 and "no `store serve` running" in again.stdout
