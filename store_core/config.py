@@ -327,6 +327,35 @@ class EvaluationConfig(StrictModel):
     )
 
 
+class LauncherConfig(StrictModel):
+    """How the training stages run: in this process, or as several ranks started by the
+    ``deepspeed`` launcher (several GPUs, several nodes via a hostfile)."""
+
+    kind: Literal["inprocess", "deepspeed"] = Field(
+        "inprocess",
+        description="'deepspeed': each training phase runs `deepspeed ... --module "
+        "store_core.cli train --phase <phase>` and the stage reads its outputs.",
+    )
+    hostfile: str | None = Field(
+        None, description="DeepSpeed hostfile ('<host> slots=<gpus>' per line)."
+    )
+    num_gpus: int | None = Field(
+        None, ge=1, description="Ranks per node (--num_gpus); default: every visible GPU."
+    )
+    num_nodes: int | None = Field(None, ge=1, description="Nodes of the hostfile to use.")
+    master_port: int | None = Field(
+        None, ge=1, le=65535, description="Rendezvous port; default: a free one."
+    )
+    extra_args: list[str] = Field(
+        default_factory=list, description="More launcher arguments, e.g. ['--include', 'a:0,1']."
+    )
+
+
+#: A relative ``workspace`` is resolved against this directory when it is set (else the
+#: current directory): containers and pods set it to their data volume.
+WORKSPACE_ROOT_ENV = "STORE_WORKSPACE_ROOT"
+
+
 class ServiceConfig(StrictModel):
     """The deployments ``store serve`` and ``prefect.yaml`` define."""
 
@@ -359,7 +388,9 @@ class StoreConfig(StrictModel):
 
     workspace: str = Field(
         "./workspace",
-        description="Directory where data/, models/, store.duckdb and the MLflow store live.",
+        description="Directory where data/, models/, store.duckdb and the MLflow store live. "
+        "A relative path is resolved against $STORE_WORKSPACE_ROOT when set, else the "
+        "current directory.",
     )
     data: DataConfig = Field(default_factory=DataConfig, description="Ingestion.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow.")
@@ -384,13 +415,20 @@ class StoreConfig(StrictModel):
     service: ServiceConfig = Field(
         default_factory=ServiceConfig, description="Deployments and their schedules."
     )
+    launcher: LauncherConfig = Field(
+        default_factory=LauncherConfig, description="How the training phases are launched."
+    )
 
     @field_validator("workspace")
     @classmethod
     def _expand_workspace(cls, value: str) -> str:
         if "://" in value:
             return value
-        return str(Path(os.path.expanduser(value)).resolve())
+        path = Path(os.path.expanduser(value))
+        root = os.environ.get(WORKSPACE_ROOT_ENV)
+        if root and not path.is_absolute():
+            path = Path(os.path.expanduser(root)) / path
+        return str(path.resolve())
 
     # Derived locations -------------------------------------------------------------
     @property

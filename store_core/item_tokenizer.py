@@ -49,7 +49,7 @@ from store_core.ingest import ITEMS_FILE, MANIFEST_FILE
 from store_core.model import build_backbone, save_model_files, staging_directory
 from store_core.semantic_ids import format_sid, pack_codes
 from store_core.tracking import Run
-from store_core.trainer import rank, train
+from store_core.trainer import rank, train, world_size
 
 logger = logging.getLogger(__name__)
 
@@ -190,6 +190,7 @@ def train_semantic_tokenizer(cfg: StoreConfig, run: Run | None = None) -> Tokeni
             "heldout_reconstruction": recon,
             "coherence_first_code": coherence,
             "train_steps": result.steps,
+            "train_world_size": world_size(),
             "train_seconds": round(train_seconds, 2),
             "train_tokens_per_s": round(result.tokens_per_s, 1),
             "final_train_loss": result.final_loss,
@@ -233,6 +234,23 @@ def train_semantic_tokenizer(cfg: StoreConfig, run: Run | None = None) -> Tokeni
         codebook_version=codebook.version,
         train_steps=result.steps,
         tokens_per_s=result.tokens_per_s,
+    )
+
+
+def load_outcome(cfg: StoreConfig) -> TokenizerOutcome:
+    """The outcome a finished run (e.g. the ranks of a launcher) left in the workspace."""
+    target = checkpoint_dir(cfg)
+    stats_path, meta_path = Path(target) / STATS_FILE, Path(target) / METADATA_FILE
+    if not (stats_path.is_file() and meta_path.is_file()):
+        raise StoreError(f"{target} has no finished semantic tokenizer")
+    stats = json.loads(stats_path.read_text())
+    metadata = json.loads(meta_path.read_text())
+    return TokenizerOutcome(
+        checkpoint_dir=target,
+        stats=stats,
+        codebook_version=str(metadata["codebook_version"]),
+        train_steps=int(stats["train_steps"]),
+        tokens_per_s=float(stats["train_tokens_per_s"]),
     )
 
 

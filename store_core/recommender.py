@@ -60,7 +60,7 @@ from store_core.tasks import (
     multitask_loss,
 )
 from store_core.tracking import Run
-from store_core.trainer import EarlyStopping, rank, train
+from store_core.trainer import EarlyStopping, rank, train, world_size
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +256,7 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
         "samples_per_task": counts,
         "train_steps": result.steps,
         "resumed_from_step": result.resumed_from,
+        "train_world_size": world_size(),
         "train_tokens_per_s": round(result.tokens_per_s, 1),
         "final_train_loss": result.final_loss,
         "validation": result.validation,
@@ -292,3 +293,12 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
         target,
     )
     return RecommenderOutcome(target, metrics)
+
+
+def load_outcome(cfg: StoreConfig) -> RecommenderOutcome:
+    """The outcome a finished run (e.g. the ranks of a launcher) left in the workspace."""
+    target = recommender_dir(cfg)
+    path = Path(target) / METRICS_FILE
+    if not path.is_file():
+        raise StoreError(f"{target} has no finished recommender ({METRICS_FILE} missing)")
+    return RecommenderOutcome(target, json.loads(path.read_text()))

@@ -248,7 +248,7 @@ class LocalStack:
             [
                 *(python, "-m", "mlflow", "server", "--host", HOST, "--port", str(chosen)),
                 *("--workers", "1", "--backend-store-uri", uri),
-                *("--artifacts-destination", artifact_location(self.cfg)),
+                *("--artifacts-destination", str(artifact_location(self.cfg))),
             ],
             f"http://{HOST}:{chosen}/health",
             env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},

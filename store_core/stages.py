@@ -11,7 +11,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from store_core import tracking
+from store_core import launch, tracking
 from store_core.config import StoreConfig
 from store_core.ingest import ResolvedSource, run_ingest
 
@@ -52,6 +52,7 @@ def tokenizer_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> Stage
         METADATA_FILE,
         STATS_FILE,
         USAGE_PLOT,
+        checkpoint_dir,
         train_semantic_tokenizer,
     )
     from store_core.trainer import rank
@@ -68,7 +69,10 @@ def tokenizer_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> Stage
                 }
             )
         )
-        outcome = train_semantic_tokenizer(cfg, run)
+        if launch.launched(cfg):
+            outcome = _launched(cfg, "tokenizer", f"{checkpoint_dir(cfg)}/{STATS_FILE}")
+        else:
+            outcome = train_semantic_tokenizer(cfg, run)
         assert outcome is not None
         stats = outcome.stats
         metrics = stats_metrics({k: v for k, v in stats.items() if _numeric_or_levels(k, v)})
@@ -83,6 +87,23 @@ def tokenizer_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> Stage
         return StageOutcome(run.run_id, outcome)
 
 
+def _launched(cfg: StoreConfig, phase: str, marker: str) -> Any:
+    """Train ``phase`` under the deepspeed launcher, then read what its rank 0 wrote
+    (``marker`` must be rewritten by that run, or the outputs are someone else's)."""
+    import os
+    import time
+
+    from store_core import item_tokenizer, recommender
+    from store_core.errors import StoreError
+
+    started = time.time()
+    launch.run_phase(cfg, phase)
+    if not os.path.exists(marker) or os.path.getmtime(marker) < started - 1.0:
+        raise StoreError(f"the launched {phase} training finished but did not write {marker}")
+    module = item_tokenizer if phase == "tokenizer" else recommender
+    return module.load_outcome(cfg)
+
+
 def _numeric_or_levels(key: str, value: Any) -> bool:
     return key == "levels" or (isinstance(value, int | float) and not isinstance(value, bool))
 
@@ -91,7 +112,7 @@ def recommender_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> Sta
     """Phase B: multi-task training with validation; logs per-task losses (step metrics),
     validation metrics per epoch, agreement, and the checkpoint."""
     from store_core.item_tokenizer import METADATA_FILE
-    from store_core.recommender import METRICS_FILE, train_recommender
+    from store_core.recommender import METRICS_FILE, recommender_dir, train_recommender
     from store_core.trainer import rank
 
     if rank() != 0:
@@ -106,7 +127,10 @@ def recommender_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> Sta
                 }
             )
         )
-        outcome = train_recommender(cfg, run)
+        if launch.launched(cfg):
+            outcome = _launched(cfg, "recommender", f"{recommender_dir(cfg)}/{METRICS_FILE}")
+        else:
+            outcome = train_recommender(cfg, run)
         assert outcome is not None
         metrics = outcome.metrics
         run.log_metrics(

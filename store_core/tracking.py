@@ -46,9 +46,14 @@ def tracking_uri(cfg: StoreConfig) -> str:
     return f"sqlite:///{db}"
 
 
-def artifact_location(cfg: StoreConfig) -> str:
+def artifact_location(cfg: StoreConfig) -> str | None:
+    """Where a new experiment keeps its artifacts: the configured location; else, with a
+    tracking server (http/https URI), the server's own (None: it proxies uploads to its
+    artifact store); else ``<workspace>/mlflow/artifacts``."""
     if cfg.tracking.artifact_location:
         return cfg.tracking.artifact_location
+    if tracking_uri(cfg).startswith(("http://", "https://")):
+        return None
     return (Path(cfg.workspace) / "mlflow" / "artifacts").as_uri()
 
 

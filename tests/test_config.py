@@ -79,3 +79,23 @@ def test_config_is_frozen() -> None:
     cfg = load_config("tiny")
     with pytest.raises(Exception):  # noqa: B017 - pydantic raises ValidationError
         cfg.workspace = "/elsewhere"  # type: ignore[misc]
+
+
+def test_relative_workspace_resolves_against_the_workspace_root(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("STORE_WORKSPACE_ROOT", str(tmp_path))
+    assert load_config("scientific").workspace == str(tmp_path / "workspace-scientific")
+    assert load_config("tiny", ["workspace=/abs/ws"]).workspace == "/abs/ws"
+    monkeypatch.delenv("STORE_WORKSPACE_ROOT")
+    monkeypatch.chdir(tmp_path / "..")
+    assert load_config("tiny").workspace == str((tmp_path / ".." / "workspace-tiny").resolve())
+
+
+def test_service_schedule_is_validated() -> None:
+    cfg = load_config("tiny", ["service.nightly_cron=30 2 * * 1-5", "service.timezone=Asia/Tokyo"])
+    assert (cfg.service.nightly_cron, cfg.service.timezone) == ("30 2 * * 1-5", "Asia/Tokyo")
+    with pytest.raises(ConfigError, match="service.nightly_cron"):
+        load_config("tiny", ["service.nightly_cron=0 3 * *"])
+    with pytest.raises(ConfigError, match="unknown time zone 'Mars/Olympus'"):
+        load_config("tiny", ["service.timezone=Mars/Olympus"])

@@ -408,6 +408,7 @@ def test_compose_worker() -> None:
     env = _env(worker)
     assert env["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert env["STORE_WORKSPACE_ROOT"] == "/workspace"
     mounts = {target: source for source, target in map(_volume_source, worker["volumes"])}
     assert _is_named_volume(mounts.get("/workspace", "")), "workspace volume not at /workspace"
     assert worker["depends_on"]["mlflow"]["condition"] == "service_healthy"
@@ -526,6 +527,7 @@ def test_job_pod_env() -> None:
     for key, value in TELEMETRY_ENV.items():
         assert env.get(key) == value
     assert env["MLFLOW_TRACKING_URI"] == "{{ mlflow_tracking_uri }}"
+    assert env["STORE_WORKSPACE_ROOT"] == "/workspace"  # where the PVC is mounted
 
 
 def test_job_pod_targets_gpu_nodes() -> None:
