@@ -95,7 +95,7 @@ def test_relative_workspace_resolves_against_the_workspace_root(
 def test_service_schedule_is_validated() -> None:
     cfg = load_config("tiny", ["service.nightly_cron=30 2 * * 1-5", "service.timezone=Asia/Tokyo"])
     assert (cfg.service.nightly_cron, cfg.service.timezone) == ("30 2 * * 1-5", "Asia/Tokyo")
-    with pytest.raises(ConfigError, match="service.nightly_cron"):
+    with pytest.raises(ConfigError, match=r"service\.nightly_cron"):
         load_config("tiny", ["service.nightly_cron=0 3 * *"])
     with pytest.raises(ConfigError, match="unknown time zone 'Mars/Olympus'"):
         load_config("tiny", ["service.timezone=Mars/Olympus"])
