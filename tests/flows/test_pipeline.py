@@ -1,16 +1,22 @@
 from __future__ import annotations
 
+import json
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
+from prefect import get_client
 from prefect.testing.utilities import prefect_test_harness
 
+from flows import pipeline
 from flows.pipeline import fetch_source, store_pipeline
-from store_core import tracking
+from store_core import recommender, tracking
 from store_core.config import load_config
 from store_core.storage import query
+from tests.conftest import copy_workspace
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -56,3 +62,55 @@ def test_fetch_source_task_resolves_path(tmp_path: Path) -> None:
     source = fetch_source.fn("tiny", [f"workspace={tmp_path}"])
     assert source.path == load_config("tiny").data.path
     assert source.data.format == "lcrec"
+
+
+def test_fetch_source_retries_with_backoff(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert fetch_source.retries == 3
+    delays = list(fetch_source.retry_delay_seconds)  # type: ignore[arg-type]
+    assert delays == sorted(delays) and delays[0] < delays[-1]  # exponential backoff
+    calls: list[int] = []
+    real = pipeline.resolve_source
+
+    def flaky(cfg: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionError("mirror unreachable")
+        return real(cfg)
+
+    monkeypatch.setattr(pipeline, "resolve_source", flaky)
+    source = fetch_source.with_options(retry_delay_seconds=0)("tiny", [f"workspace={tmp_path}"])
+    assert len(calls) == 2
+    assert source.data.format == "lcrec"
+
+
+def test_failed_stage_fails_the_flow_and_a_rerun_resumes_training(
+    tiny_pipeline: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ws = copy_workspace(tiny_pipeline, tmp_path / "ws")
+    for trained in (ws / "models").glob("recommender-*"):
+        shutil.rmtree(trained)  # Phase A stays trained; Phase B starts from nothing
+    overrides = [f"workspace={ws}"]
+    real = recommender.multitask_loss
+    calls: list[int] = []
+
+    def crash_after_25_steps(engine: Any, batch: Any) -> Any:
+        calls.append(1)
+        if len(calls) > 25:
+            raise RuntimeError("simulated crash in Phase B")
+        return real(engine, batch)
+
+    monkeypatch.setattr(recommender, "multitask_loss", crash_after_25_steps)
+    state = store_pipeline("tiny", overrides, evaluate=False, return_state=True)
+    assert state.is_failed()
+    assert "simulated crash in Phase B" in str(state.message)
+    with get_client(sync_client=True) as client:  # what the Prefect UI shows
+        stored = client.read_flow_run(state.state_details.flow_run_id)
+    assert stored.state is not None and stored.state.is_failed()
+    assert "simulated crash in Phase B" in str(stored.state.message)
+
+    monkeypatch.setattr(recommender, "multitask_loss", real)
+    summary = store_pipeline("tiny", overrides, evaluate=False)
+    checkpoint = summary["stages"]["train_recommender"]["checkpoint_dir"]
+    metrics = json.loads((Path(checkpoint) / "metrics.json").read_text())
+    assert metrics["resumed_from_step"] == 20  # tiny: a checkpoint every 20 steps
+    assert metrics["train_steps"] > 25
