@@ -338,6 +338,44 @@ def test_nightly_deployment_semantics_with_a_reader_running(
     assert storage.latest_version(served.db) == 2
 
 
+def test_prefect_yaml_deploys_to_its_work_pools(served: Served, full_run: str) -> None:
+    """``prefect deploy --all`` with the repo's prefect.yaml (runs after the served tests:
+    it replaces the served deployments of the same names with work-pool ones)."""
+    env = {**served.env, "PREFECT_API_URL": served.api}
+    prefect = str(BIN / "prefect")
+    template = str(REPO / "infra" / "k8s" / "gpu-job-template.json")
+    for argv in (
+        [prefect, "work-pool", "create", "store-process", "--type", "process"],
+        [prefect, "work-pool", "create", "store-gpu", "--type", "kubernetes"],
+        [prefect, "work-pool", "update", "store-gpu", "--base-job-template", template],
+        [prefect, "--no-prompt", "deploy", "--all"],
+    ):
+        proc = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    full = served.api_get("/deployments/name/store/full-pipeline")
+    nightly = served.api_get("/deployments/name/store/nightly-retokenize")
+    gpu = served.api_get("/deployments/name/store/full-pipeline-gpu")
+    assert (full["work_pool_name"], nightly["work_pool_name"]) == ("store-process",) * 2
+    assert full["entrypoint"] == "flows/pipeline.py:store_pipeline"
+    assert full["parameters"] == {
+        "config": "ml-100k",
+        "overrides": [],
+        "evaluate": True,
+        "job": "full",
+    }
+    assert nightly["parameters"]["job"] == "retokenize"
+    (schedule,) = nightly["schedules"]
+    assert (schedule["schedule"]["cron"], schedule["schedule"]["timezone"]) == ("0 3 * * *", "UTC")
+    assert gpu["work_pool_name"] == "store-gpu"
+    assert gpu["job_variables"]["gpus"] == 8
+    assert "launcher.kind=deepspeed" in gpu["parameters"]["overrides"]
+    assert gpu["pull_steps"] == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": "/app"}}
+    ]
+    pool = served.api_get("/work_pools/store-gpu")
+    assert "nvidia.com/gpu" in json.dumps(pool["base_job_template"])
+
+
 def test_stop_leaves_no_process_behind(served: Served, full_run: str) -> None:
     state = served.state
     pids = [served.proc.pid] + [s["pid"] for s in state["services"]]
