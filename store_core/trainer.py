@@ -401,6 +401,11 @@ def train(
     best_epoch: int | None = None
     best_state: dict[str, torch.Tensor] | None = None
     bad_epochs = 0
+    if early_stopping is not None and resumed_from is not None:
+        restored = _load_best(checkpoint_dir, resumed_from)
+        if restored is not None:
+            validation, best_metric, best_epoch, bad_epochs, best_state = restored
+            logger.info("restored early-stopping state: best epoch %s", best_epoch)
     stopped_early = False
     micro = start * cfg.grad_accum
     step = start
@@ -455,22 +460,34 @@ def train(
             if is_main and run is not None:
                 run.log_metrics({f"{description}/val_{k}": v for k, v in metrics.items()}, step)
             value = metrics[early_stopping.monitor]
-            if best_metric is None or value > best_metric:
+            improved = best_metric is None or value > best_metric
+            if improved:
                 best_metric, best_epoch, bad_epochs = value, epoch, 0
                 best_state = _snapshot(engine, cfg)
             else:
                 bad_epochs += 1
-                if bad_epochs >= early_stopping.patience:
-                    logger.info(
-                        "early stopping at epoch %d: best %s %.4f at epoch %d",
-                        epoch,
-                        early_stopping.monitor,
-                        best_metric,
-                        best_epoch,
-                    )
-                    stopped_early = True
-                    _save(engine, checkpoint_dir, step, cfg)
-                    break
+            # Checkpoint with the early-stopping state, so a resumed run keeps its best.
+            if step % cfg.checkpoint_every and step != steps:
+                _save(engine, checkpoint_dir, step, cfg)
+            if rank() == 0:
+                assert best_metric is not None and best_epoch is not None
+                _save_best(
+                    checkpoint_dir,
+                    step,
+                    validation,
+                    (best_metric, best_epoch, bad_epochs),
+                    best_state if improved else None,
+                )
+            if not improved and bad_epochs >= early_stopping.patience:
+                logger.info(
+                    "early stopping at epoch %d: best %s %.4f at epoch %d",
+                    epoch,
+                    early_stopping.monitor,
+                    best_metric,
+                    best_epoch,
+                )
+                stopped_early = True
+                break
     bar.close()
     elapsed = max(time.perf_counter() - clock, 1e-9)
     trained = _consolidate(engine, model, cfg, best_state)
@@ -486,6 +503,65 @@ def train(
         best_metric=best_metric,
         best_epoch=best_epoch,
         stopped_early=stopped_early,
+    )
+
+
+#: Early-stopping state next to the checkpoints: the validation history and the best
+#: weights so far, so a resumed run still returns the best epoch's weights.
+BEST_DIR = "best"
+
+
+def _save_best(
+    checkpoint_dir: str,
+    step: int,
+    validation: list[dict[str, float]],
+    summary: tuple[float, int, int],
+    state: dict[str, torch.Tensor] | None,
+) -> None:
+    """Record the early-stopping state at validation ``step`` (its checkpoint exists);
+    ``state``: the new best weights, None when they did not change."""
+    from safetensors.torch import save_file
+
+    best = Path(checkpoint_dir) / BEST_DIR
+    best.mkdir(parents=True, exist_ok=True)
+    record_path = best / "state.json"
+    weights_step = json.loads(record_path.read_text())["weights_step"] if state is None else step
+    if state is not None:
+        tmp = best / "model.safetensors.tmp"
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
+        tmp.replace(best / "model.safetensors")
+    metric, epoch, bad = summary
+    record = {
+        "step": step,
+        "weights_step": weights_step,
+        "best_metric": metric,
+        "best_epoch": epoch,
+        "bad_epochs": bad,
+        "validation": validation,
+    }
+    tmp_record = best / "state.json.tmp"
+    tmp_record.write_text(json.dumps(record))
+    tmp_record.replace(record_path)
+
+
+def _load_best(
+    checkpoint_dir: str, resumed_step: int
+) -> tuple[list[dict[str, float]], float, int, int, dict[str, torch.Tensor]] | None:
+    """The early-stopping state saved at or before ``resumed_step``, if any."""
+    from safetensors.torch import load_file
+
+    best = Path(checkpoint_dir) / BEST_DIR
+    if not (best / "state.json").is_file() or not (best / "model.safetensors").is_file():
+        return None
+    record = json.loads((best / "state.json").read_text())
+    if record["step"] > resumed_step:  # newer than the checkpoint: not this run's past
+        return None
+    return (
+        list(record["validation"]),
+        float(record["best_metric"]),
+        int(record["best_epoch"]),
+        int(record["bad_epochs"]),
+        load_file(str(best / "model.safetensors")),
     )
 
 

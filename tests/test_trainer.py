@@ -150,3 +150,45 @@ def test_early_stopping_returns_best_epoch_weights(stage: int | None, tmp_path: 
         final = params(result.model)
         for key in best:
             torch.testing.assert_close(final[key], best[key])
+
+
+def test_resume_keeps_the_early_stopping_state(tmp_path: Path) -> None:
+    scores = iter([0.1, 0.5, 0.3, 0.2])  # best at epoch 2, patience 2 -> stop at epoch 4
+    snapshots: list[dict[str, torch.Tensor]] = []
+
+    def validate(module: torch.nn.Module) -> dict[str, float]:
+        snapshots.append(params(module))
+        return {"ndcg_at_10": next(scores)}
+
+    cfg = config(None, max_steps=None, epochs=10, batch_size=16, checkpoint_every=100)
+    stopping = EarlyStopping(validate, "ndcg_at_10", patience=2)
+    calls = {"n": 0}
+
+    def crash_in_epoch_3(model: Any, batch: dict[str, torch.Tensor]) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 8:  # 3 micro-batches per epoch: the 2nd batch of epoch 3
+            raise Crash
+        return lm_loss(model, batch)
+
+    directory = str(tmp_path / "ckpt")
+    with pytest.raises(Crash):
+        train(
+            tiny_model(),
+            dataset(),
+            collate,
+            crash_in_epoch_3,
+            cfg,
+            directory,
+            early_stopping=stopping,
+        )
+    assert latest_step(directory) == 6  # the checkpoint written with the epoch-2 validation
+    resumed = train(
+        tiny_model(seed=5), dataset(), collate, lm_loss, cfg, directory, early_stopping=stopping
+    )
+    assert resumed.resumed_from == 6
+    assert resumed.stopped_early and resumed.steps == 12
+    assert (resumed.best_epoch, resumed.best_metric) == (2, 0.5)
+    assert [v["epoch"] for v in resumed.validation] == [1.0, 2.0, 3.0, 4.0]
+    final = params(resumed.model)
+    for key, value in snapshots[1].items():  # the weights validated at epoch 2, before the crash
+        torch.testing.assert_close(final[key], value, msg=key)
