@@ -29,10 +29,6 @@ from store_core.errors import StoreError
 
 logger = logging.getLogger(__name__)
 
-#: Variables a parent that trained in-process (or was itself a rank) may carry; the
-#: launcher sets its own.
-_RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
-
 
 def launched(cfg: StoreConfig) -> bool:
     return cfg.launcher.kind == "deepspeed"
@@ -84,12 +80,12 @@ def launch_command(cfg: StoreConfig, phase: str, config_path: Path, port: int) -
 def run_phase(cfg: StoreConfig, phase: str) -> None:
     """Train ``phase`` ("tokenizer" or "recommender") under the launcher; raises
     :class:`StoreError` with the launcher's exit status when any rank fails."""
-    from store_core.serve import free_port
+    from store_core.serve import clean_environ, free_port
 
     config_path = child_config(cfg, phase)
     port = cfg.launcher.master_port or free_port()
     argv = launch_command(cfg, phase, config_path, port)
-    env = {k: v for k, v in os.environ.items() if k not in _RANK_ENV}
+    env = clean_environ()  # the launcher sets the rank variables itself
     repo_root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH")) if p)
     logger.info("launching %s training: %s", phase, " ".join(argv))

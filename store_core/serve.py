@@ -96,7 +96,7 @@ class Service:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
-            env={**os.environ, **self.env},
+            env={**clean_environ(), **self.env},
             cwd=self.cwd,
             start_new_session=True,  # its own process group: stopped as a whole
         )
@@ -131,6 +131,15 @@ class Service:
         if self._log is not None:
             self._log.close()
             self._log = None
+
+
+#: Rendezvous variables a process that trained in-process (torch.distributed) carries;
+#: a child that inherited them would try to listen on the parent's port.
+_RANK_ENV = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def clean_environ() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in _RANK_ENV}
 
 
 def _group_members(pid: int) -> list[psutil.Process]:

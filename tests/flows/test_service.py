@@ -6,7 +6,6 @@ the Prefect CLI, then ``store serve --stop``. Runs in the default test run (~3 m
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -23,7 +22,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from store_core import storage, tracking
-from store_core.serve import STATE_FILE, free_port
+from store_core.serve import STATE_FILE, clean_environ, free_port
 from tests.conftest import (
     ADDED_ITEMS,
     CHANGED_ITEMS,
@@ -124,8 +123,12 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     data = root / "data"
     shutil.copytree(TINY_DATA, data)
     workspace = root / "ws"
+    # As in a user's shell: no server preset, and none of the rendezvous variables that
+    # earlier in-process training in this pytest process left behind.
     env = {
-        k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")
+        k: v
+        for k, v in clean_environ().items()
+        if k not in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI")
     }
     env.update(PREFECT_HOME=str(root / "prefect-home"), PYTHONUNBUFFERED="1", COLUMNS="200")
     args = [
