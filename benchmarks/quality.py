@@ -223,7 +223,7 @@ def main() -> None:
         f"Quality on {dataset}: {config_name}, seeds {', '.join(map(str, args.seeds))}",
         [
             f"command: `{command}`",
-            "mean ± std over seeds (population std); one value where a system ran once",
+            "mean ± std over seeds (sample std, ddof=1); one value where a system ran once",
             "per seed N: tokenizer_train.seed=N, recommender_train.seed=N, "
             "evaluation.sasrec_seeds=[N]; popularity has no seed",
             f"results: {name}.json",
