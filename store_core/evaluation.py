@@ -147,6 +147,25 @@ SYSTEM_LABELS = {
 }
 
 
+def generative_label(cfg: StoreConfig) -> str:
+    """What a generative system's checkpoint is, e.g. STORE (recommendation only, STORE
+    quantizer) when the ``store`` system is run with a recommendation-only mixture."""
+    from store_core.recommender import variant
+
+    tasks = "multi-task" if variant(cfg) == "multitask" else "recommendation only"
+    quantizer = {"store": "STORE", "rqkmeans": "RQ-KMeans"}.get(
+        cfg.semantic_id.quantizer, cfg.semantic_id.quantizer
+    )
+    return f"STORE ({tasks}, {quantizer} quantizer)"
+
+
+def labels(results: Sequence[SystemResult]) -> dict[str, str]:
+    """system -> its display label (a result's ``extra["label"]`` wins over the default)."""
+    out = {r.system: SYSTEM_LABELS.get(r.system, r.system) for r in results}
+    out.update({r.system: str(r.extra["label"]) for r in results if "label" in r.extra})
+    return out
+
+
 def tiger_config(cfg: StoreConfig) -> StoreConfig:
     """The TIGER-style variant of ``cfg``: RQ-KMeans IDs, the recommendation task only."""
     from store_core.config import TaskSpec
@@ -190,9 +209,10 @@ def run_systems(cfg: StoreConfig, *, train_missing: bool = True) -> list[SystemR
                 train_semantic_tokenizer(sys_cfg)
                 train_recommender(sys_cfg)
             bundle = load_bundle(directory)
-            results.append(
-                evaluate_generative(bundle, sys_cfg, system=system, max_users=ev.max_users)
-            )
+            result = evaluate_generative(bundle, sys_cfg, system=system, max_users=ev.max_users)
+            if system == "store" and generative_label(sys_cfg) != SYSTEM_LABELS["store"]:
+                result.extra["label"] = generative_label(sys_cfg)
+            results.append(result)
         elif system == "popularity":
             from store_core.baselines.popularity import run_popularity
 
@@ -236,6 +256,7 @@ REPORT_METRICS = (
 def markdown_report(results: Sequence[SystemResult], title: str, notes: Sequence[str] = ()) -> str:
     """A Markdown table per history rule: mean +- std over seeds for each system."""
     agg = aggregate(results)
+    names = labels(results)
     lines = [f"# {title}", ""]
     for rule, prefix in (
         ("history items kept (headline)", ""),
@@ -254,17 +275,13 @@ def markdown_report(results: Sequence[SystemResult], title: str, notes: Sequence
                 mean, std, n = metrics.get(prefix + metric, (float("nan"), 0.0, 0))
                 cells.append(f"{mean:.4f} ± {std:.4f}" if n > 1 else f"{mean:.4f}")
             seeds = max(v[2] for v in metrics.values())
-            lines.append(
-                f"| {SYSTEM_LABELS.get(system, system)} | {seeds} | " + " | ".join(cells) + " |"
-            )
+            lines.append(f"| {names[system]} | {seeds} | " + " | ".join(cells) + " |")
         lines.append("")
     extras = []
     for system, metrics in agg.items():
         for key in ("invalid_id_rate", "coverage_at_10", "cold_users", "cold_recall_at_10"):
             if key in metrics:
-                extras.append(
-                    f"- {SYSTEM_LABELS.get(system, system)}: {key} = {metrics[key][0]:.4f}"
-                )
+                extras.append(f"- {names[system]}: {key} = {metrics[key][0]:.4f}")
     if extras:
         lines += ["## Generative-only checks", "", *extras, ""]
     lines += [f"- {note}" for note in notes]
@@ -279,10 +296,11 @@ def plot_metric_vs_k(results: Sequence[SystemResult], path: str) -> None:
     import matplotlib.pyplot as plt
 
     agg = aggregate(results)
+    names = labels(results)
     ks = (1, 5, 10, 20)
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for system, metrics in agg.items():
-        label = SYSTEM_LABELS.get(system, system)
+        label = names[system]
         axes[0].plot(ks, [metrics[f"recall_at_{k}"][0] for k in ks], marker="o", label=label)
         axes[1].plot(ks, [metrics[f"ndcg_at_{k}"][0] for k in ks], marker="o", label=label)
     for ax, name in zip(axes, ("Recall@K", "NDCG@K"), strict=True):

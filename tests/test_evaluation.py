@@ -13,6 +13,7 @@ from store_core.evaluation import (
     SystemResult,
     aggregate,
     evaluate_generative,
+    generative_label,
     markdown_report,
     summarize_ranks,
 )
@@ -74,3 +75,27 @@ def test_evaluate_stage_runs_every_system(tiny_pipeline: Path, tmp_path: Path) -
         r["value"] for r in rows if r["system"] == "store" and r["metric"] == "invalid_id_rate"
     ]
     assert store_invalid == [0.0]
+
+
+def test_store_label_follows_the_checkpoint_it_evaluates() -> None:
+    rec_only = ["recommender.mixture=[{task: recommendation, weight: 1}]"]
+    assert generative_label(load_config("tiny")) == "STORE (multi-task, STORE quantizer)"
+    assert generative_label(load_config("tiny", rec_only)) == (
+        "STORE (recommendation only, STORE quantizer)"
+    )
+    assert (
+        generative_label(load_config("tiny", ["semantic_id.quantizer=rqkmeans"]))
+        == "STORE (multi-task, RQ-KMeans quantizer)"
+    )
+    results = [
+        SystemResult(
+            "store",
+            0,
+            {"recall_at_10": 0.1},
+            {"label": "STORE (recommendation only, STORE quantizer)"},
+        ),
+        SystemResult("popularity", 0, {"recall_at_10": 0.05}),
+    ]
+    text = markdown_report(results, "t")
+    assert "| STORE (recommendation only, STORE quantizer) | 1 |" in text
+    assert "multi-task" not in text and "| Popularity | 1 |" in text
