@@ -59,9 +59,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import machine_info, write_results
 
-RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
 BASE_OVERRIDES = ("tracking.enabled=false",)
 
@@ -432,10 +431,7 @@ def main() -> None:
         f"{report['summary']['peak_rss_ratio']}, growth during the run "
         f"{first['growth_mib']} -> {last['growth_mib']} MiB"
     )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / args.output
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(report, args.output)
 
 
 if __name__ == "__main__":

@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import machine_info, write_results
 from store_core.config import ModelConfig, SemanticIdConfig
 from store_core.generate import (
     BeamResult,
@@ -41,7 +40,6 @@ from store_core.generate import (
     hf_reference_search,
 )
 
-RESULTS = Path(__file__).resolve().parent / "results"
 PAD, BOS, EOS = 0, 1, 2
 DISAMBIGUATION = 8
 STRATEGIES: tuple[Strategy, ...] = ("shared_prefix", "expand")
@@ -241,10 +239,7 @@ def main() -> None:
             f"{row['agreement_with_hf']['identical_top_k']}/{ref_users} users; "
             f"invalid IDs {row['invalid_ids']}"
         )
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / args.output
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(report, args.output)
 
 
 if __name__ == "__main__":

@@ -46,12 +46,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.catalogue_tokenization import _reset_peak, _status_mib
-from benchmarks.machine import machine_info
+from benchmarks.machine import machine_info, write_results
 from store_core import storage
 from store_core.item_tokenizer import pack_bits
 from store_core.semantic_ids import format_sid, pack_codes, prefix_range
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LEVELS, CODEBOOK = 3, 256
 PREFIXES = (1, 2, 3)
 
@@ -304,10 +303,7 @@ def main() -> None:
         )
     for n, row in report["like_vs_between"].items():
         print(f"{n}: LIKE / BETWEEN = {row['ratio']}x")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / args.output
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {out}")
+    write_results(report, args.output)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import platform
+from pathlib import Path
 from typing import Any
 
 
@@ -24,3 +26,15 @@ def machine_info() -> dict[str, Any]:
     except OSError:
         pass
     return info
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def write_results(report: dict[str, Any], file_name: str) -> Path:
+    """Write a benchmark report to ``benchmarks/results/<file_name>`` and say where."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    out = RESULTS / file_name
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"wrote {out}")
+    return out

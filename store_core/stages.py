@@ -201,7 +201,6 @@ def catalogue_stage(
     parent_run_id: str | None = None,
     *,
     mode: str = "keep",
-    mlflow_model_run: str | None = None,
 ) -> StageOutcome:
     """Tokenize the catalogue into a new DuckDB version; logs counts, items/s and the
     exported version (Parquet) as an artifact."""
@@ -218,7 +217,7 @@ def catalogue_stage(
         raise ValueError(f"mode must be 'keep' or 'regenerate', got {mode!r}")
     checkpoint = recommender_dir(cfg)
     registered = model_version_of(checkpoint)
-    lineage: dict[str, Any] = {"mlflow_run_id": mlflow_model_run or parent_run_id}
+    lineage: dict[str, Any] = {"mlflow_run_id": parent_run_id}
     if registered is not None:
         lineage = {"model_uri": registered["uri"], "mlflow_run_id": registered["run_id"]}
     with tracking.stage_run(cfg, "tokenize_catalogue", parent_run_id) as run:

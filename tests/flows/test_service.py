@@ -19,6 +19,7 @@ from typing import Any
 
 import psutil
 import pytest
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from store_core import storage, tracking
@@ -109,6 +110,16 @@ class Served:
 
     def mlflow(self) -> MlflowClient:
         return MlflowClient(tracking_uri=f"http://127.0.0.1:{self.mlflow_port}")
+
+    def parent_run(self, flow_run_id: str) -> tuple[MlflowClient, str, Run]:
+        """(client, experiment id, the one MLflow parent run tagged with the flow run)."""
+        client = self.mlflow()
+        experiment = client.get_experiment_by_name(EXPERIMENT)
+        assert experiment is not None
+        (parent,) = client.search_runs(
+            [experiment.experiment_id], f"tags.`{tracking.FLOW_RUN_TAG}` = '{flow_run_id}'"
+        )
+        return client, experiment.experiment_id, parent
 
     def logs(self) -> str:
         parts = [f"\n--- {self.log.name}\n{self.log.read_text()[-3000:]}"]
@@ -218,15 +229,10 @@ def test_full_pipeline_deployment(served: Served, full_run: str) -> None:
     assert model_uri == f"models:/{MODEL_NAME}/1"
 
     # MLflow: a parent run tagged with this flow run and deployment, one nested run per stage.
-    client = served.mlflow()
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    assert experiment is not None
-    (parent,) = client.search_runs(
-        [experiment.experiment_id], f"tags.`{tracking.FLOW_RUN_TAG}` = '{full_run}'"
-    )
+    client, experiment_id, parent = served.parent_run(full_run)
     assert parent.data.tags[tracking.DEPLOYMENT_NAME_TAG] == "full-pipeline"
     children = client.search_runs(
-        [experiment.experiment_id], f"tags.`{tracking.PARENT_TAG}` = '{parent.info.run_id}'"
+        [experiment_id], f"tags.`{tracking.PARENT_TAG}` = '{parent.info.run_id}'"
     )
     stages = {r.data.tags[tracking.STAGE_TAG]: r for r in children}
     assert set(stages) == {
@@ -321,15 +327,10 @@ def test_nightly_deployment_semantics_with_a_reader_running(
 
     # The run summary reached MLflow and the Prefect UI.
     assert "| new | 3 |" in served.artifacts(nightly)["store-catalogue-summary"]
-    client = served.mlflow()
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    assert experiment is not None
-    (parent,) = client.search_runs(
-        [experiment.experiment_id], f"tags.`{tracking.FLOW_RUN_TAG}` = '{nightly}'"
-    )
+    client, experiment_id, parent = served.parent_run(nightly)
     assert parent.data.tags[tracking.DEPLOYMENT_NAME_TAG] == "nightly-retokenize"
     (catalogue,) = client.search_runs(
-        [experiment.experiment_id],
+        [experiment_id],
         f"tags.`{tracking.PARENT_TAG}` = '{parent.info.run_id}' "
         f"and tags.`{tracking.STAGE_TAG}` = 'tokenize_catalogue'",
     )
