@@ -215,6 +215,7 @@ class TrainConfig(StrictModel):
 
 
 TaskName = Literal["recommendation", "alignment", "reconstruction", "title_history"]
+LossNormalization = Literal["token", "sample"]
 
 
 class TaskSpec(StrictModel):
@@ -239,6 +240,12 @@ class RecommenderConfig(StrictModel):
             TaskSpec(task="reconstruction", weight=1.0),
         ],
         description="The task mixture: a plain list of {task, weight}.",
+    )
+    loss_normalization: LossNormalization = Field(
+        "token",
+        description="How completion-token losses are averaged: 'token' = over every "
+        "completion token of the batch (long reconstruction texts weigh more); 'sample' = "
+        "per sample first, then over samples (the mixture weights are the tasks' shares).",
     )
     history_len: int = Field(20, gt=0, description="N: most recent history items in a prompt.")
     beam_size: int = Field(20, gt=0, description="Constrained beam width for validation/eval.")

@@ -23,6 +23,8 @@ disambiguation tokens and every output row start at the mean of the existing row
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import shutil
@@ -52,6 +54,7 @@ from store_core.quantizer import Codebook, load_codebook
 from store_core.semantic_ids import vocabulary
 from store_core.tasks import (
     EvalSplit,
+    Sample,
     SampleCollator,
     TaskData,
     build_mixture,
@@ -82,6 +85,25 @@ def variant(cfg: StoreConfig) -> str:
 
 def recommender_dir(cfg: StoreConfig) -> str:
     return f"{cfg.models_dir}/recommender-{cfg.semantic_id.quantizer}-{variant(cfg)}"
+
+
+def training_key(cfg: StoreConfig, item_ids: list[str], codes: np.ndarray) -> str:
+    """Digest of everything Phase B training depends on: its settings and the IDs it learns.
+
+    Resumable checkpoints live under ``<recommender dir>-checkpoints/<key>``, so a run with
+    another mixture, loss, budget, seed or set of semantic IDs (a retrained Phase A) starts
+    afresh instead of resuming a checkpoint that belongs to different training.
+    """
+    digest = hashlib.sha256()
+    settings = {
+        "recommender": cfg.recommender.model_dump(mode="json"),
+        "train": cfg.recommender_train.model_dump(mode="json"),
+        "model": cfg.model.model_dump(mode="json"),
+    }
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    digest.update("\n".join(item_ids).encode())
+    digest.update(np.ascontiguousarray(codes, dtype=np.int64).tobytes())
+    return digest.hexdigest()[:12]
 
 
 #: Disambiguation tokens reserved beyond the largest one in use, so new items whose
@@ -205,8 +227,25 @@ def text_to_token_agreement(
     }
 
 
-def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOutcome | None:
-    """Phase B for ``cfg``; returns None on ranks other than 0."""
+@dataclass
+class PhaseBInputs:
+    """What Phase B trains: the Phase A model with semantic-ID tokens, and its samples."""
+
+    source: str  # the Phase A checkpoint directory
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    codebook: Codebook
+    item_ids: list[str]
+    codes: np.ndarray  # [N, L+1]
+    sizes: list[int]
+    level_ids: list[list[int]]
+    builder: PromptBuilder
+    data: TaskData
+    samples: list[Sample]
+
+
+def prepare_phase_b(cfg: StoreConfig) -> PhaseBInputs:
+    """Load the Phase A checkpoint, add the semantic-ID vocabulary, render the mixture."""
     source = tokenizer_dir(cfg)
     if not (Path(source) / METADATA_FILE).exists():
         raise StoreError(
@@ -223,22 +262,41 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
     builder = PromptBuilder(tokenizer, level_ids, cfg.model.max_text_tokens)
     data = load_task_data(cfg.data_dir, dict(zip(item_ids, codes.tolist(), strict=True)))
     samples = build_mixture(rec.mixture, data, builder, rec.history_len, cfg.recommender_train.seed)
-    trie = SemanticIdTrie.from_codes(codes, level_ids)
-    row_of = {item: i for i, item in enumerate(item_ids)}
+    return PhaseBInputs(
+        source,
+        model,
+        tokenizer,
+        codebook,
+        item_ids,
+        codes,
+        sizes,
+        level_ids,
+        builder,
+        data,
+        samples,
+    )
+
+
+def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOutcome | None:
+    """Phase B for ``cfg``; returns None on ranks other than 0."""
+    inputs = prepare_phase_b(cfg)
+    rec = cfg.recommender
+    trie = SemanticIdTrie.from_codes(inputs.codes, inputs.level_ids)
+    row_of = {item: i for i, item in enumerate(inputs.item_ids)}
 
     def validate(module: torch.nn.Module) -> dict[str, float]:
         metrics, _ = evaluate_split(
-            module, data, builder, trie, row_of, cfg, "valid", limit=rec.val_max_users
+            module, inputs.data, inputs.builder, trie, row_of, cfg, "valid", limit=rec.val_max_users
         )
         return {k: metrics[k] for k in ("recall_at_10", "ndcg_at_10", "recall_at_20", "mrr")}
 
     result = train(
-        model,
-        samples,
-        SampleCollator(builder.pad_token_id, None),
-        multitask_loss,
+        inputs.model,
+        inputs.samples,
+        SampleCollator(inputs.builder.pad_token_id, None),
+        functools.partial(multitask_loss, normalization=rec.loss_normalization),
         cfg.recommender_train,
-        f"{cfg.models_dir}/{Path(recommender_dir(cfg)).name}-checkpoints",
+        f"{recommender_dir(cfg)}-checkpoints/{training_key(cfg, inputs.item_ids, inputs.codes)}",
         run=run,
         description="recommender",
         early_stopping=EarlyStopping(validate, "ndcg_at_10", rec.early_stopping_patience),
@@ -246,13 +304,16 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
     if rank() != 0:
         return None
     trained = result.model
-    agreement = text_to_token_agreement(trained, data, builder, level_ids, codebook.num_levels, cfg)
+    agreement = text_to_token_agreement(
+        trained, inputs.data, inputs.builder, inputs.level_ids, inputs.codebook.num_levels, cfg
+    )
     counts: dict[str, int] = {}
-    for sample in samples:
+    for sample in inputs.samples:
         counts[sample.task] = counts.get(sample.task, 0) + 1
     metrics: dict[str, Any] = {
         "variant": variant(cfg),
         "quantizer": cfg.semantic_id.quantizer,
+        "loss_normalization": rec.loss_normalization,
         "samples_per_task": counts,
         "train_steps": result.steps,
         "resumed_from_step": result.resumed_from,
@@ -268,21 +329,22 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
     best = max(result.validation, key=lambda v: v["ndcg_at_10"], default=None)
     if best is not None:
         metrics["best_val_recall_at_10"] = best["recall_at_10"]
-    metadata = json.loads((Path(source) / METADATA_FILE).read_text())
+    metadata = json.loads((Path(inputs.source) / METADATA_FILE).read_text())
     metadata.update(
         {
-            "level_sizes": sizes,
+            "level_sizes": inputs.sizes,
             "history_len": rec.history_len,
             "mixture": [spec.model_dump() for spec in rec.mixture],
+            "loss_normalization": rec.loss_normalization,
             "variant": variant(cfg),
-            "phase_a_checkpoint": source,
+            "phase_a_checkpoint": inputs.source,
         }
     )
     target = recommender_dir(cfg)
     with staging_directory(target) as staging:
-        save_model_files(trained, tokenizer, staging)
+        save_model_files(trained, inputs.tokenizer, staging)
         for name in ("codebook.safetensors", "codebook.json", SEMANTIC_IDS_FILE):
-            shutil.copy2(Path(source) / name, staging / name)
+            shutil.copy2(Path(inputs.source) / name, staging / name)
         (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
         (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     logger.info(

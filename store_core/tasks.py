@@ -55,7 +55,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from store_core.config import TaskName, TaskSpec
+from store_core.config import LossNormalization, TaskName, TaskSpec
 from store_core.errors import DataError, StoreError
 from store_core.model import model_device
 from store_core.prompts import PromptBuilder
@@ -389,8 +389,16 @@ class SampleCollator:
 # --------------------------------------------------------------------------- loss
 
 
-def multitask_loss(model: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-    """Mean cross-entropy over every completion token of the batch, plus per-task means.
+def multitask_loss(
+    model: Any, batch: Batch, normalization: LossNormalization = "token"
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Cross-entropy on the completion tokens of the batch, plus per-task means.
+
+    ``normalization`` says how the token losses are averaged: ``"token"`` = the mean over
+    every completion token of the batch (a sample weighs as many tokens as its completion
+    has, so a 60-token reconstruction counts 15 times a 4-token recommendation);
+    ``"sample"`` = each sample's mean first, then the mean over samples (every sample
+    weighs the same, so the mixture weights are the tasks' shares of the gradient).
 
     Works on a Hugging Face causal LM and on a DeepSpeed engine wrapping one (it is only
     called). Logits are requested only from the first column holding a target onwards
@@ -418,10 +426,17 @@ def multitask_loss(model: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, fl
     per_token = F.cross_entropy(
         logits[has_target].float(), targets[has_target], reduction="none"
     )  # [N]
-    loss = per_token.mean()
-
     rows = torch.arange(targets.shape[0], device=device).unsqueeze(1).expand_as(targets)
-    token_task = task_ids[rows[has_target]]  # [N]
+    token_row = rows[has_target]  # [N]
+    if normalization == "token":
+        loss = per_token.mean()
+    elif normalization == "sample":
+        lengths = has_target.sum(dim=1)  # [B]
+        present = lengths > 0  # [B]
+        loss = (per_token / lengths[token_row]).sum() / present.sum()
+    else:
+        raise ValueError(f"unknown loss normalization {normalization!r}")
+    token_task = task_ids[token_row]  # [N]
     sums = torch.zeros(len(TASK_ORDER), device=device).index_add_(
         0, token_task, per_token.detach()
     )  # [tasks]

@@ -24,6 +24,7 @@ from store_core.recommender import (
     level_sizes,
     recommender_dir,
     train_recommender,
+    training_key,
 )
 from store_core.semantic_ids import level_token
 from store_core.tasks import TASKS, load_task_data
@@ -169,3 +170,26 @@ def test_tiny_model_overfits_to_the_right_next_id(tmp_path: Path) -> None:
         pad_token_id=bundle.builder.pad_token_id,
     )  # fmt: skip
     assert result.items[:, 0].tolist() == targets.tolist()
+
+
+def test_training_key_separates_runs_that_must_not_share_checkpoints() -> None:
+    """Another mixture, loss, budget or set of IDs gets its own resumable checkpoints."""
+    cfg = load_config("tiny")
+    item_ids = ["a", "b"]
+    codes = np.array([[0, 1, 0], [0, 1, 1]])
+    key = training_key(cfg, item_ids, codes)
+    assert key == training_key(load_config("tiny"), list(item_ids), codes.copy())
+    others = [
+        training_key(
+            load_config("tiny", ["recommender.loss_normalization=sample"]), item_ids, codes
+        ),
+        training_key(
+            load_config("tiny", ["recommender.mixture=[{task: recommendation, weight: 1}]"]),
+            item_ids,
+            codes,
+        ),
+        training_key(load_config("tiny", ["recommender_train.lr=0.1"]), item_ids, codes),
+        training_key(cfg, item_ids, np.array([[0, 1, 0], [1, 1, 0]])),
+        training_key(cfg, ["a", "c"], codes),
+    ]
+    assert len({key, *others}) == 6

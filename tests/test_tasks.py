@@ -435,3 +435,39 @@ def test_eval_prompts(data: TaskData, builder: PromptBuilder) -> None:
         assert prompt == builder.recommendation([CODES[i] for i in history])
     with pytest.raises(ValueError, match="split"):
         eval_prompts(data, builder, N, "train")  # type: ignore[arg-type]
+
+
+def test_sample_normalization_weighs_every_sample_once(
+    data: TaskData, builder: PromptBuilder, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """'sample' = mean over samples of each sample's mean token loss; 'token' differs."""
+    samples = [
+        TASKS["recommendation"](data, builder, N)[0],
+        TASKS["reconstruction"](data, builder, N)[3],
+    ]
+    assert len(samples[1].completion) > 2 * len(samples[0].completion)  # lengths differ
+    batch = SampleCollator(pad_token_id=int(tokenizer.pad_token_id))(samples)
+    model = tiny_model(len(tokenizer))
+    with torch.no_grad():  # peaked outputs, so the token losses differ from one another
+        model.lm_head.weight.mul_(200.0)
+    loss, metrics = multitask_loss(model, batch, normalization="sample")
+    token_loss, token_metrics = multitask_loss(model, batch, normalization="token")
+
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    log_probs = F.log_softmax(logits.float(), dim=-1)
+    per_sample = []
+    for row, sample in enumerate(samples):
+        start = len(sample.prompt)
+        nll = [
+            -float(log_probs[row, start + offset - 1, token])
+            for offset, token in enumerate(sample.completion)
+        ]
+        per_sample.append(sum(nll) / len(nll))
+    assert loss.item() == pytest.approx(sum(per_sample) / 2, rel=1e-5)
+    assert token_loss.item() != pytest.approx(loss.item(), rel=1e-3)
+    assert metrics == pytest.approx(token_metrics)  # the per-task means do not change
+    loss.backward()
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="unknown loss normalization"):
+        multitask_loss(model, batch, normalization="batch")  # type: ignore[arg-type]

@@ -93,11 +93,11 @@ def test_failed_stage_fails_the_flow_and_a_rerun_resumes_training(
     real = recommender.multitask_loss
     calls: list[int] = []
 
-    def crash_after_25_steps(engine: Any, batch: Any) -> Any:
+    def crash_after_25_steps(engine: Any, batch: Any, **kwargs: Any) -> Any:
         calls.append(1)
         if len(calls) > 25:
             raise RuntimeError("simulated crash in Phase B")
-        return real(engine, batch)
+        return real(engine, batch, **kwargs)
 
     monkeypatch.setattr(recommender, "multitask_loss", crash_after_25_steps)
     state = store_pipeline("tiny", overrides, evaluate=False, return_state=True)

@@ -1,0 +1,128 @@
+"""Phase B throughput: multi-task training tokens/s (DeepSpeed ZeRO-2 and plain torch, same
+model, same samples, same process), and constrained-decoding users/s on validation users.
+
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.phase_b_throughput --config ml-100k \\
+        --steps 60
+
+Needs a workspace with a finished Phase A (`store ingest` + `store train --phase
+tokenizer` with the same config). Every engine starts from the same Phase A weights and
+trains ``--steps`` optimizer steps on the config's mixture (nothing is written to the
+workspace; checkpoints go to a temporary directory). The first logging window (engine
+set-up, allocator warm-up) is left out of the steady-state figures. Reported per engine:
+supervised tokens/s (completion tokens, the ones with a loss), input tokens/s (every
+token the model reads: prompt + completion) and samples/s. Prints the config and machine
+and writes benchmarks/results/phase_b_<config>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import statistics
+import tempfile
+import time
+
+from benchmarks.machine import machine_info, write_results
+from store_core.config import load_config
+from store_core.generate import SemanticIdTrie
+from store_core.model import count_parameters
+from store_core.recommender import evaluate_split, prepare_phase_b
+from store_core.tasks import SampleCollator, multitask_loss
+from store_core.trainer import train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--config", default="ml-100k")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--decode-users", type=int, default=200)
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    inputs = prepare_phase_b(cfg)
+    collate = SampleCollator(inputs.builder.pad_token_id, None)
+    seq_tokens = statistics.fmean(
+        len(s.prompt) + len(s.completion) for s in inputs.samples
+    )  # what the collator feeds, on average (prompts are already truncated when rendered)
+    counts: dict[str, int] = {}
+    for sample in inputs.samples:
+        counts[sample.task] = counts.get(sample.task, 0) + 1
+    report: dict[str, object] = {
+        "config": args.config,
+        "overrides": args.overrides,
+        "machine": machine_info(),
+        "model": cfg.model.model_dump(mode="json"),
+        "parameters": count_parameters(inputs.model),
+        "batch_size": cfg.recommender_train.batch_size,
+        "loss_normalization": cfg.recommender.loss_normalization,
+        "steps": args.steps,
+        "samples_per_task": counts,
+        "mean_sequence_tokens": round(seq_tokens, 1),
+        "command": "python -m benchmarks.phase_b_throughput "
+        + " ".join(
+            [f"--config {args.config}", f"--steps {args.steps}"]
+            + [f"--set {o}" for o in args.overrides]
+        ),
+    }
+    print(json.dumps(report, indent=2), flush=True)
+    runs: dict[str, dict[str, float]] = {}
+    loss = functools.partial(multitask_loss, normalization=cfg.recommender.loss_normalization)
+    trained = inputs.model
+    for name, ds in (("plain", {"enabled": False}), ("zero2", {"enabled": True, "stage": 2})):
+        model = copy.deepcopy(inputs.model)
+        train_cfg = cfg.recommender_train.model_copy(
+            update={
+                "max_steps": args.steps,
+                "log_every": max(1, args.steps // 4),
+                "checkpoint_every": 10**9,
+                "eval_every": None,
+                "deepspeed": cfg.recommender_train.deepspeed.model_copy(update=ds),
+            }
+        )
+        with tempfile.TemporaryDirectory(prefix="store-bench-phase-b-") as tmp:
+            result = train(
+                model, inputs.samples, collate, loss, train_cfg, tmp, resume=False, description=name
+            )
+        steady = result.history[1:] or result.history
+        tokens = statistics.fmean(h["tokens_per_s"] for h in steady)
+        samples = statistics.fmean(h["samples_per_s"] for h in steady)
+        runs[name] = {
+            "supervised_tokens_per_s": round(tokens, 1),
+            "input_tokens_per_s": round(samples * seq_tokens, 1),
+            "samples_per_s": round(samples, 2),
+            "final_loss": round(result.final_loss, 4),
+        }
+        print(name, runs[name], flush=True)
+        trained = result.model
+    report["train"] = runs
+    report["zero2_vs_plain"] = round(
+        runs["zero2"]["supervised_tokens_per_s"] / runs["plain"]["supervised_tokens_per_s"], 3
+    )
+
+    trie = SemanticIdTrie.from_codes(inputs.codes, inputs.level_ids)
+    row_of = {item: i for i, item in enumerate(inputs.item_ids)}
+    started = time.perf_counter()
+    _, ranks = evaluate_split(
+        trained,
+        inputs.data,
+        inputs.builder,
+        trie,
+        row_of,
+        cfg,
+        "valid",
+        limit=args.decode_users,
+    )
+    seconds = time.perf_counter() - started
+    report["decode"] = {
+        "users": len(ranks),
+        "beam_size": cfg.recommender.beam_size,
+        "users_per_s": round(len(ranks) / seconds, 1),
+    }
+    print(json.dumps({"train": runs, "decode": report["decode"]}), flush=True)
+    write_results(report, f"phase_b_{args.config}.json")
+
+
+if __name__ == "__main__":
+    main()
