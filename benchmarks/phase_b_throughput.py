@@ -23,6 +23,7 @@ import json
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 from benchmarks.machine import machine_info, write_results
 from store_core.config import load_config
@@ -121,7 +122,7 @@ def main() -> None:
         "users_per_s": round(len(ranks) / seconds, 1),
     }
     print(json.dumps({"train": runs, "decode": report["decode"]}), flush=True)
-    write_results(report, f"phase_b_{args.config}.json")
+    write_results(report, f"phase_b_{Path(args.config).stem}.json")
 
 
 if __name__ == "__main__":
