@@ -15,7 +15,10 @@ and shared by every seed's ingest. With tracking enabled the stages nest under o
 run per seed (``quality-<config>-seedN``) that also gets ``<system>/<metric>``. Each
 seed's results go to ``<workspace>-seedN/quality_results.json`` first, so ``--resume``
 skips a seed whose file exists (when it was made with the same config, overrides and
-systems; otherwise it stops rather than mix runs).
+systems; otherwise it stops rather than mix runs). ``--resume`` also keeps the seeds that
+benchmarks/results/quality_<config>.json already holds for the same config file name,
+overrides (apart from ``workspace=``) and systems, so a table grows across sessions and
+machines (e.g. seeds 0-1 here, seed 2 on a GPU box) without the old workspaces.
 
 Writes benchmarks/results/quality_<config>.json (every seed's metrics, per-stage seconds,
 machine, config) and benchmarks/results/quality_<config>.md
@@ -112,6 +115,37 @@ def run_seed(
     return record, source
 
 
+def _comparable(key: dict[str, Any]) -> dict[str, Any]:
+    """A run key without what differs between checkouts: the config's directory and the
+    workspace override."""
+    return {
+        "config": Path(str(key.get("config"))).name,
+        "overrides": [o for o in key.get("overrides") or [] if not o.startswith("workspace=")],
+        "systems": key.get("systems"),
+    }
+
+
+def published_records(path: Path, run_key: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """The seeds a results file already holds for the same config, overrides and systems
+    (so ``--resume`` continues a table across machines or sessions whose workspaces are
+    gone). A file made with other settings gives nothing."""
+    if not path.is_file():
+        return {}
+    report = json.loads(path.read_text())
+    if _comparable(report.get("config", {})) != _comparable(run_key):
+        return {}
+    records = {}
+    for seed in report.get("seeds", []):
+        extra = seed.get("extra", {})
+        results = [{**r, "extra": extra.get(r["system"], {})} for r in seed["results"]]
+        records[int(seed["seed"])] = {
+            **run_key,
+            **{k: seed[k] for k in ("seed", "workspace", "mlflow_run_id", "stage_seconds")},
+            "results": results,
+        }
+    return records
+
+
 def _json_default(value: Any) -> Any:
     """numpy scalars/arrays and anything else the results' ``extra`` may hold."""
     if hasattr(value, "tolist"):
@@ -136,7 +170,10 @@ def main() -> None:
         help="systems to evaluate (default: the config's evaluation.systems)",
     )
     parser.add_argument(
-        "--resume", action="store_true", help="skip seeds whose results file already exists"
+        "--resume",
+        action="store_true",
+        help="skip seeds whose results exist (the seed's workspace file, or the same "
+        "config's seeds in benchmarks/results/<name>.json)",
     )
     parser.add_argument(
         "--name", default=None, help="results file stem (default quality_<config name>)"
@@ -175,6 +212,7 @@ def main() -> None:
     started = time.perf_counter()
     records: list[dict[str, Any]] = []
     source: ResolvedSource | None = None
+    published = published_records(RESULTS / f"{name}.json", run_key) if args.resume else {}
     for seed in args.seeds:
         overrides = [*args.overrides, *seed_overrides(base, seed, systems)]
         seed_file = Path(f"{base.workspace}-seed{seed}") / SEED_FILE
@@ -188,6 +226,10 @@ def main() -> None:
                 )
             logger.info("seed %d: results exist in %s, skipped (--resume)", seed, seed_file)
             records.append(record)
+            continue
+        if seed in published:
+            logger.info("seed %d: results exist in %s.json, skipped (--resume)", seed, name)
+            records.append(published[seed])
             continue
         logger.info("seed %d: workspace %s", seed, seed_file.parent)
         record, source = run_seed(args.config, overrides, seed, run_key, source)

@@ -1,0 +1,53 @@
+"""benchmarks/quality.py: --resume continues a published table (no workspaces needed)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.quality import published_records
+
+
+def report(config: str, overrides: list[str], systems: list[str]) -> dict[str, object]:
+    metrics = {"recall_at_10": 0.1, "ndcg_at_10": 0.05}
+    return {
+        "config": {"config": config, "overrides": overrides, "systems": systems},
+        "seeds": [
+            {
+                "seed": seed,
+                "workspace": f"/gone/ws-seed{seed}",
+                "mlflow_run_id": f"run{seed}",
+                "stage_seconds": {"total": 10.0 + seed},
+                "results": [
+                    {"system": "store", "seed": seed, "metrics": metrics},
+                    {"system": "popularity", "seed": seed, "metrics": metrics},
+                ],
+                "extra": {"store": {"label": "STORE"}, "popularity": {}},
+            }
+            for seed in (0, 1)
+        ],
+    }
+
+
+def test_published_seeds_are_reused_only_for_the_same_settings(tmp_path: Path) -> None:
+    path = tmp_path / "quality_x.json"
+    assert published_records(path, {"config": "a.yaml", "overrides": [], "systems": []}) == {}
+    path.write_text(
+        json.dumps(
+            report("/elsewhere/infra/configs/x.yaml", ["workspace=/gone/ws", "a.b=1"], ["store"])
+        )
+    )
+    key = {"config": "/here/infra/configs/x.yaml", "overrides": ["a.b=1"], "systems": ["store"]}
+    records = published_records(path, key)
+    assert sorted(records) == [0, 1]
+    assert records[1]["seed"] == 1 and records[1]["stage_seconds"] == {"total": 11.0}
+    assert records[1]["config"] == key["config"]  # the record carries this run's key
+    assert records[0]["results"][0]["extra"] == {"label": "STORE"}
+    assert records[0]["results"][0]["metrics"]["recall_at_10"] == 0.1
+    # Another config, other overrides or other systems: nothing is reused.
+    for other in (
+        {**key, "config": "/here/infra/configs/y.yaml"},
+        {**key, "overrides": ["a.b=2"]},
+        {**key, "systems": ["store", "sasrec"]},
+    ):
+        assert published_records(path, other) == {}
