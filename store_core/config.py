@@ -230,6 +230,19 @@ class TaskSpec(StrictModel):
     )
 
 
+class LoraSettings(StrictModel):
+    """LoRA adapters for Phase B (``recommender.finetune: lora``, through ``peft``)."""
+
+    r: int = Field(16, gt=0, description="Adapter rank.")
+    alpha: int = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
+    target_modules: list[str] | None = Field(
+        None,
+        description="Module names that get adapters (e.g. [q_proj, v_proj]); None = peft's "
+        "default for the architecture (Llama: q_proj, v_proj).",
+    )
+
+
 class RecommenderConfig(StrictModel):
     """Phase B: multi-task generative training of the same LLM."""
 
@@ -241,6 +254,13 @@ class RecommenderConfig(StrictModel):
         ],
         description="The task mixture: a plain list of {task, weight}.",
     )
+    finetune: Literal["full", "lora"] = Field(
+        "full",
+        description="'full': every weight trains; 'lora': LoRA adapters (peft) plus the "
+        "semantic-ID tokens' input and output rows (the rest of both matrices frozen), "
+        "merged into plain weights when training ends.",
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings.")
     loss_normalization: LossNormalization = Field(
         "token",
         description="How completion-token losses are averaged: 'token' = over every "

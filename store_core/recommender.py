@@ -47,6 +47,7 @@ from store_core.item_tokenizer import (
 from store_core.item_tokenizer import (
     checkpoint_dir as tokenizer_dir,
 )
+from store_core.lora import apply_lora, merged
 from store_core.metrics import rank_of, ranking_metrics
 from store_core.model import grow_embeddings, load_checkpoint, save_model_files, staging_directory
 from store_core.prompts import PromptBuilder, lookup_sid_tokens
@@ -281,6 +282,10 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
     """Phase B for ``cfg``; returns None on ranks other than 0."""
     inputs = prepare_phase_b(cfg)
     rec = cfg.recommender
+    model: torch.nn.Module = inputs.model
+    if rec.finetune == "lora":
+        model = apply_lora(inputs.model, rec.lora, [t for ids in inputs.level_ids for t in ids])
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     trie = SemanticIdTrie.from_codes(inputs.codes, inputs.level_ids)
     row_of = {item: i for i, item in enumerate(inputs.item_ids)}
 
@@ -291,7 +296,7 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
         return {k: metrics[k] for k in ("recall_at_10", "ndcg_at_10", "recall_at_20", "mrr")}
 
     result = train(
-        inputs.model,
+        model,
         inputs.samples,
         SampleCollator(inputs.builder.pad_token_id, None),
         functools.partial(multitask_loss, normalization=rec.loss_normalization),
@@ -303,7 +308,7 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
     )
     if rank() != 0:
         return None
-    trained = result.model
+    trained = merged(result.model)
     agreement = text_to_token_agreement(
         trained, inputs.data, inputs.builder, inputs.level_ids, inputs.codebook.num_levels, cfg
     )
@@ -314,6 +319,8 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
         "variant": variant(cfg),
         "quantizer": cfg.semantic_id.quantizer,
         "loss_normalization": rec.loss_normalization,
+        "finetune": rec.finetune,
+        "trainable_parameters": trainable,
         "samples_per_task": counts,
         "train_steps": result.steps,
         "resumed_from_step": result.resumed_from,
@@ -336,6 +343,7 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
             "history_len": rec.history_len,
             "mixture": [spec.model_dump() for spec in rec.mixture],
             "loss_normalization": rec.loss_normalization,
+            "finetune": rec.finetune,
             "variant": variant(cfg),
             "phase_a_checkpoint": inputs.source,
         }

@@ -28,6 +28,7 @@ from store_core.recommender import (
 )
 from store_core.semantic_ids import level_token
 from store_core.tasks import TASKS, load_task_data
+from tests.conftest import copy_workspace
 
 
 def prepared(ws: Path, *overrides: str) -> StoreConfig:
@@ -193,3 +194,49 @@ def test_training_key_separates_runs_that_must_not_share_checkpoints() -> None:
         training_key(cfg, ["a", "c"], codes),
     ]
     assert len({key, *others}) == 6
+
+
+def test_lora_trains_the_new_token_rows_and_saves_plain_weights(
+    tiny_pipeline: Path, tmp_path: Path
+) -> None:
+    """finetune=lora: adapters + the semantic-ID rows of both matrices train, the rest of
+    both matrices and every non-adapted weight stay frozen; the checkpoint is merged."""
+    ws = copy_workspace(tiny_pipeline, tmp_path / "ws")
+    cfg = load_config(
+        "tiny",
+        [
+            f"workspace={ws}",
+            "tracking.enabled=false",
+            "recommender.finetune=lora",
+            "recommender.lora.r=4",
+            "recommender.lora.target_modules=[q_proj, v_proj]",
+            "recommender_train.max_steps=30",
+            "recommender_train.lr=0.01",
+        ],
+    )
+    outcome = train_recommender(cfg)
+    assert outcome is not None
+    phase_a = Path(cfg.models_dir) / "tokenizer-store"
+    base, tokenizer = load_checkpoint(str(phase_a))
+    codes = np.array(load_semantic_ids(str(phase_a)).column("codes").to_pylist())
+    codebook = load_codebook(phase_a)
+    level_ids = add_semantic_id_tokens(base, tokenizer, codebook, level_sizes(codes, codebook))
+    trained, _ = load_checkpoint(outcome.checkpoint_dir)  # plain Llama: no adapter keys
+    assert not any("lora" in name for name, _ in trained.named_parameters())
+    assert outcome.metrics["finetune"] == "lora"
+    total = sum(p.numel() for p in trained.parameters())
+    assert 0 < outcome.metrics["trainable_parameters"] < total / 4
+
+    used = sorted({level_ids[lv][c] for row in codes for lv, c in enumerate(row)})
+    old = torch.arange(min(t for ids in level_ids for t in ids))  # rows before the new ones
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        before, after = getattr(base, get)().weight, getattr(trained, get)().weight
+        moved = (before[used] - after[used]).abs().sum(dim=1) > 0
+        assert bool(moved.all()), get  # every semantic-ID token that occurs moved
+        assert torch.equal(before[old], after[old]), get  # the old vocabulary is frozen
+    layer_before, layer_after = base.model.layers[0], trained.model.layers[0]
+    assert not torch.equal(
+        layer_before.self_attn.q_proj.weight, layer_after.self_attn.q_proj.weight
+    )
+    assert torch.equal(layer_before.self_attn.k_proj.weight, layer_after.self_attn.k_proj.weight)
+    assert torch.equal(layer_before.mlp.down_proj.weight, layer_after.mlp.down_proj.weight)
