@@ -20,7 +20,9 @@ import argparse
 import copy
 import functools
 import json
+import shlex
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -47,9 +49,6 @@ def main() -> None:
     seq_tokens = statistics.fmean(
         len(s.prompt) + len(s.completion) for s in inputs.samples
     )  # what the collator feeds, on average (prompts are already truncated when rendered)
-    counts: dict[str, int] = {}
-    for sample in inputs.samples:
-        counts[sample.task] = counts.get(sample.task, 0) + 1
     report: dict[str, object] = {
         "config": args.config,
         "overrides": args.overrides,
@@ -59,13 +58,9 @@ def main() -> None:
         "batch_size": cfg.recommender_train.batch_size,
         "loss_normalization": cfg.recommender.loss_normalization,
         "steps": args.steps,
-        "samples_per_task": counts,
+        "samples_per_task": inputs.samples_per_task,
         "mean_sequence_tokens": round(seq_tokens, 1),
-        "command": "python -m benchmarks.phase_b_throughput "
-        + " ".join(
-            [f"--config {args.config}", f"--steps {args.steps}"]
-            + [f"--set {o}" for o in args.overrides]
-        ),
+        "command": shlex.join(["python", "-m", "benchmarks.phase_b_throughput", *sys.argv[1:]]),
     }
     print(json.dumps(report, indent=2), flush=True)
     runs: dict[str, dict[str, float]] = {}

@@ -210,8 +210,9 @@ def run_systems(cfg: StoreConfig, *, train_missing: bool = True) -> list[SystemR
                 train_recommender(sys_cfg)
             bundle = load_bundle(directory)
             result = evaluate_generative(bundle, sys_cfg, system=system, max_users=ev.max_users)
-            if system == "store" and generative_label(sys_cfg) != SYSTEM_LABELS["store"]:
-                result.extra["label"] = generative_label(sys_cfg)
+            label = generative_label(sys_cfg)
+            if system == "store" and label != SYSTEM_LABELS["store"]:
+                result.extra["label"] = label
             results.append(result)
         elif system == "popularity":
             from store_core.baselines.popularity import run_popularity

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import shutil
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -244,6 +245,10 @@ class PhaseBInputs:
     data: TaskData
     samples: list[Sample]
 
+    @property
+    def samples_per_task(self) -> dict[str, int]:
+        return dict(Counter(sample.task for sample in self.samples))
+
 
 def prepare_phase_b(cfg: StoreConfig) -> PhaseBInputs:
     """Load the Phase A checkpoint, add the semantic-ID vocabulary, render the mixture."""
@@ -312,16 +317,13 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
     agreement = text_to_token_agreement(
         trained, inputs.data, inputs.builder, inputs.level_ids, inputs.codebook.num_levels, cfg
     )
-    counts: dict[str, int] = {}
-    for sample in inputs.samples:
-        counts[sample.task] = counts.get(sample.task, 0) + 1
     metrics: dict[str, Any] = {
         "variant": variant(cfg),
         "quantizer": cfg.semantic_id.quantizer,
         "loss_normalization": rec.loss_normalization,
         "finetune": rec.finetune,
         "trainable_parameters": trainable,
-        "samples_per_task": counts,
+        "samples_per_task": inputs.samples_per_task,
         "train_steps": result.steps,
         "resumed_from_step": result.resumed_from,
         "train_world_size": world_size(),
