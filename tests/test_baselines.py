@@ -273,6 +273,10 @@ def test_sasrec_is_seeded_and_run_reports(cycle_dir: str) -> None:
         "seconds",
     }
     assert first["epochs"] <= 2
+    history = first["history"]  # one row per epoch run, the best one's score is reported
+    assert [row["epoch"] for row in history] == [float(e) for e in range(1, first["epochs"] + 1)]
+    assert max(row["valid_ndcg_at_10"] for row in history) == first["valid_best_ndcg_at_10"]
+    assert all(row["windows"] > 0 and row["loss"] > 0 for row in history)
 
 
 def test_sasrec_config_is_validated() -> None:

@@ -354,6 +354,7 @@ def run_sasrec(
         "valid_best_ndcg_at_10": summary.valid_best_ndcg_at_10,
         "epochs": summary.epochs,
         "best_epoch": summary.best_epoch,
+        "history": summary.history,
         "seconds": seconds,
         "train_seconds": summary.seconds,
         "users": len(data.test_targets),
