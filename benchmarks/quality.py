@@ -125,6 +125,23 @@ def _comparable(key: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def workspace_record(seed_file: Path, run_key: dict[str, Any]) -> dict[str, Any]:
+    """A seed's results file from its workspace, for ``--resume``; SystemExit when it was
+    made with another config file name, overrides (apart from ``workspace=``) or systems.
+
+    Compared like :func:`published_records`, so a workspace still resumes when the run
+    starts from another checkout of the same configs. The record carries this run's key.
+    """
+    record: dict[str, Any] = json.loads(seed_file.read_text())
+    stored = {k: record.get(k) for k in run_key}
+    if _comparable(stored) != _comparable(run_key):
+        raise SystemExit(
+            f"--resume: {seed_file} was made with {stored}, this run is {run_key}; "
+            "remove it (or the workspace) or run without --resume"
+        )
+    return {**record, **run_key}
+
+
 def published_records(path: Path, run_key: dict[str, Any]) -> dict[int, dict[str, Any]]:
     """The seeds a results file already holds for the same config, overrides and systems
     (so ``--resume`` continues a table across machines or sessions whose workspaces are
@@ -217,15 +234,8 @@ def main() -> None:
         overrides = [*args.overrides, *seed_overrides(base, seed, systems)]
         seed_file = Path(f"{base.workspace}-seed{seed}") / SEED_FILE
         if args.resume and seed_file.exists():
-            record = json.loads(seed_file.read_text())
-            stored = {k: record.get(k) for k in run_key}
-            if stored != run_key:
-                raise SystemExit(
-                    f"--resume: {seed_file} was made with {stored}, this run is {run_key}; "
-                    "remove it (or the workspace) or run without --resume"
-                )
+            records.append(workspace_record(seed_file, run_key))
             logger.info("seed %d: results exist in %s, skipped (--resume)", seed, seed_file)
-            records.append(record)
             continue
         if seed in published:
             logger.info("seed %d: results exist in %s.json, skipped (--resume)", seed, name)

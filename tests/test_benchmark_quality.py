@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from benchmarks.quality import published_records
+import pytest
+
+from benchmarks.quality import published_records, workspace_record
 
 
 def report(config: str, overrides: list[str], systems: list[str]) -> dict[str, object]:
@@ -51,3 +53,23 @@ def test_published_seeds_are_reused_only_for_the_same_settings(tmp_path: Path) -
         {**key, "systems": ["store", "sasrec"]},
     ):
         assert published_records(path, other) == {}
+
+
+def test_a_seed_workspace_resumes_from_another_checkout_of_the_same_config(
+    tmp_path: Path,
+) -> None:
+    made = {"config": "/clone/infra/configs/x.yaml", "overrides": ["a.b=1"], "systems": ["store"]}
+    seed_file = tmp_path / "quality_results.json"
+    seed_file.write_text(
+        json.dumps({**made, "overrides": ["workspace=/runs/ws", "a.b=1"], "seed": 1, "results": []})
+    )
+    key = {"config": "/main/infra/configs/x.yaml", "overrides": ["a.b=1"], "systems": ["store"]}
+    record = workspace_record(seed_file, key)
+    assert record["seed"] == 1 and record["config"] == key["config"]
+    for other in (
+        {**key, "config": "/main/infra/configs/y.yaml"},
+        {**key, "overrides": ["a.b=2"]},
+        {**key, "systems": ["store", "tiger"]},
+    ):
+        with pytest.raises(SystemExit, match="--resume"):
+            workspace_record(seed_file, other)
