@@ -68,6 +68,7 @@ def main() -> None:
     train = cfg.recommender_train
     # None when STORE's Phase B is sized in epochs of the mixture instead of steps.
     store_samples = train.max_steps * train.batch_size if train.max_steps else None
+    store_epochs = round(store_samples / targets, 3) if store_samples else None
     report: dict[str, Any] = {
         "machine": machine_info(),
         "config": {
@@ -81,9 +82,7 @@ def main() -> None:
         },
         "train_targets_per_epoch": targets,
         "store_phase_b_samples": store_samples,
-        "store_phase_b_epochs_upper_bound": round(store_samples / targets, 3)
-        if store_samples
-        else None,
+        "store_phase_b_epochs_upper_bound": store_epochs,
         "runs": [],
     }
     print(json.dumps({k: v for k, v in report.items() if k != "runs"}, indent=2), flush=True)
@@ -107,9 +106,8 @@ def main() -> None:
                 }
             )
     store_budget = (
-        f"STORE Phase B draws {store_samples} samples (<= {store_samples / targets:.2f} "
-        "epochs of targets)"
-        if store_samples
+        f"STORE Phase B draws {store_samples} samples (<= {store_epochs:.2f} epochs of targets)"
+        if store_epochs is not None
         else f"STORE Phase B runs {train.epochs} epochs of its mixture"
     )
     lines = [
