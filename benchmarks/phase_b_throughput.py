@@ -25,15 +25,58 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from benchmarks.machine import machine_info, write_results
-from store_core.config import load_config
+from store_core.config import StoreConfig, TrainConfig, load_config
 from store_core.generate import SemanticIdTrie
 from store_core.model import count_parameters
-from store_core.recommender import evaluate_split, prepare_phase_b
+from store_core.recommender import PhaseBInputs, evaluate_split, prepare_phase_b
 from store_core.tasks import SampleCollator, multitask_loss
 from store_core.trainer import train
+
+
+@dataclass
+class StepRates:
+    """Steady-state Phase B training rates from ``timed_steps``."""
+
+    tokens_per_s: float  # supervised (completion) tokens
+    samples_per_s: float
+    final_loss: float
+    model: torch.nn.Module  # the trained copy
+
+
+def timed_steps(
+    cfg: StoreConfig, inputs: PhaseBInputs, train_cfg: TrainConfig, steps: int, name: str
+) -> StepRates:
+    """Train a copy of the Phase A model for ``steps`` optimizer steps of ``cfg``'s mixture
+    with ``train_cfg`` (checkpoints to a temporary directory, no validation). The first
+    logging window (engine set-up, allocator warm-up) is left out of the rates."""
+    model = copy.deepcopy(inputs.model)
+    train_cfg = train_cfg.model_copy(
+        update={
+            "max_steps": steps,
+            "log_every": max(1, steps // 4),
+            "checkpoint_every": 10**9,
+            "eval_every": None,
+        }
+    )
+    collate = SampleCollator(inputs.builder.pad_token_id, None)
+    loss = functools.partial(multitask_loss, normalization=cfg.recommender.loss_normalization)
+    with tempfile.TemporaryDirectory(prefix="store-bench-phase-b-") as tmp:
+        result = train(
+            model, inputs.samples, collate, loss, train_cfg, tmp, resume=False, description=name
+        )
+    steady = result.history[1:] or result.history
+    return StepRates(
+        tokens_per_s=round(statistics.fmean(h["tokens_per_s"] for h in steady), 1),
+        samples_per_s=round(statistics.fmean(h["samples_per_s"] for h in steady), 2),
+        final_loss=round(result.final_loss, 4),
+        model=result.model,
+    )
 
 
 def main() -> None:
@@ -45,7 +88,6 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     inputs = prepare_phase_b(cfg)
-    collate = SampleCollator(inputs.builder.pad_token_id, None)
     seq_tokens = statistics.fmean(
         len(s.prompt) + len(s.completion) for s in inputs.samples
     )  # what the collator feeds, on average (prompts are already truncated when rendered)
@@ -64,34 +106,20 @@ def main() -> None:
     }
     print(json.dumps(report, indent=2), flush=True)
     runs: dict[str, dict[str, float]] = {}
-    loss = functools.partial(multitask_loss, normalization=cfg.recommender.loss_normalization)
     trained = inputs.model
     for name, ds in (("plain", {"enabled": False}), ("zero2", {"enabled": True, "stage": 2})):
-        model = copy.deepcopy(inputs.model)
         train_cfg = cfg.recommender_train.model_copy(
-            update={
-                "max_steps": args.steps,
-                "log_every": max(1, args.steps // 4),
-                "checkpoint_every": 10**9,
-                "eval_every": None,
-                "deepspeed": cfg.recommender_train.deepspeed.model_copy(update=ds),
-            }
+            update={"deepspeed": cfg.recommender_train.deepspeed.model_copy(update=ds)}
         )
-        with tempfile.TemporaryDirectory(prefix="store-bench-phase-b-") as tmp:
-            result = train(
-                model, inputs.samples, collate, loss, train_cfg, tmp, resume=False, description=name
-            )
-        steady = result.history[1:] or result.history
-        tokens = statistics.fmean(h["tokens_per_s"] for h in steady)
-        samples = statistics.fmean(h["samples_per_s"] for h in steady)
+        rates = timed_steps(cfg, inputs, train_cfg, args.steps, name)
         runs[name] = {
-            "supervised_tokens_per_s": round(tokens, 1),
-            "input_tokens_per_s": round(samples * seq_tokens, 1),
-            "samples_per_s": round(samples, 2),
-            "final_loss": round(result.final_loss, 4),
+            "supervised_tokens_per_s": rates.tokens_per_s,
+            "input_tokens_per_s": round(rates.samples_per_s * seq_tokens, 1),
+            "samples_per_s": rates.samples_per_s,
+            "final_loss": rates.final_loss,
         }
         print(name, runs[name], flush=True)
-        trained = result.model
+        trained = rates.model
     report["train"] = runs
     report["zero2_vs_plain"] = round(
         runs["zero2"]["supervised_tokens_per_s"] / runs["plain"]["supervised_tokens_per_s"], 3

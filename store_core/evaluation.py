@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from store_core.bundle import RecommenderBundle
 from store_core.config import StoreConfig
@@ -194,6 +195,7 @@ def run_systems(cfg: StoreConfig, *, train_missing: bool = True) -> list[SystemR
 
     from store_core.bundle import load_bundle
     from store_core.item_tokenizer import train_semantic_tokenizer
+    from store_core.model import default_device
     from store_core.recommender import recommender_dir, train_recommender
 
     results: list[SystemResult] = []
@@ -209,6 +211,8 @@ def run_systems(cfg: StoreConfig, *, train_missing: bool = True) -> list[SystemR
                 train_semantic_tokenizer(sys_cfg)
                 train_recommender(sys_cfg)
             bundle = load_bundle(directory)
+            module: torch.nn.Module = bundle.model
+            module.to(default_device())  # decode on the GPU where there is one
             result = evaluate_generative(bundle, sys_cfg, system=system, max_users=ev.max_users)
             label = generative_label(sys_cfg)
             if system == "store" and label != SYSTEM_LABELS["store"]:

@@ -265,6 +265,11 @@ def build_backbone(
     return model, tokenizer
 
 
+def default_device() -> torch.device:
+    """Where training and decoding run when nothing says otherwise: the GPU if there is one."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def model_device(model: Any) -> torch.device:
     """Where a model (or a DeepSpeed engine wrapping one) keeps its parameters."""
     device = getattr(model, "device", None)

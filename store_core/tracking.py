@@ -2,7 +2,9 @@
 
 The only module that imports mlflow. It talks to MLflow through ``MlflowClient`` with
 explicit run ids (no global "active run"), so stages running as Prefect subflows, in
-threads or in other processes log to the right run when given its id.
+threads or in other processes log to the right run when given its id. mlflow is imported
+only when a run is opened with tracking enabled: a run with ``tracking.enabled: false``
+neither imports it nor needs it installed (a GPU box with torch alone, say).
 """
 
 from __future__ import annotations
@@ -15,16 +17,15 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from store_core.config import StoreConfig
 from store_core.telemetry import disable_telemetry
 
-disable_telemetry()
+disable_telemetry()  # before mlflow (or anything it loads) is first imported
 
-from mlflow.entities import RunStatus  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
+if TYPE_CHECKING:
+    from mlflow.tracking import MlflowClient
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +113,8 @@ class Run:
 
 
 def _client(cfg: StoreConfig) -> tuple[MlflowClient, str]:
+    from mlflow.tracking import MlflowClient
+
     client = MlflowClient(tracking_uri=tracking_uri(cfg))
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     if experiment is None:
@@ -141,6 +144,8 @@ def _run(cfg: StoreConfig, run_name: str, tags: Mapping[str, str]) -> Iterator[R
         yield Run(None, None)
         return
     client, experiment_id = _client(cfg)
+    from mlflow.entities import RunStatus
+
     info = client.create_run(experiment_id, run_name=run_name, tags=dict(tags)).info
     run = Run(client, info.run_id)
     try:
@@ -214,6 +219,8 @@ def register_model(
     registered model (created on first use); None when tracking is disabled."""
     if run.client is None or run.run_id is None:
         return None
+    from mlflow.exceptions import MlflowException
+
     client = run.client
     name = registered_model_name(cfg)
     try:

@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from store_core.config import CONFIG_DIR, TrainConfig
+from store_core.model import default_device
 from store_core.progress import progress
 from store_core.tracking import Run
 
@@ -228,7 +229,7 @@ class _PlainEngine:
         self.optimizer = optimizer
         self.scheduler = scheduler
         self.cfg = cfg
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = default_device()
         self.module.to(self.device)
         self.micro = 0
         self.autocast = use_bf16(cfg.bf16) and self.device.type == "cuda"

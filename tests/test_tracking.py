@@ -62,3 +62,25 @@ def test_flatten() -> None:
         "a.c.d": 2,
         "e": 3,
     }
+
+
+def test_tracking_disabled_runs_stages_without_importing_mlflow(tmp_path: Path) -> None:
+    """A run with tracking off must not need mlflow (a bare GPU box has torch alone)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from store_core.config import load_config\n"
+        "from store_core.stages import ingest_stage\n"
+        f"cfg = load_config('tiny', ['workspace={tmp_path / 'ws'}', 'tracking.enabled=false'])\n"
+        "outcome = ingest_stage(cfg, None)\n"
+        "assert outcome.run_id is None, outcome.run_id\n"
+        "print(outcome.result.counts['users'], 'mlflow' in sys.modules)\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=root, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.split() == ["40", "False"]
+    assert not (tmp_path / "ws" / "mlflow").exists()
