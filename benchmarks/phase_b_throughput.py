@@ -79,6 +79,20 @@ def timed_steps(
     )
 
 
+def timed_validation(
+    cfg: StoreConfig, inputs: PhaseBInputs, model: torch.nn.Module, limit: int | None
+) -> tuple[int, float]:
+    """Constrained beam search over (up to ``limit``) validation users with ``model``, as
+    Phase B's validation runs it: (users decoded, seconds)."""
+    trie = SemanticIdTrie.from_codes(inputs.codes, inputs.level_ids)
+    row_of = {item: i for i, item in enumerate(inputs.item_ids)}
+    started = time.perf_counter()
+    _, ranks = evaluate_split(
+        model, inputs.data, inputs.builder, trie, row_of, cfg, "valid", limit=limit
+    )
+    return len(ranks), time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="ml-100k")
@@ -125,24 +139,11 @@ def main() -> None:
         runs["zero2"]["supervised_tokens_per_s"] / runs["plain"]["supervised_tokens_per_s"], 3
     )
 
-    trie = SemanticIdTrie.from_codes(inputs.codes, inputs.level_ids)
-    row_of = {item: i for i, item in enumerate(inputs.item_ids)}
-    started = time.perf_counter()
-    _, ranks = evaluate_split(
-        trained,
-        inputs.data,
-        inputs.builder,
-        trie,
-        row_of,
-        cfg,
-        "valid",
-        limit=args.decode_users,
-    )
-    seconds = time.perf_counter() - started
+    users, seconds = timed_validation(cfg, inputs, trained, args.decode_users)
     report["decode"] = {
-        "users": len(ranks),
+        "users": users,
         "beam_size": cfg.recommender.beam_size,
-        "users_per_s": round(len(ranks) / seconds, 1),
+        "users_per_s": round(users / seconds, 1),
     }
     print(json.dumps({"train": runs, "decode": report["decode"]}), flush=True)
     write_results(report, f"phase_b_{Path(args.config).stem}.json")

@@ -103,31 +103,16 @@ def plan_phase_b(
 
 def _probe(cfg: Any, inputs: Any, steps: int) -> dict[str, float]:
     """Phase B samples/s on this machine and the seconds of one validation pass."""
-    from benchmarks.phase_b_throughput import timed_steps
-    from store_core.generate import SemanticIdTrie
-    from store_core.recommender import evaluate_split
+    from benchmarks.phase_b_throughput import timed_steps, timed_validation
 
     rates = timed_steps(cfg, inputs, cfg.recommender_train, steps, "probe")
-    trie = SemanticIdTrie.from_codes(inputs.codes, inputs.level_ids)
-    row_of = {item: i for i, item in enumerate(inputs.item_ids)}
-    started = time.perf_counter()
-    _, ranks = evaluate_split(
-        rates.model,
-        inputs.data,
-        inputs.builder,
-        trie,
-        row_of,
-        cfg,
-        "valid",
-        limit=cfg.recommender.val_max_users,
-    )
-    validation_s = time.perf_counter() - started
+    users, validation_s = timed_validation(cfg, inputs, rates.model, cfg.recommender.val_max_users)
     return {
         "steps": steps,
         "samples_per_s": rates.samples_per_s,
         "tokens_per_s": rates.tokens_per_s,
         "validation_s": round(validation_s, 2),
-        "validation_users": len(ranks),
+        "validation_users": users,
     }
 
 
