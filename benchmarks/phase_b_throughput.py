@@ -120,7 +120,7 @@ def main() -> None:
     }
     print(json.dumps(report, indent=2), flush=True)
     runs: dict[str, dict[str, float]] = {}
-    trained = inputs.model
+    trained: torch.nn.Module = inputs.model
     for name, ds in (("plain", {"enabled": False}), ("zero2", {"enabled": True, "stage": 2})):
         train_cfg = cfg.recommender_train.model_copy(
             update={"deepspeed": cfg.recommender_train.deepspeed.model_copy(update=ds)}

@@ -39,9 +39,13 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from benchmarks.machine import machine_info
+
+if TYPE_CHECKING:
+    from store_core.config import StoreConfig
+    from store_core.recommender import PhaseBInputs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 logger = logging.getLogger("benchmarks.store_budget")
@@ -101,7 +105,7 @@ def plan_phase_b(
     )
 
 
-def _probe(cfg: Any, inputs: Any, steps: int) -> dict[str, float]:
+def _probe(cfg: StoreConfig, inputs: PhaseBInputs, steps: int) -> dict[str, float]:
     """Phase B samples/s on this machine and the seconds of one validation pass."""
     from benchmarks.phase_b_throughput import timed_steps, timed_validation
 
@@ -116,7 +120,7 @@ def _probe(cfg: Any, inputs: Any, steps: int) -> dict[str, float]:
     }
 
 
-def _test_users(cfg: Any, inputs: Any) -> int:
+def _test_users(cfg: StoreConfig, inputs: PhaseBInputs) -> int:
     from store_core.tasks import eval_prompts
 
     users, _, _ = eval_prompts(inputs.data, inputs.builder, cfg.recommender.history_len, "test")
