@@ -3,8 +3,8 @@
     python -m benchmarks.id_collisions --config scientific-quality \\
         --set workspace=/path/to/workspace-scientific-quality-seed0
 
-Loads the workspace's trained recommender, decodes the test split with constrained beam
-search exactly as ``store evaluate`` does (history kept), and splits what the top 10
+Loads the workspace's trained recommender, decodes the test split with ``store
+evaluate``'s own decoding (``evaluation.decode_split``, history kept), and splits what the top 10
 holds. A target's *code group* is every item with the same first L codes (the quantizer's
 codes; items in one group differ only in the disambiguation code, which carries no
 meaning). Reported:
@@ -77,43 +77,24 @@ def main() -> None:
         "--set", dest="overrides", action="append", default=[], help="key=value (repeatable)"
     )
     args = parser.parse_args()
-    import torch
-
     from store_core.bundle import load_bundle
     from store_core.config import load_config
-    from store_core.generate import SemanticIdTrie, constrained_beam_search
-    from store_core.model import default_device
+    from store_core.evaluation import decode_split
     from store_core.recommender import recommender_dir
-    from store_core.tasks import eval_prompts, load_task_data
 
     cfg = load_config(args.config, args.overrides)
     bundle = load_bundle(recommender_dir(cfg))
-    module: torch.nn.Module = bundle.model
-    module.to(default_device())
-    codes = bundle.codes()
-    item_ids: list[str] = bundle.semantic_ids.column("item_id").to_pylist()
-    data = load_task_data(cfg.data_dir, dict(zip(item_ids, codes.tolist(), strict=True)))
-    _, prompts, targets = eval_prompts(data, bundle.builder, cfg.recommender.history_len, "test")
-    result = constrained_beam_search(
-        bundle.model,
-        prompts,
-        SemanticIdTrie.from_codes(codes, bundle.level_ids),
-        beam_size=cfg.recommender.beam_size,
-        pad_token_id=bundle.builder.pad_token_id,
-        batch_size=cfg.recommender.eval_batch_size,
-        progress=True,
-    )
-    row_of = {item: i for i, item in enumerate(item_ids)}
-    top = np.where(result.alive, result.items, -1)
+    decoded = decode_split(bundle, cfg, "test")
+    row_of = {item: i for i, item in enumerate(decoded.item_ids)}
+    top = np.where(decoded.result.alive, decoded.result.items, -1)
+    targets = np.array([row_of[t] for t in decoded.targets], dtype=np.int64)
     report: dict[str, Any] = {
         "machine": machine_info(),
         "config": args.config,
         "overrides": args.overrides,
         "checkpoint": recommender_dir(cfg),
         "command": shlex.join(["python", "-m", "benchmarks.id_collisions", *sys.argv[1:]]),
-        **collision_report(
-            codes, bundle.num_levels, top, np.array([row_of[t] for t in targets], dtype=np.int64)
-        ),
+        **collision_report(decoded.codes, bundle.num_levels, top, targets),
     }
     print(json.dumps(report, indent=2), flush=True)
     write_results(report, f"{args.name or 'id_collisions_' + Path(args.config).stem}.json")

@@ -120,14 +120,6 @@ def _probe(cfg: StoreConfig, inputs: PhaseBInputs, steps: int) -> dict[str, floa
     }
 
 
-def _test_users(cfg: StoreConfig, inputs: PhaseBInputs) -> int:
-    from store_core.tasks import eval_prompts
-
-    users, _, _ = eval_prompts(inputs.data, inputs.builder, cfg.recommender.history_len, "test")
-    limit = cfg.evaluation.max_users
-    return min(len(users), limit) if limit else len(users)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -195,7 +187,9 @@ def main() -> None:
     budget: dict[str, Any] = {}
     if args.time_budget_s is not None:
         probe = _probe(cfg, inputs, args.probe_steps)
-        test_users = _test_users(cfg, inputs)
+        test_users = len(inputs.data.test_targets)  # the users `store evaluate` decodes
+        if cfg.evaluation.max_users:
+            test_users = min(test_users, cfg.evaluation.max_users)
         test_s = probe["validation_s"] * test_users / max(1, probe["validation_users"])
         elapsed = time.perf_counter() - started
         # Left for Phase B: the budget less what ran, the test decoding, and 5% for loading,

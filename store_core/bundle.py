@@ -14,11 +14,12 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from store_core.errors import StoreError
 from store_core.item_tokenizer import METADATA_FILE, load_semantic_ids
-from store_core.model import load_checkpoint
+from store_core.model import default_device, load_checkpoint
 from store_core.prompts import PromptBuilder, lookup_sid_tokens
 
 
@@ -50,8 +51,10 @@ class RecommenderBundle:
         return np.array(self.semantic_ids.column("codes").to_pylist(), dtype=np.int64)
 
 
-def load_bundle(directory: str) -> RecommenderBundle:
-    """Load a Phase B checkpoint directory (``models/recommender-*``)."""
+def load_bundle(directory: str, device: torch.device | str | None = None) -> RecommenderBundle:
+    """Load a Phase B checkpoint directory (``models/recommender-*``), its model on
+    ``device`` (default: the GPU where there is one, else the CPU). Every consumer decodes
+    through the constrained beam search, which runs where the model is."""
     meta_path = Path(directory) / METADATA_FILE
     if not meta_path.exists():
         raise StoreError(f"{directory} is not a trained recommender: run `store train` first")
@@ -59,7 +62,8 @@ def load_bundle(directory: str) -> RecommenderBundle:
     if "level_sizes" not in metadata:
         raise StoreError(f"{directory} is a Phase A checkpoint; run `store train` (Phase B)")
     model, tokenizer = load_checkpoint(directory)
-    model.eval()
+    module: torch.nn.Module = model
+    module.to(device if device is not None else default_device()).eval()
     level_ids = lookup_sid_tokens(tokenizer, metadata["level_sizes"])
     builder = PromptBuilder(tokenizer, level_ids, int(metadata["max_text_tokens"]))
     return RecommenderBundle(

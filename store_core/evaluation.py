@@ -23,11 +23,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-import torch
 
 from store_core.bundle import RecommenderBundle
 from store_core.config import StoreConfig
-from store_core.generate import SemanticIdTrie, constrained_beam_search
+from store_core.generate import BeamResult, SemanticIdTrie, constrained_beam_search
 from store_core.metrics import rank_of, ranking_metrics
 from store_core.tasks import EvalSplit, TaskData, eval_prompts, load_task_data
 
@@ -77,16 +76,27 @@ def cold_users(data: TaskData, targets: Sequence[str]) -> np.ndarray:
     return np.array([t not in seen or t in data.cold_items for t in targets], dtype=bool)
 
 
-def evaluate_generative(
+@dataclass
+class DecodedSplit:
+    """The constrained beam search of one split's users with a bundle's model."""
+
+    data: TaskData
+    codes: np.ndarray  # [N, L+1] the bundle's item codes
+    item_ids: list[str]  # row -> item id (rows of ``codes`` and ``result.items``)
+    users: list[str]
+    targets: list[str]  # the target item id per user
+    result: BeamResult
+
+
+def decode_split(
     bundle: RecommenderBundle,
     cfg: StoreConfig,
-    *,
-    system: str,
     split: EvalSplit = "test",
     max_users: int | None = None,
     progress: bool = True,
-) -> SystemResult:
-    """Constrained beam search for every user of ``split`` with ``bundle``'s model."""
+) -> DecodedSplit:
+    """Constrained beam search for every user of ``split`` (a seeded sample of
+    ``max_users`` when set), prompted with their last ``history_len`` items."""
     codes = bundle.codes()
     item_ids: list[str] = bundle.semantic_ids.column("item_id").to_pylist()
     data = load_task_data(cfg.data_dir, dict(zip(item_ids, codes.tolist(), strict=True)))
@@ -98,16 +108,31 @@ def evaluate_generative(
         users = [users[i] for i in keep]
         prompts = [prompts[i] for i in keep]
         targets = [targets[i] for i in keep]
-    trie = SemanticIdTrie.from_codes(codes, bundle.level_ids)
     result = constrained_beam_search(
         bundle.model,
         prompts,
-        trie,
+        SemanticIdTrie.from_codes(codes, bundle.level_ids),
         beam_size=cfg.recommender.beam_size,
         pad_token_id=bundle.builder.pad_token_id,
         batch_size=cfg.recommender.eval_batch_size,
         progress=progress,
     )
+    return DecodedSplit(data, codes, item_ids, users, targets, result)
+
+
+def evaluate_generative(
+    bundle: RecommenderBundle,
+    cfg: StoreConfig,
+    *,
+    system: str,
+    split: EvalSplit = "test",
+    max_users: int | None = None,
+    progress: bool = True,
+) -> SystemResult:
+    """Constrained beam search for every user of ``split`` with ``bundle``'s model."""
+    decoded = decode_split(bundle, cfg, split, max_users, progress)
+    data, item_ids, users, targets = decoded.data, decoded.item_ids, decoded.users, decoded.targets
+    result = decoded.result
     alive = np.isfinite(result.scores)  # [P, B]
     invalid = int((alive & (result.items < 0)).sum())
     returned = int(alive.sum())
@@ -195,7 +220,6 @@ def run_systems(cfg: StoreConfig, *, train_missing: bool = True) -> list[SystemR
 
     from store_core.bundle import load_bundle
     from store_core.item_tokenizer import train_semantic_tokenizer
-    from store_core.model import default_device
     from store_core.recommender import recommender_dir, train_recommender
 
     results: list[SystemResult] = []
@@ -211,8 +235,6 @@ def run_systems(cfg: StoreConfig, *, train_missing: bool = True) -> list[SystemR
                 train_semantic_tokenizer(sys_cfg)
                 train_recommender(sys_cfg)
             bundle = load_bundle(directory)
-            module: torch.nn.Module = bundle.model
-            module.to(default_device())  # decode on the GPU where there is one
             result = evaluate_generative(bundle, sys_cfg, system=system, max_users=ev.max_users)
             label = generative_label(sys_cfg)
             if system == "store" and label != SYSTEM_LABELS["store"]:
