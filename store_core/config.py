@@ -168,6 +168,22 @@ class SemanticIdConfig(StrictModel):
         description="Weight of the term keeping an item's L dense tokens apart (0 = off).",
     )
     kmeans_n_init: int = Field(4, ge=1, description="k-means restarts per level.")
+    last_level_assignment: Literal["nearest", "capacity"] = Field(
+        "capacity",
+        description="How the catalogue's last cluster level is chosen. 'nearest': every "
+        "level takes its nearest centroid, so similar items often share all L codes and "
+        "only the meaningless disambiguation code tells them apart (34% of Amazon "
+        "Scientific items). 'capacity': levels 1..L-1 stay nearest; inside each group of "
+        "items with equal first L-1 codes, each last code holds at most "
+        "`last_level_capacity` items, chosen at least total distance (exact assignment, "
+        "LC-Rec's collision handling; store_core.last_level_assignment).",
+    )
+    last_level_capacity: int = Field(
+        1,
+        ge=1,
+        description="Items per last code inside a group of equal first L-1 codes under "
+        "'capacity' (1 = no two items share their L codes while a group fits in K).",
+    )
 
 
 class DeepSpeedSettings(StrictModel):

@@ -3,7 +3,9 @@
 Phase A trains the backbone to compress each item's text into L dense tokens that a
 second pass of the same model can reconstruct the text from (token -> text); the dense
 tokens of every item are then clustered per position (or, for the TIGER-style baseline,
-one text embedding is residual-quantized) and a disambiguation level makes every ID
+one text embedding is residual-quantized), the last cluster level is chosen under a
+per-prefix capacity so that few items share all L codes
+(:mod:`store_core.last_level_assignment`), and a disambiguation level makes every ID
 unique. One checkpoint directory holds everything the later stages need:
 
     <workspace>/models/tokenizer-<quantizer>/
@@ -46,6 +48,7 @@ from store_core.dense_tokenizer import (
 )
 from store_core.errors import StoreError
 from store_core.ingest import ITEMS_FILE, MANIFEST_FILE
+from store_core.last_level_assignment import assign_codes
 from store_core.model import build_backbone, save_model_files, staging_directory
 from store_core.semantic_ids import format_sid, pack_codes
 from store_core.tracking import Run
@@ -168,7 +171,9 @@ def train_semantic_tokenizer(cfg: StoreConfig, run: Run | None = None) -> Tokeni
             train_cfg.seed,
         )
     extract_seconds = time.perf_counter() - started
-    codes = q.assign(codebook, vectors)  # [N, L]
+    codes = assign_codes(  # [N, L]
+        codebook, vectors, sid_cfg.last_level_assignment, sid_cfg.last_level_capacity
+    )
     stats = codebook_stats(codes, codebook.codebook_size)
     sids = q.disambiguate(codes, item_ids)  # [N, L+1]
     if len({tuple(r) for r in sids.tolist()}) != len(item_ids):
@@ -184,6 +189,8 @@ def train_semantic_tokenizer(cfg: StoreConfig, run: Run | None = None) -> Tokeni
     stats.update(
         {
             "quantizer": sid_cfg.quantizer,
+            "last_level_assignment": sid_cfg.last_level_assignment,
+            "last_level_capacity": sid_cfg.last_level_capacity,
             "num_items": len(item_ids),
             "codebook_version": codebook.version,
             "heldout_items": int(held_out.sum()),
@@ -200,6 +207,8 @@ def train_semantic_tokenizer(cfg: StoreConfig, run: Run | None = None) -> Tokeni
     metadata = {
         "codebook_version": codebook.version,
         "quantizer": sid_cfg.quantizer,
+        "last_level_assignment": sid_cfg.last_level_assignment,
+        "last_level_capacity": sid_cfg.last_level_capacity,
         "num_levels": levels,
         "codebook_size": codebook.codebook_size,
         "disambiguation_size": int(sids[:, -1].max()) + 1,

@@ -20,8 +20,9 @@ from store_core.item_tokenizer import (
     load_semantic_ids,
     train_semantic_tokenizer,
 )
+from store_core.last_level_assignment import assign_codes
 from store_core.model import load_checkpoint, train_bpe_tokenizer
-from store_core.quantizer import assign, disambiguate, load_codebook
+from store_core.quantizer import disambiguate, load_codebook
 from store_core.semantic_ids import parse_sid
 
 
@@ -92,7 +93,11 @@ def test_reloaded_checkpoint_reproduces_the_ids(trained: tuple[StoreConfig, Path
         num_query_tokens=cfg.semantic_id.num_levels,
     )
     codebook = load_codebook(ckpt)
-    sids = disambiguate(assign(codebook, dense), items.column("item_id").to_pylist())
+    sid_cfg = cfg.semantic_id
+    codes = assign_codes(
+        codebook, dense, sid_cfg.last_level_assignment, sid_cfg.last_level_capacity
+    )
+    sids = disambiguate(codes, items.column("item_id").to_pylist())
     table = load_semantic_ids(str(ckpt))
     assert sids.tolist() == table.column("codes").to_pylist()
 
