@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from store_core.errors import StoreError
 from store_core.item_tokenizer import METADATA_FILE, load_semantic_ids
 from store_core.model import default_device, load_checkpoint
-from store_core.prompts import PromptBuilder, lookup_sid_tokens
+from store_core.prompts import PROMPT_FORMAT, PromptBuilder, lookup_sid_tokens
 
 
 @dataclass
@@ -61,6 +61,13 @@ def load_bundle(directory: str, device: torch.device | str | None = None) -> Rec
     metadata = json.loads(meta_path.read_text())
     if "level_sizes" not in metadata:
         raise StoreError(f"{directory} is a Phase A checkpoint; run `store train` (Phase B)")
+    trained_format = int(metadata.get("prompt_format", 1))
+    if trained_format != PROMPT_FORMAT:
+        raise StoreError(
+            f"{directory} was trained with prompt format {trained_format}, this version "
+            f"decodes format {PROMPT_FORMAT} (prefix-closed recommendation prompts): "
+            "retrain Phase B with `store train --phase recommender`"
+        )
     model, tokenizer = load_checkpoint(directory)
     module: torch.nn.Module = model
     module.to(device if device is not None else default_device()).eval()

@@ -225,13 +225,21 @@ class TrainConfig(StrictModel):
         description="Validate (and early-stop) every N optimizer steps instead of at each "
         "epoch end (phases with validation only).",
     )
+    group_by_length: bool = Field(
+        True,
+        description="Batch samples of similar length together (each epoch's shuffled order "
+        "is sorted by length inside mega-batches of 50 batches, then the batches are "
+        "shuffled: transformers' length-grouped sampler), so short catalogue samples are "
+        "not padded to long recommendation windows. Phases that pass sample lengths only.",
+    )
     deepspeed: DeepSpeedSettings = Field(
         default_factory=DeepSpeedSettings, description="DeepSpeed ZeRO settings."
     )
 
 
 TaskName = Literal["recommendation", "alignment", "reconstruction", "title_history"]
-LossNormalization = Literal["token", "sample"]
+LossNormalization = Literal["token", "target"]
+RecSamples = Literal["sequence", "prefix"]
 
 
 class TaskSpec(StrictModel):
@@ -278,10 +286,20 @@ class RecommenderConfig(StrictModel):
     )
     lora: LoraSettings = Field(default_factory=LoraSettings, description="LoRA settings.")
     loss_normalization: LossNormalization = Field(
-        "token",
+        "target",
         description="How completion-token losses are averaged: 'token' = over every "
-        "completion token of the batch (long reconstruction texts weigh more); 'sample' = "
-        "per sample first, then over samples (the mixture weights are the tasks' shares).",
+        "completion token of the batch (long reconstruction texts weigh more); 'target' = "
+        "per target first (one recommendation target, one catalogue item), then over the "
+        "batch's targets, so the mixture weights are the tasks' shares in either "
+        "rec_samples form. 'sample' is read as 'target' (its name before sequence mode).",
+    )
+    rec_samples: RecSamples = Field(
+        "sequence",
+        description="How recommendation targets are rendered: 'sequence' = one row per "
+        "window of a user's train sequence with every target of the window labelled (one "
+        "pass teaches up to history_len targets); 'prefix' = one row per target (the "
+        "per-prefix form, for the ablation). Same targets and histories of at least "
+        "history_len/2 items either way (store_core.tasks).",
     )
     history_len: int = Field(20, gt=0, description="N: most recent history items in a prompt.")
     beam_size: int = Field(20, gt=0, description="Constrained beam width for validation/eval.")
@@ -292,6 +310,11 @@ class RecommenderConfig(StrictModel):
         3, ge=1, description="Stop after this many epochs without a better validation NDCG@10."
     )
     eval_batch_size: int = Field(32, gt=0, description="Users per decoding batch.")
+
+    @field_validator("loss_normalization", mode="before")
+    @classmethod
+    def _old_name(cls, value: Any) -> Any:
+        return "target" if value == "sample" else value
 
 
 class SASRecConfig(StrictModel):

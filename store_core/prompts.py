@@ -10,10 +10,19 @@ tokenized with ``split_special_tokens=True``, so a catalogue entry containing ``
 The templates (what ``tokenizer.decode(prompt + completion)`` shows; ``<s>`` is the start
 token, ``<sid>`` the M tokens of one semantic ID)::
 
-    recommendation   <s>Recommend the next item. History:<sid1><sid2>..<sidN> Next:  |  <sid></s>
+    recommendation   <s>Recommend the next item. History:<sid1><sid2>..<sidN>         |  <sid>
     alignment        <s>Item: {text} Semantic ID:                                  |  <sid></s>
     reconstruction   <s>Semantic ID:<sid> Item:                                    |   {text}</s>
     title_history    <s>Recommend the next item. History: {title1}; {title2} Next: |  <sid></s>
+
+The recommendation template is *prefix-closed*: the prompt is the header followed by the
+history IDs and nothing else, and the completion is the M ID tokens with no ``</s>``. So
+the tokens in front of any item of a rendered sequence ``header<sid1><sid2>..<sidK>`` are
+exactly the prompt of that item with the items before it as history. That is what lets
+Phase B label every item of a window in one pass (:mod:`store_core.tasks`, sequence mode)
+while decoding reads the very context training saw. (Format 1, before sequence mode,
+ended the prompt with ``" Next:"`` and the completion with ``</s>``; checkpoints record
+:data:`PROMPT_FORMAT`.) ``title_history`` is prefix-only and keeps ``" Next:"``.
 
 Whitespace rules (the same for every template):
 
@@ -21,9 +30,10 @@ Whitespace rules (the same for every template):
   (``<a_1><b_2><c_0><a_4>..``) and an ID follows a colon directly. IDs are
   self-delimiting (each starts at level ``a``), a separator would cost one extra token per
   history item, and a space before an added token is a lone space token that never occurs
-  before a word in natural text. Above all, the completion of every ID task is exactly the
-  M ID tokens and ``</s>``, so generation is exactly M + 1 constrained steps with no
-  whitespace step in front.
+  before a word in natural text. Above all, the completion of every ID task starts with
+  the M ID tokens (then ``</s>`` for alignment and title_history, nothing for
+  recommendation), so generation is exactly M constrained steps with no whitespace step
+  in front.
 * Text segments carry their own leading space (``" Next:"``, ``" Item:"``,
   ``" Semantic ID:"``, ``" {text}"``, ``" {title}"``), so byte-level BPE sees the usual
   ``Ġword`` tokens of running text and each segment tokenizes the same on its own as in
@@ -44,6 +54,10 @@ from transformers import PreTrainedTokenizerBase
 
 from store_core.errors import StoreError
 from store_core.semantic_ids import level_token
+
+#: Version of the templates, written into every Phase B checkpoint and checked on load:
+#: 2 = prefix-closed recommendation (no " Next:", no ``</s>`` after the target ID).
+PROMPT_FORMAT = 2
 
 #: Fixed text of the templates (see the module docstring for where each goes).
 RECOMMEND_HEADER = "Recommend the next item. History:"
@@ -199,8 +213,12 @@ class PromptBuilder:
     # ------------------------------------------------------------------ completions
 
     def sid_completion(self, codes: Sequence[int]) -> list[int]:
-        """``<sid></s>``: the target of recommendation, alignment and title_history."""
+        """``<sid></s>``: the target of alignment and title_history."""
         return [*self.sid_token_ids(codes), self.eos_id]
+
+    def recommendation_completion(self, codes: Sequence[int]) -> list[int]:
+        """``<sid>``: the target of recommendation (no ``</s>``: prefix-closed format)."""
+        return self.sid_token_ids(codes)
 
     def text_completion(self, text: str) -> list[int]:
         """``" {text}</s>"`` (text truncated): the target of reconstruction."""
@@ -209,9 +227,11 @@ class PromptBuilder:
     # ------------------------------------------------------------------ prompts
 
     def recommendation(self, history_codes: Sequence[Sequence[int]]) -> list[int]:
-        """``<s>Recommend the next item. History:<sid1>..<sidN> Next:``.
+        """``<s>Recommend the next item. History:<sid1>..<sidN>``.
 
         Uses every ID given, oldest first: callers pass the most recent ``history_len``.
+        The same tokens open every training row that holds these items in this order
+        (prefix-closed, module docstring).
         """
         return self.recommendation_from_tokens([self.sid_token_ids(c) for c in history_codes])
 
@@ -223,7 +243,6 @@ class PromptBuilder:
         ids = [self.start_id, *self._recommend_header]
         for sid in history_sids:
             ids.extend(sid)
-        ids.extend(self._next)
         return ids
 
     def alignment(self, text: str) -> list[int]:

@@ -51,7 +51,7 @@ from store_core.item_tokenizer import (
 from store_core.lora import apply_lora, merged
 from store_core.metrics import rank_of, ranking_metrics
 from store_core.model import grow_embeddings, load_checkpoint, save_model_files, staging_directory
-from store_core.prompts import PromptBuilder, lookup_sid_tokens
+from store_core.prompts import PROMPT_FORMAT, PromptBuilder, lookup_sid_tokens
 from store_core.quantizer import Codebook, load_codebook
 from store_core.semantic_ids import vocabulary
 from store_core.tasks import (
@@ -249,6 +249,18 @@ class PhaseBInputs:
     def samples_per_task(self) -> dict[str, int]:
         return dict(Counter(sample.task for sample in self.samples))
 
+    @property
+    def targets_per_task(self) -> dict[str, int]:
+        counts: Counter[str] = Counter()
+        for sample in self.samples:
+            counts[sample.task] += sample.num_targets
+        return dict(counts)
+
+    @property
+    def sample_lengths(self) -> list[int]:
+        """Tokens per sample (prompt + completion): what length-grouped batching sorts."""
+        return [len(sample.prompt) + len(sample.completion) for sample in self.samples]
+
 
 def prepare_phase_b(cfg: StoreConfig) -> PhaseBInputs:
     """Load the Phase A checkpoint, add the semantic-ID vocabulary, render the mixture."""
@@ -267,7 +279,9 @@ def prepare_phase_b(cfg: StoreConfig) -> PhaseBInputs:
     rec = cfg.recommender
     builder = PromptBuilder(tokenizer, level_ids, cfg.model.max_text_tokens)
     data = load_task_data(cfg.data_dir, dict(zip(item_ids, codes.tolist(), strict=True)))
-    samples = build_mixture(rec.mixture, data, builder, rec.history_len, cfg.recommender_train.seed)
+    samples = build_mixture(
+        rec.mixture, data, builder, rec.history_len, cfg.recommender_train.seed, rec.rec_samples
+    )
     return PhaseBInputs(
         source,
         model,
@@ -310,6 +324,7 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
         run=run,
         description="recommender",
         early_stopping=EarlyStopping(validate, "ndcg_at_10", rec.early_stopping_patience),
+        lengths=inputs.sample_lengths,
     )
     if rank() != 0:
         return None
@@ -323,7 +338,10 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
         "loss_normalization": rec.loss_normalization,
         "finetune": rec.finetune,
         "trainable_parameters": trainable,
+        "rec_samples": rec.rec_samples,
         "samples_per_task": inputs.samples_per_task,
+        "targets_per_task": inputs.targets_per_task,
+        "train_targets_per_s": round(result.targets_per_s, 1),
         "train_steps": result.steps,
         "resumed_from_step": result.resumed_from,
         "train_world_size": world_size(),
@@ -343,6 +361,8 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
         {
             "level_sizes": inputs.sizes,
             "history_len": rec.history_len,
+            "prompt_format": PROMPT_FORMAT,
+            "rec_samples": rec.rec_samples,
             "mixture": [spec.model_dump() for spec in rec.mixture],
             "loss_normalization": rec.loss_normalization,
             "finetune": rec.finetune,

@@ -11,22 +11,45 @@ sequence* is their ``train`` rows ordered by ``position``; ``excluded`` rows (co
 items) are dropped. Cold-start items are held out of every task: no training step ever
 sees them (docs/EVALUATION.md), so they are not rendered by the catalogue tasks either.
 
+A *target* is one thing the model learns to produce: one recommendation target (the M
+tokens of one item's semantic ID), or one catalogue item's completion. A *sample* is one
+training row: a prompt the model only reads, then a completion holding one or more
+targets back to back (:attr:`Sample.target_lengths`).
+
 The natural samples of each task (all rendered, deterministically, users sorted by id):
 
-* ``recommendation``: for a train sequence ``s_0 .. s_{n-1}`` and each ``t`` in
-  ``1 .. n-1``, the target ``s_t`` with history ``s_{max(0, t-N)} .. s_{t-1}`` (the most
-  recent N = ``history_len`` items, oldest first). A user contributes ``max(0, n - 1)``
-  samples: the first train item is never a target (no history) and the validation item is
-  never a target either - it is held out for early stopping and becomes the last history
-  item of the test prompt (:func:`eval_prompts`).
+* ``recommendation``: the targets of a train sequence ``s_0 .. s_{n-1}`` are ``s_1 ..
+  s_{n-1}``: the first train item is never a target (no history) and the validation item
+  is never one either - it is held out for early stopping and becomes the last history
+  item of the test prompt (:func:`eval_prompts`). Two renderings
+  (``recommender.rec_samples``), the same targets:
+
+  - ``sequence`` (default): one row per window of the sequence (:func:`sequence_windows`),
+    the prompt header followed by the window's items' IDs in order, with every target of
+    the window labelled. With N = ``history_len`` and stride ``S = N // 2 + 1``, the
+    first window holds ``s_0 .. s_e`` (``e = min(N, n-1)``) and labels ``s_1 .. s_e``
+    (target ``s_t`` sees ``s_0 .. s_{t-1}``: t items, all it has); each next window ends
+    S items later (or at ``s_{n-1}``), holds the N items before its end item too, and
+    labels the targets the previous window did not. So every target is labelled exactly
+    once per epoch, with its most recent history: the first ``min(N, n-1)`` targets with
+    all of it, every later one with between ``N - S + 1 = ceil(N/2)`` and N items. A
+    user yields ``1 + ceil(max(0, n - 1 - N) / S)`` rows (0 if ``n < 2``).
+  - ``prefix``: one row per target ``s_t`` with history ``s_{max(0, t-N)} .. s_{t-1}``
+    (``max(0, n - 1)`` rows per user): the per-prefix form, kept for the ablation.
+
+  The recommendation prompt is prefix-closed (:mod:`store_core.prompts`), so the tokens
+  in front of a target in a sequence row are exactly the prompt of the prefix sample with
+  the same history, and exactly the test prompt of a user whose history that is.
 * ``alignment`` (text -> ID) and ``reconstruction`` (ID -> text): one sample per catalogue
   item that has a semantic ID and is not a cold-start item, in item_id order.
-* ``title_history``: the same prefixes as ``recommendation`` with each history item shown
-  by its title (its text when the title is null).
+* ``title_history`` (prefix-only): the same targets as ``prefix`` recommendation with each
+  history item shown by its title (its text when the title is null).
 
 The mixture (:func:`build_mixture`) is a plain list of ``TaskSpec(task, weight)``: each
 entry contributes its task's samples ``floor(weight)`` times plus a seeded subset (without
 replacement) of ``round(frac(weight) * n)`` of them. A task listed twice counts twice.
+In sequence mode a recommendation window counts as one sample, so weight 0.5 keeps a
+seeded half of the windows (about half of the targets).
 
 Batches (:class:`SampleCollator`, right padding, per row ``P`` prompt and ``C``
 completion tokens)::
@@ -35,10 +58,16 @@ completion tokens)::
     attention_mask  [B, T]  1 on prompt and completion
     labels          [B, T]  -100 on prompt and pad; the completion ids where they sit
                             (HF convention: the model's logits at p predict labels[p + 1])
+    target_ids      [B, T]  -1 off the completion; on it, the batch-wide index of the
+                            target the token belongs to (0 .. targets in batch - 1)
     task_ids        [B]     index into TASK_ORDER
 
 Too long a row loses tokens from the LEFT of its prompt (the oldest history); the start
 token and the completion are kept.
+
+The loss (:func:`multitask_loss`) runs the output projection only on the hidden states of
+labelled positions (:func:`labelled_logits`) and averages either per token or per target;
+``target`` averaging keeps the mixture weights meaningful in sequence mode (see there).
 """
 
 from __future__ import annotations
@@ -55,7 +84,7 @@ import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 
-from store_core.config import LossNormalization, TaskName, TaskSpec
+from store_core.config import LossNormalization, RecSamples, TaskName, TaskSpec
 from store_core.errors import DataError, StoreError
 from store_core.model import model_device
 from store_core.prompts import PromptBuilder
@@ -79,11 +108,35 @@ EvalSplit = Literal["valid", "test"]
 
 @dataclass(frozen=True)
 class Sample:
-    """One training example: the loss is on ``completion`` only."""
+    """One training row: the model reads ``prompt + completion``; the loss is on
+    ``completion`` only, which holds ``len(target_lengths)`` targets back to back.
+
+    ``target_lengths`` empty (the default) means one target: the whole completion.
+    Raises ValueError when the lengths do not add up to the completion's length.
+    """
 
     task: str  # a name in TASK_ORDER
     prompt: list[int]  # token ids the model reads
-    completion: list[int]  # token ids the model learns to produce (ends with eos)
+    completion: list[int]  # token ids the model learns to produce
+    target_lengths: tuple[int, ...] = ()  # tokens per target, in order; () = one target
+
+    def __post_init__(self) -> None:
+        if self.target_lengths and (
+            sum(self.target_lengths) != len(self.completion) or min(self.target_lengths) < 1
+        ):
+            raise ValueError(
+                f"{self.task} sample: target lengths {list(self.target_lengths)} do not "
+                f"split its {len(self.completion)} completion tokens"
+            )
+
+    @property
+    def spans(self) -> tuple[int, ...]:
+        """Tokens per target (one entry per target, summing to ``len(completion)``)."""
+        return self.target_lengths or (len(self.completion),)
+
+    @property
+    def num_targets(self) -> int:
+        return len(self.spans)
 
 
 @dataclass(frozen=True)
@@ -177,11 +230,52 @@ def load_task_data(data_dir: str, codes: Mapping[str, Sequence[int]]) -> TaskDat
 
 # --------------------------------------------------------------------------- renderers
 
-TaskRenderer = Callable[[TaskData, PromptBuilder, int], list[Sample]]
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """What the renderers need besides the data: the history length N and the form of the
+    recommendation samples (module docstring)."""
+
+    history_len: int
+    rec_samples: RecSamples = "sequence"
+
+    def __post_init__(self) -> None:
+        if self.history_len < 1:
+            raise ValueError(f"history_len must be >= 1, got {self.history_len}")
+        if self.rec_samples not in ("sequence", "prefix"):
+            raise ValueError(
+                f"rec_samples must be 'sequence' or 'prefix', got {self.rec_samples!r}"
+            )
+
+
+TaskRenderer = Callable[[TaskData, PromptBuilder, RenderSettings], list[Sample]]
+
+
+def sequence_windows(length: int, history_len: int) -> list[tuple[int, int, int]]:
+    """The sequence-mode windows of a train sequence of ``length`` items.
+
+    Returns ``(start, first_target, end)`` per window (indices into the sequence, ``end``
+    inclusive): the row holds items ``start .. end`` and labels ``first_target .. end``.
+    Rule and history lengths in the module docstring; every index ``1 .. length-1`` is a
+    target of exactly one window, each target has at most ``history_len`` items before it
+    in its row, and at least ``ceil(history_len / 2)`` where it has that many.
+    """
+    if history_len < 1:
+        raise ValueError(f"history_len must be >= 1, got {history_len}")
+    if length < 2:
+        return []
+    stride = history_len // 2 + 1
+    end = min(history_len, length - 1)
+    windows = [(0, 1, end)]
+    while end < length - 1:
+        next_end = min(end + stride, length - 1)
+        windows.append((next_end - history_len, end + 1, next_end))
+        end = next_end
+    return windows
 
 
 def _prefixes(data: TaskData, history_len: int) -> list[tuple[list[str], str]]:
-    """``(history, target)`` for every prefix rule in the module docstring."""
+    """``(history, target)`` for every train target, prefix form (module docstring)."""
     if history_len < 1:
         raise ValueError(f"history_len must be >= 1, got {history_len}")
     pairs: list[tuple[list[str], str]] = []
@@ -192,20 +286,40 @@ def _prefixes(data: TaskData, history_len: int) -> list[tuple[list[str], str]]:
     return pairs
 
 
-def render_recommendation(data: TaskData, builder: PromptBuilder, history_len: int) -> list[Sample]:
-    """History of semantic IDs -> next semantic ID, for every train prefix."""
+def render_recommendation(
+    data: TaskData, builder: PromptBuilder, settings: RenderSettings
+) -> list[Sample]:
+    """History of semantic IDs -> next semantic ID, for every train target: one row per
+    window (``sequence``) or per target (``prefix``)."""
     sid = {item: builder.sid_token_ids(c) for item, c in data.codes.items()}
-    return [
-        Sample(
-            "recommendation",
-            builder.recommendation_from_tokens([sid[i] for i in history]),
-            [*sid[target], builder.eos_id],
-        )
-        for history, target in _prefixes(data, history_len)
-    ]
+    if settings.rec_samples == "prefix":
+        return [
+            Sample(
+                "recommendation",
+                builder.recommendation_from_tokens([sid[i] for i in history]),
+                list(sid[target]),
+            )
+            for history, target in _prefixes(data, settings.history_len)
+        ]
+    samples: list[Sample] = []
+    for user in sorted(data.train_sequences):
+        sequence = data.train_sequences[user]
+        for start, first, end in sequence_windows(len(sequence), settings.history_len):
+            targets = [sid[i] for i in sequence[first : end + 1]]
+            samples.append(
+                Sample(
+                    "recommendation",
+                    builder.recommendation_from_tokens([sid[i] for i in sequence[start:first]]),
+                    [token for ids in targets for token in ids],
+                    tuple(len(ids) for ids in targets),
+                )
+            )
+    return samples
 
 
-def render_alignment(data: TaskData, builder: PromptBuilder, history_len: int) -> list[Sample]:
+def render_alignment(
+    data: TaskData, builder: PromptBuilder, settings: RenderSettings
+) -> list[Sample]:
     """Item text -> its semantic ID, one per catalogue item."""
     items = data.catalogue_items()
     builder.prepare_texts(data.texts[i] for i in items)
@@ -215,7 +329,9 @@ def render_alignment(data: TaskData, builder: PromptBuilder, history_len: int) -
     ]
 
 
-def render_reconstruction(data: TaskData, builder: PromptBuilder, history_len: int) -> list[Sample]:
+def render_reconstruction(
+    data: TaskData, builder: PromptBuilder, settings: RenderSettings
+) -> list[Sample]:
     """Semantic ID -> the item's text, one per catalogue item."""
     items = data.catalogue_items()
     builder.prepare_texts(data.texts[i] for i in items)
@@ -229,9 +345,12 @@ def render_reconstruction(data: TaskData, builder: PromptBuilder, history_len: i
     ]
 
 
-def render_title_history(data: TaskData, builder: PromptBuilder, history_len: int) -> list[Sample]:
-    """History of titles -> next semantic ID, for every train prefix."""
-    pairs = _prefixes(data, history_len)
+def render_title_history(
+    data: TaskData, builder: PromptBuilder, settings: RenderSettings
+) -> list[Sample]:
+    """History of titles -> next semantic ID, for every train target (prefix form only:
+    titles of different lengths make no fixed-width window)."""
+    pairs = _prefixes(data, settings.history_len)
     builder.prepare_texts({data.display_title(i) for h, _ in pairs for i in h})
     return [
         Sample(
@@ -243,7 +362,7 @@ def render_title_history(data: TaskData, builder: PromptBuilder, history_len: in
     ]
 
 
-#: Every task by name: ``renderer(data, builder, history_len) -> all its natural samples``.
+#: Every task by name: ``renderer(data, builder, settings) -> all its natural samples``.
 TASKS: dict[str, TaskRenderer] = {
     "recommendation": render_recommendation,
     "alignment": render_alignment,
@@ -258,6 +377,7 @@ def build_mixture(
     builder: PromptBuilder,
     history_len: int,
     seed: int,
+    rec_samples: RecSamples = "sequence",
 ) -> list[Sample]:
     """The training samples of a task mixture (rule in the module docstring).
 
@@ -266,6 +386,7 @@ def build_mixture(
     from its own stream ``(seed, entry index)``, so a task listed twice with weight 0.5
     gets two independent halves and editing one entry leaves the others' subsets alone.
     """
+    settings = RenderSettings(history_len, rec_samples)
     rendered: dict[str, list[Sample]] = {}
     mixture: list[Sample] = []
     counts: dict[str, int] = {}
@@ -277,7 +398,7 @@ def build_mixture(
         if spec.weight == 0:
             continue
         if spec.task not in rendered:
-            rendered[spec.task] = TASKS[spec.task](data, builder, history_len)
+            rendered[spec.task] = TASKS[spec.task](data, builder, settings)
         samples = rendered[spec.task]
         whole = math.floor(spec.weight)
         extra = round((spec.weight - whole) * len(samples))
@@ -290,7 +411,11 @@ def build_mixture(
         counts[spec.task] = counts.get(spec.task, 0) + len(chosen)
     for task, count in counts.items():
         logger.info("mixture: %s %d samples (%d natural)", task, count, len(rendered.get(task, [])))
-    logger.info("mixture: %d samples in total", len(mixture))
+    logger.info(
+        "mixture: %d samples, %d targets in total",
+        len(mixture),
+        sum(sample.num_targets for sample in mixture),
+    )
     return mixture
 
 
@@ -367,7 +492,9 @@ class SampleCollator:
         input_ids = torch.full((size, width), self.pad_token_id, dtype=torch.long)  # [B, T]
         attention_mask = torch.zeros((size, width), dtype=torch.long)  # [B, T]
         labels = torch.full((size, width), IGNORE_INDEX, dtype=torch.long)  # [B, T]
+        target_ids = torch.full((size, width), -1, dtype=torch.long)  # [B, T]
         task_ids = torch.empty(size, dtype=torch.long)  # [B]
+        next_target = 0
         for row, (prompt, sample) in enumerate(zip(prompts, samples, strict=True)):
             if sample.task not in TASK_ORDER:
                 raise ValueError(f"unknown task {sample.task!r}")
@@ -376,17 +503,122 @@ class SampleCollator:
             completion = torch.tensor(sample.completion, dtype=torch.long)
             input_ids[row, p : p + c] = completion
             labels[row, p : p + c] = completion
+            spans = torch.tensor(sample.spans, dtype=torch.long)
+            target_ids[row, p : p + c] = next_target + torch.repeat_interleave(
+                torch.arange(len(spans)), spans
+            )
+            next_target += len(spans)
             attention_mask[row, : p + c] = 1
             task_ids[row] = TASK_ORDER.index(sample.task)
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "labels": labels,
+            "target_ids": target_ids,
             "task_ids": task_ids,
         }
 
 
+def padded_tokens(samples: Sequence[Sample], batch_size: int, order: Sequence[int]) -> int:
+    """Tokens the collator would feed (``[B, T]`` summed over batches) for ``samples``
+    batched ``batch_size`` at a time in ``order``: the cost that padding inflates."""
+    total = 0
+    for start in range(0, len(order), batch_size):
+        lengths = [
+            len(samples[i].prompt) + len(samples[i].completion)
+            for i in order[start : start + batch_size]
+        ]
+        total += max(lengths) * len(lengths)
+    return total
+
+
 # --------------------------------------------------------------------------- loss
+
+
+#: Config fields of models whose causal-LM head does more than the output projection
+#: (logit scaling or soft-capping): :func:`labelled_logits` asks those for full logits.
+_HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
+
+
+def _causal_lm(model: Any) -> Any:
+    """The Hugging Face causal LM inside a DeepSpeed engine and/or a peft wrapper."""
+    inner = getattr(model, "module", model)  # DeepSpeed engine -> its module
+    get_base = getattr(inner, "get_base_model", None)  # peft -> the (adapted) base model
+    return get_base() if callable(get_base) else inner
+
+
+def labelled_logits(
+    model: Any, batch: Batch, select: torch.Tensor, *, gather: bool = True
+) -> torch.Tensor:
+    """Logits at the positions ``select`` marks, computed only there.
+
+    ``select`` is ``[B, T-1]`` bool over predicting positions (position p predicts token
+    p + 1). The model runs once (through the engine/wrapper it is given, so DeepSpeed and
+    peft hooks fire) with its own head restricted to one position (``logits_to_keep=1``),
+    and the output projection is applied to the gathered final hidden states of the
+    selected positions: ``[N, D] @ [D, V]`` instead of ``[B, T, D] @ [D, V]``. Returns
+    ``[N, V]`` in the model's dtype, rows in ``select``'s row-major order. Models whose
+    head scales or caps logits (``_HEAD_EXTRAS``), and ``gather=False`` (the baseline
+    of benchmarks/rec_samples_throughput.py), get full ``[B, T, V]`` logits, then the
+    same rows.
+    """
+    input_ids = batch["input_ids"]  # [B, T]
+    attention_mask = batch["attention_mask"]  # [B, T]
+    config = getattr(_causal_lm(model), "config", None)
+    extras = any(getattr(config, name, None) not in (None, 1, 1.0) for name in _HEAD_EXTRAS)
+    if extras or not gather:
+        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return cast(torch.Tensor, out.logits)[:, :-1][select]
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        use_cache=False,
+        logits_to_keep=1,
+        output_hidden_states=True,
+    )
+    hidden = cast(torch.Tensor, out.hidden_states[-1])[:, :-1][select]  # [N, D], after norm
+    head = _causal_lm(model).get_output_embeddings()
+    return cast(torch.Tensor, head(hidden))  # [N, V]
+
+
+@dataclass(frozen=True)
+class TokenLosses:
+    """Cross-entropy of every completion token of a batch, with what it belongs to."""
+
+    per_token: torch.Tensor  # [N] float32, row-major over the batch's completion tokens
+    target: torch.Tensor  # [N] batch-wide target index (collator's target_ids)
+    task: torch.Tensor  # [N] index into TASK_ORDER
+
+    def per_target(self) -> torch.Tensor:
+        """``[targets]`` mean token loss of each target of the batch, in target order."""
+        count = int(self.target.max()) + 1
+        sums = torch.zeros(count, device=self.per_token.device).index_add_(
+            0, self.target, self.per_token
+        )
+        sizes = torch.bincount(self.target, minlength=count).clamp_min(1)
+        return sums / sizes
+
+
+def token_losses(model: Any, batch: Batch, *, gather: bool = True) -> TokenLosses:
+    """Per-token cross-entropy on the completion tokens of ``batch`` (collator layout);
+    ``gather`` as in :func:`labelled_logits`.
+
+    Raises ValueError when the batch has no completion token.
+    """
+    device = model_device(model)
+    batch = {k: v.to(device) for k, v in batch.items()}
+    targets = batch["labels"][:, 1:]  # [B, T-1]: logits at p predict labels[p+1]
+    select = targets != IGNORE_INDEX  # [B, T-1]
+    if not bool(select.any()):
+        raise ValueError("batch has no completion tokens")
+    logits = labelled_logits(model, batch, select, gather=gather)  # [N, V]
+    per_token = F.cross_entropy(logits.float(), targets[select], reduction="none")  # [N]
+    rows = torch.arange(targets.shape[0], device=device).unsqueeze(1).expand_as(targets)
+    return TokenLosses(
+        per_token=per_token,
+        target=batch["target_ids"][:, 1:][select],
+        task=batch["task_ids"][rows[select]],
+    )
 
 
 def multitask_loss(
@@ -394,54 +626,41 @@ def multitask_loss(
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy on the completion tokens of the batch, plus per-task means.
 
-    ``normalization`` says how the token losses are averaged: ``"token"`` = the mean over
-    every completion token of the batch (a sample weighs as many tokens as its completion
-    has, so a 60-token reconstruction counts 15 times a 4-token recommendation);
-    ``"sample"`` = each sample's mean first, then the mean over samples (every sample
-    weighs the same, so the mixture weights are the tasks' shares of the gradient).
+    ``normalization`` says how the token losses are averaged:
 
-    Works on a Hugging Face causal LM and on a DeepSpeed engine wrapping one (it is only
-    called). Logits are requested only from the first column holding a target onwards
-    (``logits_to_keep``), and only the target positions are upcast to float32, which
-    keeps the ``[B, T, V]`` logits of a large vocabulary out of memory where possible.
-    Metrics: ``loss_<task>`` (mean per completion token of that task's rows) for each task
-    present, and ``tokens`` (completion tokens in the batch).
+    * ``"token"``: the mean over every completion token of the batch (a target weighs as
+      many tokens as it has, so a 60-token reconstruction counts 15 times a 4-token
+      recommendation target);
+    * ``"target"``: each target's mean token loss first, then the mean over the targets
+      of the batch. Every target weighs the same - one recommendation target, one
+      alignment item, one reconstruction item - whether it sits alone in a prefix row or
+      with 19 others in a sequence window. So a task's share of the gradient is its share
+      of the targets, which is what the mixture weights set (weight 2 = twice the
+      targets), in either recommendation form. In prefix mode a row is one target and
+      this is the per-sample mean.
+
+    Works on a Hugging Face causal LM and on a DeepSpeed engine or peft model wrapping one
+    (it is only called). Logits are computed only where there are labels
+    (:func:`labelled_logits`) and upcast to float32 there. Metrics: ``loss_<task>`` (mean
+    per completion token of that task's rows) for each task present, ``tokens``
+    (completion tokens) and ``targets`` (targets) in the batch.
     """
-    device = model_device(model)
-    input_ids = batch["input_ids"].to(device)  # [B, T]
-    attention_mask = batch["attention_mask"].to(device)  # [B, T]
-    targets = batch["labels"].to(device)[:, 1:]  # [B, T-1]: logits at p predict labels[p+1]
-    task_ids = batch["task_ids"].to(device)  # [B]
-    has_target = targets != IGNORE_INDEX  # [B, T-1]
-    columns = has_target.any(dim=0).nonzero()
-    if columns.numel() == 0:
-        raise ValueError("batch has no completion tokens")
-    first = int(columns[0, 0])
-    keep = input_ids.shape[1] - first  # logits at positions first .. T-1
-    out = model(
-        input_ids=input_ids, attention_mask=attention_mask, use_cache=False, logits_to_keep=keep
-    )
-    logits = cast(torch.Tensor, out.logits)[:, -keep:][:, :-1]  # [B, T-1-first, V]
-    targets, has_target = targets[:, first:], has_target[:, first:]  # [B, T-1-first]
-    per_token = F.cross_entropy(
-        logits[has_target].float(), targets[has_target], reduction="none"
-    )  # [N]
-    rows = torch.arange(targets.shape[0], device=device).unsqueeze(1).expand_as(targets)
-    token_row = rows[has_target]  # [N]
+    losses = token_losses(model, batch)
     if normalization == "token":
-        loss = per_token.mean()
-    elif normalization == "sample":
-        lengths = has_target.sum(dim=1)  # [B]
-        present = lengths > 0  # [B]
-        loss = (per_token / lengths[token_row]).sum() / present.sum()
+        loss = losses.per_token.mean()
+    elif normalization == "target":
+        loss = losses.per_target().mean()
     else:
         raise ValueError(f"unknown loss normalization {normalization!r}")
-    token_task = task_ids[token_row]  # [N]
+    device = losses.per_token.device
     sums = torch.zeros(len(TASK_ORDER), device=device).index_add_(
-        0, token_task, per_token.detach()
+        0, losses.task, losses.per_token.detach()
     )  # [tasks]
-    counts = torch.bincount(token_task, minlength=len(TASK_ORDER))  # [tasks]
-    metrics = {"tokens": float(per_token.numel())}
+    counts = torch.bincount(losses.task, minlength=len(TASK_ORDER))  # [tasks]
+    metrics = {
+        "tokens": float(losses.per_token.numel()),
+        "targets": float(int(losses.target.max()) + 1),
+    }
     for name, total, count in zip(TASK_ORDER, sums.tolist(), counts.tolist(), strict=True):
         if count:
             metrics[f"loss_{name}"] = total / count

@@ -56,6 +56,7 @@ class TrainResult:
     final_loss: float
     tokens_per_s: float
     samples_per_s: float
+    targets_per_s: float = 0.0  # from the loss's ``targets`` metric (0 when it has none)
     history: list[dict[str, float]] = field(default_factory=list)
     validation: list[dict[str, float]] = field(default_factory=list)
     best_metric: float | None = None
@@ -162,13 +163,47 @@ def lr_lambda(warmup: int, total: int) -> Callable[[int], float]:
 
 @dataclass(frozen=True)
 class DataPlan:
-    """Which samples make micro-batch ``m`` on this rank; a pure function of the seed."""
+    """Which samples make micro-batch ``m`` on this rank; a pure function of the seed.
+
+    Each epoch is a seeded permutation. With ``lengths`` (tokens per sample) it is
+    length-grouped by ``transformers.trainer_pt_utils.get_length_grouped_indices`` with a
+    global batch of ``batch_size * world``: random mega-batches of 50 global batches are
+    sorted by length, so a batch holds samples of similar length and pads little, while
+    batches stay in random order (the longest first, which surfaces out-of-memory early).
+    """
 
     num_samples: int
     batch_size: int
     seed: int
     rank: int
     world: int
+    lengths: tuple[int, ...] | None = None
+    _orders: dict[int, np.ndarray] = field(default_factory=dict, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.lengths is not None and len(self.lengths) != self.num_samples:
+            raise ValueError(f"{len(self.lengths)} lengths for {self.num_samples} samples")
+
+    def order(self, epoch: int) -> np.ndarray:
+        """``[num_samples]`` sample indices of ``epoch`` in the order they are batched."""
+        cached = self._orders.get(epoch)
+        if cached is not None:
+            return cached
+        if self.lengths is None:
+            order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        else:
+            from transformers.trainer_pt_utils import get_length_grouped_indices
+
+            generator = torch.Generator().manual_seed(
+                int(np.random.default_rng([self.seed, epoch]).integers(2**62))
+            )
+            grouped = get_length_grouped_indices(
+                list(self.lengths), self.batch_size * self.world, generator=generator
+            )
+            order = np.asarray(grouped, dtype=np.int64)
+        self._orders.clear()  # one epoch at a time: flat memory
+        self._orders[epoch] = order
+        return order
 
     @property
     def per_rank(self) -> int:
@@ -180,7 +215,7 @@ class DataPlan:
 
     def batch(self, micro: int) -> list[int]:
         epoch, index = divmod(micro, self.batches_per_epoch)
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.num_samples)
+        order = self.order(epoch)
         mine = order[: self.per_rank * self.world][self.rank :: self.world]
         return mine[index * self.batch_size : (index + 1) * self.batch_size].tolist()
 
@@ -360,6 +395,7 @@ def train(
     description: str = "train",
     resume: bool = True,
     early_stopping: EarlyStopping | None = None,
+    lengths: Sequence[int] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``dataset`` until ``cfg.max_steps`` / ``cfg.epochs``.
 
@@ -368,14 +404,19 @@ def train(
     With ``resume`` the newest checkpoint in ``checkpoint_dir`` is loaded and training
     continues from its step with the same data order as an uninterrupted run.
     ``early_stopping`` validates at each epoch end (on every rank, so ZeRO-3 forwards stay
-    collective), logs the metrics and returns the best epoch's weights.
+    collective), logs the metrics and returns the best epoch's weights. ``lengths``
+    (tokens per sample) length-groups the batches when ``cfg.group_by_length`` is on
+    (:class:`DataPlan`). A ``targets`` entry of the loss metrics feeds targets/s.
     """
     if len(dataset) == 0:
         raise ValueError("no training samples")
     torch.manual_seed(cfg.seed)
     if cfg.deepspeed.enabled:
         ensure_distributed()
-    plan = DataPlan(len(dataset), cfg.batch_size, cfg.seed, rank(), world_size())
+    grouped = (
+        tuple(int(n) for n in lengths) if lengths is not None and cfg.group_by_length else None
+    )
+    plan = DataPlan(len(dataset), cfg.batch_size, cfg.seed, rank(), world_size(), grouped)
     steps = total_steps(cfg, plan)
     engine, device = _build_engine(model, cfg, steps)
     Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
@@ -397,8 +438,10 @@ def train(
         bar.disable = True
     engine.train()
     window_loss, window_tokens, window_samples, window_micro = 0.0, 0.0, 0, 0
+    window_targets = 0.0
     window_extra: dict[str, float] = {}
     tokens_total, samples_total, clock = 0.0, 0, time.perf_counter()
+    targets_total = 0.0
     window_clock = clock
     last_loss = float("nan")
     validation: list[dict[str, float]] = []
@@ -426,8 +469,9 @@ def train(
         window_micro += 1
         window_samples += len(indices)
         window_tokens += float(extra.get("tokens", 0.0))
+        window_targets += float(extra.get("targets", 0.0))
         for key, value in extra.items():
-            if key != "tokens":
+            if key not in ("tokens", "targets"):
                 window_extra[key] = window_extra.get(key, 0.0) + float(value)
         if micro % cfg.grad_accum:
             continue
@@ -443,13 +487,17 @@ def train(
                 "samples_per_s": window_samples * world_size() / elapsed,
                 **{k: v / window_micro for k, v in window_extra.items()},
             }
+            if window_targets:
+                record["targets_per_s"] = window_targets * world_size() / elapsed
             history.append({"step": float(step), **record})
             bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if is_main and run is not None:
                 run.log_metrics({f"{description}/{k}": v for k, v in record.items()}, step=step)
             tokens_total += window_tokens
             samples_total += window_samples
+            targets_total += window_targets
             window_loss, window_tokens, window_samples, window_micro = 0.0, 0.0, 0, 0
+            window_targets = 0.0
             window_extra = {}
             window_clock = time.perf_counter()
         if step % cfg.checkpoint_every == 0 or step == steps:
@@ -503,6 +551,7 @@ def train(
         final_loss=last_loss,
         tokens_per_s=tokens_total * world_size() / elapsed,
         samples_per_s=samples_total * world_size() / elapsed,
+        targets_per_s=targets_total * world_size() / elapsed,
         history=history,
         validation=validation,
         best_metric=best_metric,

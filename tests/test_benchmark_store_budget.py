@@ -47,14 +47,15 @@ def test_runs_phase_b_for_the_planned_epochs_and_ranks_the_test_split(
     report = json.loads((tmp_path / "results" / "sb.json").read_text())
     plan, phase_b = report["plan"], report["phase_b"]
     assert report["config"]["workspace"] == f"{tmp_path / 'ws'}-budget-seed0"
-    assert plan["samples_per_epoch"] == 252  # tiny: 156 recommendation + 48 + 48
-    assert plan["steps_per_epoch"] == 16 and plan["eval_every"] == 8  # batch 16
-    assert plan["max_steps"] == 32 and not plan["capped_by_time"]
+    # tiny: 46 recommendation windows (156 targets, history_len 5) + 48 + 48 catalogue rows
+    assert plan["samples_per_epoch"] == 142
+    assert plan["steps_per_epoch"] == 9 and plan["eval_every"] == 4  # batch 16
+    assert plan["max_steps"] == 16 and not plan["capped_by_time"]
     assert plan["probe"]["samples_per_s"] > 0 and plan["probe"]["validation_users"] == 40
     # Trained to the planned steps (or stopped early), validated at every interval.
-    assert phase_b["train_steps"] <= 32 and phase_b["train_steps"] % 8 == 0
-    assert len(phase_b["validation"]) == phase_b["train_steps"] // 8
-    assert [v["step"] for v in phase_b["validation"]][:2] == [8.0, 16.0]
+    assert phase_b["train_steps"] <= 16 and phase_b["train_steps"] % 4 == 0
+    assert len(phase_b["validation"]) == phase_b["train_steps"] // 4
+    assert [v["step"] for v in phase_b["validation"]][:2] == [4.0, 8.0]
     assert 1 <= phase_b["best_epoch"] <= len(phase_b["validation"])
     assert report["test"]["invalid_id_rate"] == 0.0
     assert 0.0 <= report["test"]["recall_at_10"] <= 1.0

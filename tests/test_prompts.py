@@ -38,14 +38,13 @@ def decode(tokenizer: PreTrainedTokenizerFast, ids: list[int]) -> str:
 
 def test_golden_recommendation(tokenizer: PreTrainedTokenizerFast, builder: PromptBuilder) -> None:
     prompt = builder.recommendation([[1, 2, 0], [3, 0, 1]])
-    completion = builder.sid_completion([2, 1, 2])
+    completion = builder.recommendation_completion([2, 1, 2])
     assert decode(tokenizer, prompt + completion) == (
-        "<s>Recommend the next item. History:<a_1><b_2><c_0><a_3><b_0><c_1> Next:"
-        "<a_2><b_1><c_2></s>"
+        "<s>Recommend the next item. History:<a_1><b_2><c_0><a_3><b_0><c_1><a_2><b_1><c_2>"
     )
-    assert decode(tokenizer, builder.recommendation([])) == (
-        "<s>Recommend the next item. History: Next:"
-    )
+    assert decode(tokenizer, builder.recommendation([])) == ("<s>Recommend the next item. History:")
+    # Prefix-closed: a prompt followed by its target is the prompt of the next target.
+    assert prompt + completion == builder.recommendation([[1, 2, 0], [3, 0, 1], [2, 1, 2]])
 
 
 def test_golden_alignment(tokenizer: PreTrainedTokenizerFast, builder: PromptBuilder) -> None:
@@ -104,11 +103,7 @@ def test_text_segments_tokenize_as_in_the_whole_string(
     whole = tokenizer(f"Item: {TOY} Semantic ID:", add_special_tokens=False)["input_ids"]
     assert builder.alignment(TOY) == [builder.start_id, *whole]
     header = tokenizer("Recommend the next item. History:", add_special_tokens=False)
-    assert builder.recommendation([]) == [
-        builder.start_id,
-        *header["input_ids"],
-        *tokenizer(" Next:", add_special_tokens=False)["input_ids"],
-    ]
+    assert builder.recommendation([]) == [builder.start_id, *header["input_ids"]]
 
 
 def test_item_text_cannot_inject_special_tokens(

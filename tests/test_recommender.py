@@ -27,7 +27,7 @@ from store_core.recommender import (
     training_key,
 )
 from store_core.semantic_ids import level_token
-from store_core.tasks import TASKS, load_task_data
+from store_core.tasks import TASKS, RenderSettings, load_task_data
 from tests.conftest import copy_workspace
 
 
@@ -145,7 +145,7 @@ def test_tiny_model_overfits_to_the_right_next_id(tmp_path: Path) -> None:
         "data.name=Toy",
         "semantic_id.codebook_size=2",
         "recommender.mixture=[{task: recommendation, weight: 4}]",
-        "recommender_train.epochs=120",
+        "recommender_train.epochs=360",  # 8 windows x 4 a pass: 720 steps, as 24 prefixes
         "recommender_train.eval_every=720",
         "recommender_train.lr=0.01",
         "recommender.early_stopping_patience=5",
@@ -158,14 +158,16 @@ def test_tiny_model_overfits_to_the_right_next_id(tmp_path: Path) -> None:
     codes = bundle.codes()
     item_ids = bundle.semantic_ids.column("item_id").to_pylist()
     data = load_task_data(cfg.data_dir, dict(zip(item_ids, codes.tolist(), strict=True)))
-    samples = TASKS["recommendation"](data, bundle.builder, cfg.recommender.history_len)
+    # Trained in sequence mode (one window per user); checked per prefix.
+    settings = RenderSettings(cfg.recommender.history_len, "prefix")
+    samples = TASKS["recommendation"](data, bundle.builder, settings)
     assert len(samples) == 8 * 3
     trie = SemanticIdTrie.from_codes(codes, bundle.level_ids)
 
     def codes_of(token_ids: list[int]) -> list[int]:
         return [bundle.level_ids[lv].index(t) for lv, t in enumerate(token_ids)]
 
-    targets = trie.lookup(np.array([codes_of(s.completion[:-1]) for s in samples]))
+    targets = trie.lookup(np.array([codes_of(s.completion) for s in samples]))
     result = constrained_beam_search(
         bundle.model, [s.prompt for s in samples], trie, beam_size=4,
         pad_token_id=bundle.builder.pad_token_id,
@@ -182,8 +184,9 @@ def test_training_key_separates_runs_that_must_not_share_checkpoints() -> None:
     assert key == training_key(load_config("tiny"), list(item_ids), codes.copy())
     others = [
         training_key(
-            load_config("tiny", ["recommender.loss_normalization=sample"]), item_ids, codes
+            load_config("tiny", ["recommender.loss_normalization=token"]), item_ids, codes
         ),
+        training_key(load_config("tiny", ["recommender.rec_samples=prefix"]), item_ids, codes),
         training_key(
             load_config("tiny", ["recommender.mixture=[{task: recommendation, weight: 1}]"]),
             item_ids,
@@ -193,7 +196,11 @@ def test_training_key_separates_runs_that_must_not_share_checkpoints() -> None:
         training_key(cfg, item_ids, np.array([[0, 1, 0], [1, 1, 0]])),
         training_key(cfg, ["a", "c"], codes),
     ]
-    assert len({key, *others}) == 6
+    assert len({key, *others}) == 7
+    # The old name of 'target' averaging is read as 'target': the same training.
+    old_name = load_config("tiny", ["recommender.loss_normalization=sample"])
+    assert old_name.recommender.loss_normalization == "target"
+    assert training_key(old_name, item_ids, codes) == key
 
 
 def test_lora_trains_the_new_token_rows_and_saves_plain_weights(

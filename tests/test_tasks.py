@@ -24,6 +24,7 @@ from store_core.tasks import (
     IGNORE_INDEX,
     TASK_ORDER,
     TASKS,
+    RenderSettings,
     Sample,
     SampleCollator,
     TaskData,
@@ -31,11 +32,16 @@ from store_core.tasks import (
     eval_prompts,
     load_task_data,
     multitask_loss,
+    padded_tokens,
+    sequence_windows,
+    token_losses,
 )
 
 SHARED_DATASETS = Path(__file__).resolve().parents[1].parent / "shared" / "datasets"
 LEVELS = [4, 4, 4]
 N = 3  # history_len in the hand-made tests
+PREFIX = RenderSettings(N, "prefix")
+SEQUENCE = RenderSettings(N, "sequence")
 
 # item -> (title, text); G has no title, Z has no semantic ID, X is a cold-start item.
 ITEMS = {
@@ -159,7 +165,7 @@ def test_every_task_name_has_a_renderer() -> None:
 
 
 def test_recommendation_expands_every_train_prefix(data: TaskData, builder: PromptBuilder) -> None:
-    samples = TASKS["recommendation"](data, builder, N)
+    samples = TASKS["recommendation"](data, builder, PREFIX)
     assert len(samples) == expected_count(TRAIN) == 2 + 0 + 0 + 6 + 1
     expected = []
     for user in sorted(TRAIN):
@@ -169,7 +175,7 @@ def test_recommendation_expands_every_train_prefix(data: TaskData, builder: Prom
     for sample, (history, target) in zip(samples, expected, strict=True):
         assert sample.task == "recommendation"
         assert sample.prompt == builder.recommendation([CODES[i] for i in history])
-        assert sample.completion == builder.sid_completion(CODES[target])
+        assert sample.completion == builder.recommendation_completion(CODES[target])
     # u4 (train A B C D E F G; X excluded): histories grow to N, then slide.
     assert expected[3] == (["A", "B"], "C")
     assert expected[6] == (["C", "D", "E"], "F")
@@ -182,8 +188,8 @@ def test_recommendation_expands_every_train_prefix(data: TaskData, builder: Prom
 def test_catalogue_tasks_one_sample_per_item(
     data: TaskData, builder: PromptBuilder, tokenizer: PreTrainedTokenizerFast
 ) -> None:
-    alignment = TASKS["alignment"](data, builder, N)
-    reconstruction = TASKS["reconstruction"](data, builder, N)
+    alignment = TASKS["alignment"](data, builder, PREFIX)
+    reconstruction = TASKS["reconstruction"](data, builder, PREFIX)
     catalogue = ["A", "B", "C", "D", "E", "F", "G", "H"]
     assert len(alignment) == len(reconstruction) == len(catalogue)
     for item, a, r in zip(catalogue, alignment, reconstruction, strict=True):
@@ -202,10 +208,10 @@ def test_catalogue_tasks_one_sample_per_item(
 def test_title_history_uses_titles_with_text_fallback(
     data: TaskData, builder: PromptBuilder, tokenizer: PreTrainedTokenizerFast
 ) -> None:
-    samples = TASKS["title_history"](data, builder, N)
-    recommendation = TASKS["recommendation"](data, builder, N)
+    samples = TASKS["title_history"](data, builder, PREFIX)
+    recommendation = TASKS["recommendation"](data, builder, PREFIX)
     assert len(samples) == len(recommendation)
-    assert [s.completion for s in samples] == [s.completion for s in recommendation]
+    assert [s.completion[:-1] for s in samples] == [s.completion for s in recommendation]
     # u4's last prefix: history D, E, F -> G.
     last_u4 = samples[-2]
     assert tokenizer.decode(last_u4.prompt + last_u4.completion) == (
@@ -222,10 +228,9 @@ def test_title_history_uses_titles_with_text_fallback(
 def test_golden_recommendation_sample(
     data: TaskData, builder: PromptBuilder, tokenizer: PreTrainedTokenizerFast
 ) -> None:
-    first = TASKS["recommendation"](data, builder, N)[1]  # u1: A, B -> C
+    first = TASKS["recommendation"](data, builder, PREFIX)[1]  # u1: A, B -> C
     assert tokenizer.decode(first.prompt + first.completion) == (
-        "<s>Recommend the next item. History:<a_0><b_0><c_0><a_1><b_0><c_1> Next:"
-        "<a_2><b_0><c_2></s>"
+        "<s>Recommend the next item. History:<a_0><b_0><c_0><a_1><b_0><c_1><a_2><b_0><c_2>"
     )
 
 
@@ -252,10 +257,19 @@ def test_ml100k_prefix_count(tmp_path: Path) -> None:
     assert sum(len(s) for s in data.train_sequences.values()) == 98114
     tokenizer = make_tokenizer(levels)
     builder = PromptBuilder(tokenizer, lookup_sid_tokens(tokenizer, levels), max_text_tokens=32)
-    samples = TASKS["recommendation"](data, builder, 20)
+    samples = TASKS["recommendation"](data, builder, RenderSettings(20, "prefix"))
     assert len(samples) == expected_count(data.train_sequences) == 98114 - 943 == 97171
     longest = max(len(s.prompt) for s in samples)
     assert longest == len(builder.recommendation([[0, 0, 0]] * 20))
+    windows = TASKS["recommendation"](data, builder, RenderSettings(20, "sequence"))
+    assert sum(w.num_targets for w in windows) == 97171  # the same targets, once each
+    assert len(windows) == sum(
+        len(sequence_windows(len(s), 20)) for s in data.train_sequences.values()
+    )
+    assert len(windows) < 97171 / 8  # ml-100k users are long: ~10 targets per row
+    assert max(len(w.prompt) + len(w.completion) for w in windows) == len(
+        builder.recommendation([[0, 0, 0]] * 21)
+    )
 
 
 # --------------------------------------------------------------------------- mixture
@@ -266,7 +280,7 @@ def test_mixture_weights(data: TaskData, builder: PromptBuilder) -> None:
     n_items = 8
 
     def counts(specs: list[TaskSpec], seed: int = 0) -> Counter[str]:
-        return Counter(s.task for s in build_mixture(specs, data, builder, N, seed))
+        return Counter(s.task for s in build_mixture(specs, data, builder, N, seed, "prefix"))
 
     one = [TaskSpec(task="recommendation"), TaskSpec(task="alignment")]
     assert counts(one) == {"recommendation": n_rec, "alignment": n_items}
@@ -280,12 +294,16 @@ def test_mixture_weights(data: TaskData, builder: PromptBuilder) -> None:
     assert counts(twice) == {"alignment": 2 * n_items}
     mixed = [TaskSpec(task="alignment", weight=1.5), TaskSpec(task="title_history", weight=0.25)]
     assert counts(mixed) == {"alignment": 12, "title_history": round(0.25 * n_rec)}
+    # Sequence mode (the default): 5 windows (u1 1, u4 3, u5 1) hold the same 9 targets.
+    windows = build_mixture(one, data, builder, N, 0)
+    assert Counter(s.task for s in windows) == {"recommendation": 5, "alignment": n_items}
+    assert sum(s.num_targets for s in windows if s.task == "recommendation") == n_rec
 
 
 def test_mixture_subsets_are_seeded_and_without_replacement(
     data: TaskData, builder: PromptBuilder
 ) -> None:
-    natural = TASKS["alignment"](data, builder, N)
+    natural = TASKS["alignment"](data, builder, PREFIX)
     spec = [TaskSpec(task="alignment", weight=0.5)]
     first = build_mixture(spec, data, builder, N, seed=1)
     assert first == build_mixture(spec, data, builder, N, seed=1)  # deterministic
@@ -367,9 +385,9 @@ def test_multitask_loss_equals_hand_computed_cross_entropy(
     data: TaskData, builder: PromptBuilder, tokenizer: PreTrainedTokenizerFast
 ) -> None:
     samples = [
-        *TASKS["recommendation"](data, builder, N)[:2],
-        TASKS["alignment"](data, builder, N)[0],
-        TASKS["reconstruction"](data, builder, N)[3],
+        *TASKS["recommendation"](data, builder, PREFIX)[:2],
+        TASKS["alignment"](data, builder, PREFIX)[0],
+        TASKS["reconstruction"](data, builder, PREFIX)[3],
     ]
     batch = SampleCollator(pad_token_id=int(tokenizer.pad_token_id))(samples)
     model = tiny_model(len(tokenizer))
@@ -388,8 +406,10 @@ def test_multitask_loss_equals_hand_computed_cross_entropy(
     everything = [v for values in per_task.values() for v in values]
     assert loss.item() == pytest.approx(sum(everything) / len(everything), rel=1e-5)
     assert metrics["tokens"] == len(everything) == sum(len(s.completion) for s in samples)
+    assert metrics["targets"] == 4.0
     assert set(metrics) == {
         "tokens",
+        "targets",
         "loss_recommendation",
         "loss_alignment",
         "loss_reconstruction",
@@ -412,7 +432,7 @@ def test_multitask_loss_single_task_and_empty_batch(tokenizer: PreTrainedTokeniz
     base = collate([Sample("alignment", [1, 5, 6, 7], [8, 2])])
     other_completion = collate([Sample("alignment", [1, 5, 6, 7], [9, 2])])
     loss, metrics = multitask_loss(model, base)
-    assert metrics["tokens"] == 2.0 and set(metrics) == {"tokens", "loss_alignment"}
+    assert metrics["tokens"] == 2.0 and set(metrics) == {"tokens", "targets", "loss_alignment"}
     assert multitask_loss(model, other_completion)[0].item() != pytest.approx(loss.item())
     with pytest.raises(ValueError, match="no completion tokens"):
         multitask_loss(model, {**base, "labels": torch.full_like(base["labels"], -100)})
@@ -437,37 +457,144 @@ def test_eval_prompts(data: TaskData, builder: PromptBuilder) -> None:
         eval_prompts(data, builder, N, "train")  # type: ignore[arg-type]
 
 
-def test_sample_normalization_weighs_every_sample_once(
+def test_target_normalization_on_a_hand_made_batch(
     data: TaskData, builder: PromptBuilder, tokenizer: PreTrainedTokenizerFast
 ) -> None:
-    """'sample' = mean over samples of each sample's mean token loss; 'token' differs."""
-    samples = [
-        TASKS["recommendation"](data, builder, N)[0],
-        TASKS["reconstruction"](data, builder, N)[3],
-    ]
-    assert len(samples[1].completion) > 2 * len(samples[0].completion)  # lengths differ
+    """'target' = mean over the batch's targets of each target's mean token loss, whether
+    the target sits in a sequence window with others or alone; 'token' differs."""
+    window = TASKS["recommendation"](data, builder, SEQUENCE)[1]  # u4: A B C D, 3 targets
+    reconstruction = TASKS["reconstruction"](data, builder, PREFIX)[3]  # 1 long target
+    samples = [window, reconstruction]
+    assert window.num_targets == 3 and window.spans == (3, 3, 3)
+    assert len(reconstruction.completion) > 2 * 3  # lengths differ
     batch = SampleCollator(pad_token_id=int(tokenizer.pad_token_id))(samples)
+    p = len(window.prompt)
+    assert batch["target_ids"][0, p : p + 9].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert set(batch["target_ids"][1].tolist()) == {-1, 3}
     model = tiny_model(len(tokenizer))
     with torch.no_grad():  # peaked outputs, so the token losses differ from one another
         model.lm_head.weight.mul_(200.0)
-    loss, metrics = multitask_loss(model, batch, normalization="sample")
+    loss, metrics = multitask_loss(model, batch, normalization="target")
     token_loss, token_metrics = multitask_loss(model, batch, normalization="token")
 
     with torch.no_grad():
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
     log_probs = F.log_softmax(logits.float(), dim=-1)
-    per_sample = []
+    per_target: list[float] = []
+    every_token: list[float] = []
     for row, sample in enumerate(samples):
         start = len(sample.prompt)
         nll = [
             -float(log_probs[row, start + offset - 1, token])
             for offset, token in enumerate(sample.completion)
         ]
-        per_sample.append(sum(nll) / len(nll))
-    assert loss.item() == pytest.approx(sum(per_sample) / 2, rel=1e-5)
+        every_token += nll
+        offset = 0
+        for length in sample.spans:
+            per_target.append(sum(nll[offset : offset + length]) / length)
+            offset += length
+    assert len(per_target) == 4 and metrics["targets"] == 4.0
+    assert loss.item() == pytest.approx(sum(per_target) / 4, rel=1e-5)
+    assert token_loss.item() == pytest.approx(sum(every_token) / len(every_token), rel=1e-5)
     assert token_loss.item() != pytest.approx(loss.item(), rel=1e-3)
     assert metrics == pytest.approx(token_metrics)  # the per-task means do not change
     loss.backward()
     assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="unknown loss normalization"):
         multitask_loss(model, batch, normalization="batch")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- sequence mode
+
+
+@pytest.mark.parametrize("history_len", [1, 2, 3, 5, 20, 50])
+def test_sequence_windows_label_every_target_once(history_len: int) -> None:
+    minimum = -(-history_len // 2)  # ceil(N/2)
+    for length in range(0, 130):
+        windows = sequence_windows(length, history_len)
+        labelled = [t for _, first, end in windows for t in range(first, end + 1)]
+        assert labelled == list(range(1, length))  # each target once, in order
+        for start, first, end in windows:
+            assert 0 <= start < first <= end < length
+            assert end - start <= history_len  # at most N items before any target
+            for t in range(first, end + 1):
+                assert t - start >= min(t, minimum)  # at least N/2 (or all it has)
+        if length > 1:
+            assert windows[0] == (0, 1, min(history_len, length - 1))
+
+
+def test_sequence_rows_are_prefix_closed(
+    data: TaskData, builder: PromptBuilder, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """Before each target a window holds exactly the prefix prompt of that history, and a
+    whole row is the prompt a user with that history is decoded from."""
+    windows = TASKS["recommendation"](data, builder, SEQUENCE)
+    assert [w.num_targets for w in windows] == [2, 3, 2, 1, 1]  # u1; u4 x3; u5
+    # u4 = A B C D E F G; stride 2: rows A-D (B C D), C-F (E F), D-G (G).
+    expected_rows = [["A", "B", "C"], ["A", "B", "C", "D"], ["C", "D", "E", "F"]]
+    expected_rows += [["D", "E", "F", "G"], ["C", "D"]]
+    for window, items in zip(windows, expected_rows, strict=True):
+        tokens = window.prompt + window.completion
+        assert tokens == builder.recommendation([CODES[i] for i in items])
+        first = len(items) - window.num_targets
+        position = len(window.prompt)
+        for index, length in zip(range(first, len(items)), window.spans, strict=True):
+            history = items[:index]
+            assert tokens[:position] == builder.recommendation([CODES[i] for i in history])
+            target = tokens[position : position + length]
+            assert target == builder.recommendation_completion(CODES[items[index]])
+            position += length
+    # Golden strings: u4's second window, and u1's row = u1's validation prompt.
+    assert tokenizer.decode(windows[2].prompt) == (
+        "<s>Recommend the next item. History:<a_2><b_0><c_2><a_3><b_0><c_0>"
+    )
+    assert tokenizer.decode(windows[2].completion) == "<a_0><b_1><c_1><a_1><b_1><c_2>"
+    users, prompts, _ = eval_prompts(data, builder, N, "valid")
+    assert users[0] == "u1"
+    assert prompts[0] == windows[0].prompt + windows[0].completion
+    assert tokenizer.decode(prompts[0]) == (
+        "<s>Recommend the next item. History:<a_0><b_0><c_0><a_1><b_0><c_1><a_2><b_0><c_2>"
+    )
+
+
+def test_sequence_target_loss_equals_prefix_sample_loss(
+    data: TaskData, builder: PromptBuilder, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """Same weights: each target's loss in a window = its loss as a prefix sample with the
+    same history (what makes one window worth its targets' prefix samples)."""
+    windows = TASKS["recommendation"](data, builder, SEQUENCE)
+    prefix_samples: list[Sample] = []
+    for window in windows:
+        position = len(window.prompt)
+        for length in window.spans:
+            tokens = window.prompt + window.completion
+            prefix_samples.append(
+                Sample("recommendation", tokens[:position], tokens[position : position + length])
+            )
+            position += length
+    model = tiny_model(len(tokenizer)).eval()
+    collate = SampleCollator(pad_token_id=int(tokenizer.pad_token_id))
+    with torch.no_grad():
+        in_windows = token_losses(model, collate(windows)).per_target()
+        alone = token_losses(model, collate(prefix_samples)).per_target()
+    assert in_windows.shape == alone.shape == (9,)
+    torch.testing.assert_close(in_windows, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_length_grouping_saves_padding(data: TaskData, builder: PromptBuilder) -> None:
+    specs = [TaskSpec(task=t) for t in ("recommendation", "alignment", "reconstruction")]
+    samples = build_mixture(specs, data, builder, N, 0)
+    from store_core.trainer import DataPlan
+
+    lengths = tuple(len(s.prompt) + len(s.completion) for s in samples)
+    grouped = DataPlan(len(samples), 2, 0, 0, 1, lengths)
+    shuffled = DataPlan(len(samples), 2, 0, 0, 1)
+    assert sorted(grouped.order(0).tolist()) == list(range(len(samples)))  # a permutation
+    assert (
+        grouped.order(0).tolist() == DataPlan(len(samples), 2, 0, 0, 1, lengths).order(0).tolist()
+    )
+    assert grouped.order(1).tolist() != grouped.order(0).tolist()  # reshuffled per epoch
+    real = sum(lengths)
+    assert padded_tokens(samples, 2, grouped.order(0).tolist()) - real < (
+        padded_tokens(samples, 2, shuffled.order(0).tolist()) - real
+    )

@@ -1,0 +1,232 @@
+"""Recommendation targets learned per second: sequence mode vs prefix mode, same model,
+same process; plus what the two Phase B cost cuts of issue 13 save.
+
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.rec_samples_throughput \\
+        --config ml-100k-quality --set workspace=/path/to/workspace --steps 40
+
+Needs a workspace with a finished Phase A (`store ingest` + `store train --phase
+tokenizer` with the same config). Three measurements, all from the Phase A checkpoint's
+model with the semantic-ID vocabulary added (``recommender.prepare_phase_b``):
+
+1. **Targets/s.** The recommendation task alone, rendered both ways
+   (``recommender.rec_samples``: ``prefix`` = one row per target, ``sequence`` = one row
+   per window labelling up to ``history_len`` targets; the same targets). Each mode
+   trains a fresh copy of the same weights for ``--steps`` optimizer steps with the
+   config's Phase B settings (engine, batch size, length grouping), alternating modes
+   over ``--rounds`` rounds so background load hits both alike. The first logging window
+   (engine set-up) is left out; reported: targets/s, supervised tokens/s, rows/s, and
+   the time one epoch of the task's targets takes at that rate.
+2. **Logits only where there are labels.** Forward + backward of the same sequence-mode
+   batches with the output projection on the gathered labelled positions
+   (``tasks.labelled_logits``) vs on every position (full ``[B, T, V]`` logits), plain
+   torch, alternating; seconds per batch.
+3. **Length grouping.** For the config's whole mixture in sequence mode: tokens the
+   collator feeds in one epoch (rows padded to the longest of their batch) with
+   length-grouped batches (``train.group_by_length``) vs a plain shuffle; the share of
+   those tokens that is padding.
+
+Prints the report and writes benchmarks/results/rec_samples_<config>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.machine import machine_info, write_results
+from store_core.config import LossNormalization, RecSamples, TaskSpec, TrainConfig, load_config
+from store_core.model import count_parameters
+from store_core.recommender import PhaseBInputs, prepare_phase_b
+from store_core.tasks import (
+    Sample,
+    SampleCollator,
+    build_mixture,
+    multitask_loss,
+    padded_tokens,
+    token_losses,
+)
+from store_core.trainer import DataPlan, train
+
+
+def rec_samples(
+    inputs: PhaseBInputs, history_len: int, seed: int, mode: RecSamples
+) -> list[Sample]:
+    """The recommendation task alone, rendered in ``mode``."""
+    spec = [TaskSpec(task="recommendation")]
+    return build_mixture(spec, inputs.data, inputs.builder, history_len, seed, mode)
+
+
+def timed_training(
+    inputs: PhaseBInputs,
+    samples: list[Sample],
+    train_cfg: TrainConfig,
+    normalization: LossNormalization,
+    steps: int,
+    name: str,
+) -> dict[str, float]:
+    """Train a copy of the Phase A model for ``steps`` steps on ``samples``: steady rates."""
+    model = copy.deepcopy(inputs.model)
+    train_cfg = train_cfg.model_copy(
+        update={
+            "max_steps": steps,
+            "log_every": max(1, steps // 4),
+            "checkpoint_every": 10**9,
+            "eval_every": None,
+        }
+    )
+    loss = functools.partial(multitask_loss, normalization=normalization)
+    lengths = [len(s.prompt) + len(s.completion) for s in samples]
+    with tempfile.TemporaryDirectory(prefix="store-bench-rec-samples-") as tmp:
+        result = train(
+            model,
+            samples,
+            SampleCollator(inputs.builder.pad_token_id, None),
+            loss,
+            train_cfg,
+            tmp,
+            resume=False,
+            description=name,
+            lengths=lengths,
+        )
+    steady = result.history[1:] or result.history
+    return {
+        "targets_per_s": statistics.fmean(h["targets_per_s"] for h in steady),
+        "supervised_tokens_per_s": statistics.fmean(h["tokens_per_s"] for h in steady),
+        "rows_per_s": statistics.fmean(h["samples_per_s"] for h in steady),
+        "final_loss": result.final_loss,
+    }
+
+
+def logits_cost(
+    inputs: PhaseBInputs, samples: list[Sample], batch_size: int, batches: int, rounds: int
+) -> dict[str, float]:
+    """Seconds per forward + backward batch, gathered vs full logits (same batches)."""
+    model = copy.deepcopy(inputs.model).train()
+    collate = SampleCollator(inputs.builder.pad_token_id, None)
+    plan = DataPlan(len(samples), batch_size, 0, 0, 1)
+    chosen = [collate([samples[i] for i in plan.batch(b)]) for b in range(batches)]
+    seconds: dict[str, list[float]] = {"gathered": [], "full": []}
+    for _ in range(rounds):
+        for name, gather in (("full", False), ("gathered", True)):
+            started = time.perf_counter()
+            for batch in chosen:
+                losses = token_losses(model, batch, gather=gather)
+                losses.per_target().mean().backward()
+                model.zero_grad(set_to_none=True)
+            seconds[name].append((time.perf_counter() - started) / len(chosen))
+    full, gathered = statistics.median(seconds["full"]), statistics.median(seconds["gathered"])
+    return {
+        "full_logits_s_per_batch": round(full, 4),
+        "gathered_logits_s_per_batch": round(gathered, 4),
+        "speedup": round(full / gathered, 3),
+    }
+
+
+def padding_report(samples: list[Sample], batch_size: int, seed: int) -> dict[str, float]:
+    """Collated tokens in one epoch, length-grouped vs plainly shuffled."""
+    lengths = tuple(len(s.prompt) + len(s.completion) for s in samples)
+    real = sum(lengths)
+    report: dict[str, float] = {"real_tokens": real}
+    for name, plan in (
+        ("shuffled", DataPlan(len(samples), batch_size, seed, 0, 1)),
+        ("grouped", DataPlan(len(samples), batch_size, seed, 0, 1, lengths)),
+    ):
+        fed = padded_tokens(samples, batch_size, plan.order(0).tolist())
+        report[f"{name}_tokens"] = fed
+        report[f"{name}_padding_share"] = round(1 - real / fed, 4)
+    report["tokens_saved_share"] = round(
+        1 - report["grouped_tokens"] / report["shuffled_tokens"], 4
+    )
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default="ml-100k-quality")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--steps", type=int, default=40, help="optimizer steps per mode/round")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds per mode")
+    parser.add_argument("--logit-batches", type=int, default=10)
+    parser.add_argument("--name", default=None, help="results file stem")
+    args = parser.parse_args()
+    cfg = load_config(args.config, args.overrides)
+    rec, train_cfg = cfg.recommender, cfg.recommender_train
+    inputs = prepare_phase_b(cfg)
+    modes: dict[str, list[Sample]] = {
+        "prefix": rec_samples(inputs, rec.history_len, train_cfg.seed, "prefix"),
+        "sequence": rec_samples(inputs, rec.history_len, train_cfg.seed, "sequence"),
+    }
+    report: dict[str, Any] = {
+        "config": args.config,
+        "overrides": args.overrides,
+        "machine": machine_info(),
+        "parameters": count_parameters(inputs.model),
+        "history_len": rec.history_len,
+        "batch_size": train_cfg.batch_size,
+        "engine": "zero2" if train_cfg.deepspeed.enabled else "plain",
+        "loss_normalization": rec.loss_normalization,
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "command": shlex.join(["python", "-m", "benchmarks.rec_samples_throughput", *sys.argv[1:]]),
+    }
+    for mode, samples in modes.items():
+        report[f"{mode}_rows"] = len(samples)
+        report[f"{mode}_targets"] = sum(s.num_targets for s in samples)
+        report[f"{mode}_mean_row_tokens"] = round(
+            statistics.fmean(len(s.prompt) + len(s.completion) for s in samples), 1
+        )
+    print(json.dumps(report, indent=2), flush=True)
+
+    runs: dict[str, list[dict[str, float]]] = {"prefix": [], "sequence": []}
+    for round_ in range(args.rounds):
+        for mode, samples in modes.items():
+            rates = timed_training(
+                inputs, samples, train_cfg, rec.loss_normalization, args.steps, f"{mode}-{round_}"
+            )
+            runs[mode].append(rates)
+            print(mode, round_, rates, flush=True)
+    summary: dict[str, dict[str, float]] = {}
+    for mode, rounds in runs.items():
+        targets_per_s = statistics.fmean(r["targets_per_s"] for r in rounds)
+        summary[mode] = {
+            "targets_per_s": round(targets_per_s, 1),
+            "supervised_tokens_per_s": round(
+                statistics.fmean(r["supervised_tokens_per_s"] for r in rounds), 1
+            ),
+            "rows_per_s": round(statistics.fmean(r["rows_per_s"] for r in rounds), 2),
+            "epoch_minutes": round(report[f"{mode}_targets"] / targets_per_s / 60, 2),
+        }
+    report["train"] = summary
+    report["train_rounds"] = runs
+    report["sequence_vs_prefix_targets_per_s"] = round(
+        summary["sequence"]["targets_per_s"] / summary["prefix"]["targets_per_s"], 2
+    )
+    print(json.dumps(summary), report["sequence_vs_prefix_targets_per_s"], flush=True)
+
+    report["logits"] = logits_cost(
+        inputs, modes["sequence"], train_cfg.batch_size, args.logit_batches, args.rounds
+    )
+    print("logits", report["logits"], flush=True)
+    mixture = build_mixture(
+        rec.mixture, inputs.data, inputs.builder, rec.history_len, train_cfg.seed, "sequence"
+    )
+    report["padding_sequence_mixture"] = padding_report(
+        mixture, train_cfg.batch_size, train_cfg.seed
+    )
+    print("padding", report["padding_sequence_mixture"], flush=True)
+    write_results(report, f"{args.name or 'rec_samples_' + Path(args.config).stem}.json")
+
+
+if __name__ == "__main__":
+    main()
