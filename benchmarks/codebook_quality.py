@@ -16,8 +16,11 @@ codebook and compares, side by side on the very same vectors:
   that still collide get their last code from a Sinkhorn-Knopp balanced soft assignment
   over all K codes (epsilon 0.003 on min-max-centred distances, 50 iterations, as in
   LC-Rec's released RQ-VAE), repeated on the remaining colliding items up to 20 rounds;
-- ``rqkmeans-nearest`` / ``rqkmeans-capacity``: the residual k-means baseline, the same
-  two rules.
+- ``rqkmeans-nearest`` / ``rqkmeans-capacity``: the residual k-means baseline (mean
+  text embedding), the same two rules;
+- ``rqdense-nearest`` / ``rqdense-capacity``: "each level clusters the residual of the
+  previous ones" on STORE's own dense tokens: residual k-means over the L dense tokens
+  concatenated ([N, L*D]), the same two rules.
 
 Per method: the share of items whose first L codes are shared (``collision_rate``), the
 largest such group, codes used and perplexity per level (:func:`codebook_stats`), the
@@ -178,6 +181,8 @@ METHODS: dict[str, tuple[str, Method]] = {
     "sinkhorn": ("store", sinkhorn_codes),
     "rqkmeans-nearest": ("rqkmeans", lambda cb, x: assign_codes(cb, x, "nearest")),
     "rqkmeans-capacity": ("rqkmeans", lambda cb, x: assign_codes(cb, x, "capacity")),
+    "rqdense-nearest": ("rqdense", lambda cb, x: assign_codes(cb, x, "nearest")),
+    "rqdense-capacity": ("rqdense", lambda cb, x: assign_codes(cb, x, "capacity")),
 }
 
 
@@ -191,21 +196,28 @@ def compare(
     """Every method's :func:`method_report` for every k-means seed: {seed: {method: ...}}."""
     _, texts, categories = _items(cfg)
     sid = cfg.semantic_id
+    vectors = {"store": dense, "rqkmeans": embedding, "rqdense": dense.reshape(len(dense), -1)}
+    kinds = {METHODS[m][0] for m in methods}
     out: dict[str, Any] = {}
     for seed in seeds:
         books: dict[str, q.Codebook] = {}
-        if any(METHODS[m][0] == "store" for m in methods):
+        if "store" in kinds:
             books["store"] = q.fit_store(
                 dense, sid.codebook_size, sid.pca_dim, sid.kmeans_n_init, seed
             )
-        if any(METHODS[m][0] == "rqkmeans" for m in methods):
-            books["rqkmeans"] = q.fit_rqkmeans(
-                embedding, sid.num_levels, sid.codebook_size, sid.pca_dim, sid.kmeans_n_init, seed
+        for kind in kinds - {"store"}:
+            books[kind] = q.fit_rqkmeans(
+                vectors[kind],
+                sid.num_levels,
+                sid.codebook_size,
+                sid.pca_dim,
+                sid.kmeans_n_init,
+                seed,
             )
         out[str(seed)] = {}
         for name in methods:
             kind, method = METHODS[name]
-            x = dense if kind == "store" else embedding
+            x = vectors[kind]
             started = time.perf_counter()
             codes = method(books[kind], x)
             seconds = time.perf_counter() - started
