@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import shlex
 import statistics
@@ -35,7 +34,7 @@ from store_core.config import StoreConfig, TrainConfig, load_config
 from store_core.generate import SemanticIdTrie
 from store_core.model import count_parameters
 from store_core.recommender import PhaseBInputs, evaluate_split, prepare_phase_b
-from store_core.tasks import SampleCollator, multitask_loss
+from store_core.tasks import SampleCollator
 from store_core.trainer import train
 
 
@@ -65,7 +64,7 @@ def timed_steps(
         }
     )
     collate = SampleCollator(inputs.builder.pad_token_id, None)
-    loss = functools.partial(multitask_loss, normalization=cfg.recommender.loss_normalization)
+    loss = inputs.loss(cfg.recommender.loss_normalization)
     with tempfile.TemporaryDirectory(prefix="store-bench-phase-b-") as tmp:
         result = train(
             model, inputs.samples, collate, loss, train_cfg, tmp, resume=False, description=name

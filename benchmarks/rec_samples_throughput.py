@@ -17,9 +17,9 @@ model with the semantic-ID vocabulary added (``recommender.prepare_phase_b``):
    (engine set-up) is left out; reported: targets/s, supervised tokens/s, rows/s, and
    the time one epoch of the task's targets takes at that rate.
 2. **Logits only where there are labels.** Forward + backward of the same sequence-mode
-   batches with the output projection on the gathered labelled positions
-   (``tasks.labelled_logits``) vs on every position (full ``[B, T, V]`` logits), plain
-   torch, alternating; seconds per batch.
+   batches with the output projection on the gathered labelled positions, ID tokens on
+   their level's rows only (``tasks.token_losses``), vs full ``[B, T, V]`` logits then
+   the same columns (``gather=False``), plain torch, alternating; seconds per batch.
 3. **Length grouping.** For the config's whole mixture in sequence mode: tokens the
    collator feeds in one epoch (rows padded to the longest of their batch) with
    length-grouped batches (``train.group_by_length``) vs a plain shuffle; the share of
@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import shlex
 import statistics
@@ -47,10 +46,10 @@ from store_core.config import LossNormalization, RecSamples, TaskSpec, TrainConf
 from store_core.model import count_parameters
 from store_core.recommender import PhaseBInputs, prepare_phase_b
 from store_core.tasks import (
+    IdVocabulary,
     Sample,
     SampleCollator,
     build_mixture,
-    multitask_loss,
     padded_tokens,
     token_losses,
 )
@@ -83,7 +82,7 @@ def timed_training(
             "eval_every": None,
         }
     )
-    loss = functools.partial(multitask_loss, normalization=normalization)
+    loss = inputs.loss(normalization)
     lengths = [len(s.prompt) + len(s.completion) for s in samples]
     with tempfile.TemporaryDirectory(prefix="store-bench-rec-samples-") as tmp:
         result = train(
@@ -114,12 +113,13 @@ def logits_cost(
     collate = SampleCollator(inputs.builder.pad_token_id, None)
     plan = DataPlan(len(samples), batch_size, 0, 0, 1)
     chosen = [collate([samples[i] for i in plan.batch(b)]) for b in range(batches)]
+    ids = IdVocabulary(inputs.level_ids)
     seconds: dict[str, list[float]] = {"gathered": [], "full": []}
     for _ in range(rounds):
         for name, gather in (("full", False), ("gathered", True)):
             started = time.perf_counter()
             for batch in chosen:
-                losses = token_losses(model, batch, gather=gather)
+                losses = token_losses(model, batch, ids, gather=gather)
                 losses.per_target().mean().backward()
                 model.zero_grad(set_to_none=True)
             seconds[name].append((time.perf_counter() - started) / len(chosen))

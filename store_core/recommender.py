@@ -37,7 +37,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from store_core.config import StoreConfig
+from store_core.config import LossNormalization, StoreConfig
 from store_core.errors import StoreError
 from store_core.generate import SemanticIdTrie, constrained_beam_search
 from store_core.item_tokenizer import (
@@ -56,6 +56,7 @@ from store_core.quantizer import Codebook, load_codebook
 from store_core.semantic_ids import vocabulary
 from store_core.tasks import (
     EvalSplit,
+    IdVocabulary,
     Sample,
     SampleCollator,
     TaskData,
@@ -65,7 +66,7 @@ from store_core.tasks import (
     multitask_loss,
 )
 from store_core.tracking import Run
-from store_core.trainer import EarlyStopping, rank, train, world_size
+from store_core.trainer import EarlyStopping, LossFn, rank, train, world_size
 
 logger = logging.getLogger(__name__)
 
@@ -256,6 +257,12 @@ class PhaseBInputs:
             counts[sample.task] += sample.num_targets
         return dict(counts)
 
+    def loss(self, normalization: LossNormalization) -> LossFn:
+        """Phase B's loss: ``normalization`` averaging, ID tokens over their level's codes."""
+        return functools.partial(
+            multitask_loss, normalization=normalization, ids=IdVocabulary(self.level_ids)
+        )
+
     @property
     def sample_lengths(self) -> list[int]:
         """Tokens per sample (prompt + completion): what length-grouped batching sorts."""
@@ -318,7 +325,7 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
         model,
         inputs.samples,
         SampleCollator(inputs.builder.pad_token_id, None),
-        functools.partial(multitask_loss, normalization=rec.loss_normalization),
+        inputs.loss(rec.loss_normalization),
         cfg.recommender_train,
         f"{recommender_dir(cfg)}-checkpoints/{training_key(cfg, inputs.item_ids, inputs.codes)}",
         run=run,

@@ -547,38 +547,94 @@ def _causal_lm(model: Any) -> Any:
     return get_base() if callable(get_base) else inner
 
 
-def labelled_logits(
-    model: Any, batch: Batch, select: torch.Tensor, *, gather: bool = True
-) -> torch.Tensor:
-    """Logits at the positions ``select`` marks, computed only there.
+class IdVocabulary:
+    """Which vocabulary entries are semantic-ID tokens, by level.
+
+    Built from ``table[level][code] = token id`` (:func:`store_core.prompts.lookup_sid_tokens`).
+    An ID token's probability is normalized over its own level's codes, in training
+    (:func:`token_losses`) and in decoding (:mod:`store_core.generate`): constrained
+    decoding only ever compares codes of one level, so the softmax runs over those
+    ``K_l`` rows of the output projection instead of all ``V`` (the text tokens never
+    compete with a code). For an ``[N, D]`` batch of ID positions that is ``N x D x K_l``
+    instead of ``N x D x V`` multiply-adds.
+    """
+
+    def __init__(self, table: Sequence[Sequence[int]]) -> None:
+        if not table:
+            raise ValueError("an ID vocabulary needs at least one level")
+        self.level_tokens = [torch.tensor(list(row), dtype=torch.long) for row in table]
+        size = max(int(t.max()) for t in self.level_tokens) + 1
+        self._level = torch.full((size,), -1, dtype=torch.long)  # token id -> level
+        self._code = torch.full((size,), -1, dtype=torch.long)  # token id -> code
+        for level, tokens in enumerate(self.level_tokens):
+            self._level[tokens] = level
+            self._code[tokens] = torch.arange(len(tokens))
+
+    def classify(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(level, code)`` of each token id in ``tokens`` (``[N]``); -1 for text tokens."""
+        table_level = self._level.to(tokens.device)
+        table_code = self._code.to(tokens.device)
+        inside = tokens < len(table_level)
+        index = torch.where(inside, tokens, 0)
+        return (
+            torch.where(inside, table_level[index], -1),
+            torch.where(inside, table_code[index], -1),
+        )
+
+
+def labelled_hidden(model: Any, batch: Batch, select: torch.Tensor) -> torch.Tensor:
+    """Final hidden states (after the last norm) at the positions ``select`` marks.
 
     ``select`` is ``[B, T-1]`` bool over predicting positions (position p predicts token
-    p + 1). The model runs once (through the engine/wrapper it is given, so DeepSpeed and
-    peft hooks fire) with its own head restricted to one position (``logits_to_keep=1``),
-    and the output projection is applied to the gathered final hidden states of the
-    selected positions: ``[N, D] @ [D, V]`` instead of ``[B, T, D] @ [D, V]``. Returns
-    ``[N, V]`` in the model's dtype, rows in ``select``'s row-major order. Models whose
-    head scales or caps logits (``_HEAD_EXTRAS``), and ``gather=False`` (the baseline
-    of benchmarks/rec_samples_throughput.py), get full ``[B, T, V]`` logits, then the
-    same rows.
+    p + 1). The model runs once, through the engine/wrapper it is given (so DeepSpeed and
+    peft hooks fire), with its own head restricted to one position (``logits_to_keep=1``).
+    Returns ``[N, D]``, rows in ``select``'s row-major order.
     """
-    input_ids = batch["input_ids"]  # [B, T]
-    attention_mask = batch["attention_mask"]  # [B, T]
-    config = getattr(_causal_lm(model), "config", None)
-    extras = any(getattr(config, name, None) not in (None, 1, 1.0) for name in _HEAD_EXTRAS)
-    if extras or not gather:
-        out = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return cast(torch.Tensor, out.logits)[:, :-1][select]
     out = model(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
         use_cache=False,
         logits_to_keep=1,
         output_hidden_states=True,
     )
-    hidden = cast(torch.Tensor, out.hidden_states[-1])[:, :-1][select]  # [N, D], after norm
-    head = _causal_lm(model).get_output_embeddings()
-    return cast(torch.Tensor, head(hidden))  # [N, V]
+    return cast(torch.Tensor, out.hidden_states[-1])[:, :-1][select]
+
+
+def _head_extras(model: Any) -> bool:
+    config = getattr(_causal_lm(model), "config", None)
+    return any(getattr(config, name, None) not in (None, 1, 1.0) for name in _HEAD_EXTRAS)
+
+
+def labelled_logits(
+    model: Any, batch: Batch, select: torch.Tensor, *, gather: bool = True
+) -> torch.Tensor:
+    """Logits ``[N, V]`` at the positions ``select`` marks, computed only there.
+
+    The output projection is applied to the gathered final hidden states of the selected
+    positions (:func:`labelled_hidden`): ``[N, D] @ [D, V]`` instead of
+    ``[B, T, D] @ [D, V]``. Models whose head scales or caps logits (``_HEAD_EXTRAS``), and
+    ``gather=False`` (the baseline of benchmarks/rec_samples_throughput.py), get full
+    ``[B, T, V]`` logits, then the same rows. In the model's dtype.
+    """
+    if _head_extras(model) or not gather:
+        out = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+        )
+        return cast(torch.Tensor, out.logits)[:, :-1][select]
+    hidden = labelled_hidden(model, batch, select)  # [N, D]
+    return cast(torch.Tensor, _causal_lm(model).get_output_embeddings()(hidden))  # [N, V]
+
+
+def _level_logits(head: Any, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """``[n, K]`` logits of the rows ``tokens`` of ``head`` only. A head that is not a
+    plain ``nn.Linear`` with its weight in place (peft's trainable-token wrapper, a ZeRO-3
+    partitioned weight that only the module's forward gathers) runs whole, then the
+    columns are taken."""
+    weight = head.weight if isinstance(head, torch.nn.Linear) else None
+    if weight is None or weight.numel() == 0 or hasattr(weight, "ds_id"):
+        return cast(torch.Tensor, head(hidden)).index_select(1, tokens)
+    bias = head.bias.index_select(0, tokens) if head.bias is not None else None
+    return F.linear(hidden, weight.index_select(0, tokens), bias)
 
 
 @dataclass(frozen=True)
@@ -599,11 +655,15 @@ class TokenLosses:
         return sums / sizes
 
 
-def token_losses(model: Any, batch: Batch, *, gather: bool = True) -> TokenLosses:
-    """Per-token cross-entropy on the completion tokens of ``batch`` (collator layout);
-    ``gather`` as in :func:`labelled_logits`.
+def token_losses(
+    model: Any, batch: Batch, ids: IdVocabulary | None = None, *, gather: bool = True
+) -> TokenLosses:
+    """Per-token cross-entropy on the completion tokens of ``batch`` (collator layout).
 
-    Raises ValueError when the batch has no completion token.
+    With ``ids``, a semantic-ID token's cross-entropy is over its level's codes only
+    (:class:`IdVocabulary`); every other token's (text, ``</s>``) is over the whole
+    vocabulary. Without, everything is over the whole vocabulary. ``gather`` as in
+    :func:`labelled_logits`. Raises ValueError when the batch has no completion token.
     """
     device = model_device(model)
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -611,20 +671,56 @@ def token_losses(model: Any, batch: Batch, *, gather: bool = True) -> TokenLosse
     select = targets != IGNORE_INDEX  # [B, T-1]
     if not bool(select.any()):
         raise ValueError("batch has no completion tokens")
-    logits = labelled_logits(model, batch, select, gather=gather)  # [N, V]
-    per_token = F.cross_entropy(logits.float(), targets[select], reduction="none")  # [N]
-    rows = torch.arange(targets.shape[0], device=device).unsqueeze(1).expand_as(targets)
+    wanted = targets[select]  # [N]
+    if ids is None:
+        logits = labelled_logits(model, batch, select, gather=gather)  # [N, V]
+        per_token = F.cross_entropy(logits.float(), wanted, reduction="none")  # [N]
+    else:
+        level, code = ids.classify(wanted)  # [N], [N]
+        per_token = torch.empty(wanted.shape, dtype=torch.float32, device=device)
+        head = _causal_lm(model).get_output_embeddings()
+        if _head_extras(model) or not gather:
+            full = labelled_logits(model, batch, select, gather=False)  # [N, V]
+
+            def rows(mask: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+                picked = full[mask]
+                return picked if tokens is None else picked.index_select(1, tokens)
+        else:
+            hidden = labelled_hidden(model, batch, select)  # [N, D]
+
+            def rows(mask: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
+                if tokens is None:
+                    return cast(torch.Tensor, head(hidden[mask]))
+                return _level_logits(head, hidden[mask], tokens)
+
+        text = level < 0
+        if bool(text.any()):
+            per_token[text] = F.cross_entropy(
+                rows(text, None).float(), wanted[text], reduction="none"
+            )
+        for index, tokens in enumerate(ids.level_tokens):
+            here = level == index
+            if bool(here.any()):
+                logits = rows(here, tokens.to(device)).float()  # [n, K_l]
+                per_token[here] = F.cross_entropy(logits, code[here], reduction="none")
+    rows_of = torch.arange(targets.shape[0], device=device).unsqueeze(1).expand_as(targets)
     return TokenLosses(
         per_token=per_token,
         target=batch["target_ids"][:, 1:][select],
-        task=batch["task_ids"][rows[select]],
+        task=batch["task_ids"][rows_of[select]],
     )
 
 
 def multitask_loss(
-    model: Any, batch: Batch, normalization: LossNormalization = "token"
+    model: Any,
+    batch: Batch,
+    normalization: LossNormalization = "token",
+    ids: IdVocabulary | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy on the completion tokens of the batch, plus per-task means.
+
+    ``ids``: the semantic-ID vocabulary, so ID tokens are scored over their level's codes
+    as decoding scores them (Phase B always passes it; :func:`token_losses`).
 
     ``normalization`` says how the token losses are averaged:
 
@@ -645,7 +741,7 @@ def multitask_loss(
     per completion token of that task's rows) for each task present, ``tokens``
     (completion tokens) and ``targets`` (targets) in the batch.
     """
-    losses = token_losses(model, batch)
+    losses = token_losses(model, batch, ids)
     if normalization == "token":
         loss = losses.per_token.mean()
     elif normalization == "target":

@@ -24,6 +24,7 @@ from store_core.tasks import (
     IGNORE_INDEX,
     TASK_ORDER,
     TASKS,
+    IdVocabulary,
     RenderSettings,
     Sample,
     SampleCollator,
@@ -574,11 +575,53 @@ def test_sequence_target_loss_equals_prefix_sample_loss(
             position += length
     model = tiny_model(len(tokenizer)).eval()
     collate = SampleCollator(pad_token_id=int(tokenizer.pad_token_id))
+    ids = IdVocabulary(builder.sid_table)
     with torch.no_grad():
-        in_windows = token_losses(model, collate(windows)).per_target()
-        alone = token_losses(model, collate(prefix_samples)).per_target()
+        in_windows = token_losses(model, collate(windows), ids).per_target()
+        alone = token_losses(model, collate(prefix_samples), ids).per_target()
     assert in_windows.shape == alone.shape == (9,)
     torch.testing.assert_close(in_windows, alone, rtol=1e-5, atol=1e-6)
+
+
+def test_id_tokens_are_scored_over_their_level_text_over_the_vocabulary(
+    data: TaskData, builder: PromptBuilder, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """With the ID vocabulary, an ID token's loss is -log softmax over its level's codes
+    (what constrained decoding scores); text and </s> keep the full vocabulary."""
+    samples = [
+        TASKS["recommendation"](data, builder, SEQUENCE)[1],
+        TASKS["alignment"](data, builder, PREFIX)[2],  # <sid></s>
+        TASKS["reconstruction"](data, builder, PREFIX)[0],  # text</s>
+    ]
+    batch = SampleCollator(pad_token_id=int(tokenizer.pad_token_id))(samples)
+    model = tiny_model(len(tokenizer))
+    ids = IdVocabulary(builder.sid_table)
+    losses = token_losses(model, batch, ids)
+    baseline = token_losses(model, batch, ids, gather=False)  # full logits, then columns
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    expected: list[float] = []
+    for row, sample in enumerate(samples):
+        start = len(sample.prompt)
+        for offset, token in enumerate(sample.completion):
+            scores = logits[row, start + offset - 1].float()  # [V]
+            levels = [lv for lv, r in enumerate(builder.sid_table) if token in r]
+            if levels:
+                level_ids = builder.sid_table[levels[0]]
+                level_scores = F.log_softmax(scores[level_ids], dim=-1)
+                expected.append(-float(level_scores[level_ids.index(token)]))
+            else:
+                expected.append(-float(F.log_softmax(scores, dim=-1)[token]))
+    assert losses.per_token.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    assert baseline.per_token.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    full_vocabulary = token_losses(model, batch)  # no ID vocabulary: every token over V
+    assert full_vocabulary.per_token[0].item() > losses.per_token[0].item()  # fewer rivals
+    losses.per_target().mean().backward()
+    grad = model.lm_head.weight.grad
+    assert grad is not None
+    assert grad[builder.sid_table[0]].abs().sum() > 0  # level rows trained
+    text_token = samples[2].completion[0]
+    assert grad[text_token].abs().sum() > 0  # text rows from the reconstruction
 
 
 def test_length_grouping_saves_padding(data: TaskData, builder: PromptBuilder) -> None:

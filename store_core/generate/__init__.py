@@ -23,11 +23,14 @@ Why it is built this way rather than with Hugging Face's ``generate``:
 * **Exactly M steps.** IDs have a fixed length, so there is no EOS, no bookkeeping of
   finished hypotheses and no length penalty: after M steps the live beams are the answer,
   and a beam's score is the sum of its M token log-probabilities.
-* **Scored like the reference.** Each step takes ``log_softmax`` over the FULL vocabulary
-  (in float32, as ``generate`` does), keeps the current level's tokens, sets invalid
-  transitions to -inf and keeps the top ``beam_size`` of (beam, code) per prompt. This is
-  what ``generate`` with ``length_penalty=0.0`` computes, so :func:`hf_reference_search`
-  (the slow baseline, kept for tests and benchmarks) returns the same beams.
+* **Scored as Phase B trains.** Each step takes ``log_softmax`` over the current level's
+  codes only (in float32): an ID token's probability is normalized over its level's
+  codes in training too (:class:`store_core.tasks.IdVocabulary`), since decoding never
+  compares a code with anything but codes of the same level. Invalid transitions are set
+  to -inf and the top ``beam_size`` of (beam, code) per prompt are kept.
+  :func:`hf_reference_search` (the slow baseline, kept for tests and benchmarks) runs
+  ``generate`` with ``length_penalty=0.0`` and a logits processor that renormalizes the
+  same way, and returns the same beams.
 
 Ties: ``torch.topk`` on a contiguous tensor is deterministic, but two candidates with
 exactly equal scores may come out in a different order than in ``generate`` (which ranks a

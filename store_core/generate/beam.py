@@ -164,7 +164,7 @@ class _BatchSearch:
         cache = _output_cache(out)
         if cache is None or not hasattr(cache, "reorder_cache"):
             raise TypeError(f"{type(self.model).__name__} returned no reorderable KV cache")
-        log_probs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)  # [P, V]
+        logits = out.logits[:, -1, :].float()  # [P, V]
         del out
 
         # Step 0 has one live beam per prompt (so no duplicate beams), later steps B.
@@ -179,7 +179,10 @@ class _BatchSearch:
         for level in range(num_levels):
             tokens = trie.token_ids(level)  # [K]
             size = tokens.numel()
-            level_lp = log_probs.index_select(1, tokens).view(num_prompts, width_beams, size)
+            # An ID token's log-probability is normalized over its level's codes (as Phase B
+            # trains it: tasks.token_losses), not over the whole vocabulary.
+            level_lp = torch.log_softmax(logits.index_select(1, tokens), dim=-1)  # [P*b, K]
+            level_lp = level_lp.view(num_prompts, width_beams, size)
             child = trie.children(level, node.view(-1)).view(num_prompts, width_beams, size)
             candidates = (beam_scores.unsqueeze(-1) + level_lp).masked_fill(child < 0, -math.inf)
             flat = candidates.reshape(num_prompts, width_beams * size)  # [P, b*K] contiguous
@@ -232,7 +235,7 @@ class _BatchSearch:
                     use_cache=True,
                     **{self.cache_arg: cache},
                 )
-                logits = out.logits.reshape(num_prompts * beams, -1)  # [P*B, V]
+                step_logits = out.logits.reshape(num_prompts * beams, -1)  # [P*B, V]
             else:
                 if width_beams == 1:
                     cache.batch_repeat_interleave(beams)
@@ -247,10 +250,10 @@ class _BatchSearch:
                     use_cache=True,
                     **{self.cache_arg: cache},
                 )
-                logits = out.logits[:, -1, :]  # [P*B, V]
+                step_logits = out.logits[:, -1, :]  # [P*B, V]
             cache = _output_cache(out)
-            log_probs = torch.log_softmax(logits.float(), dim=-1)  # [P*B, V]
-            del out, logits
+            logits = step_logits.float()  # [P*B, V]
+            del out, step_logits
             width_beams = beams
         alive = beam_scores > -math.inf  # [P, B]
         codes = torch.where(alive.unsqueeze(-1), codes, -1)  # [P, B, M]

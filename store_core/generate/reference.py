@@ -8,6 +8,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from store_core.generate.beam import BeamResult
 from store_core.generate.trie import SemanticIdTrie
@@ -15,6 +16,31 @@ from store_core.generate.trie import SemanticIdTrie
 #: ``generate`` starts every beam but the first at -1e9 and may return such filler beams
 #: when fewer than ``beam_size`` IDs are valid; any score at or below this is "dead".
 _HF_DEAD_SCORE: float = -1e8
+
+
+class _LevelConstraint(LogitsProcessor):
+    """Per level: renormalize the level's codes (log-softmax over them alone, as
+    :func:`constrained_beam_search` scores), then keep only the beam's allowed codes.
+
+    Applied by ``generate`` to its full-vocabulary log-probabilities; the log-softmax over
+    a subset of those equals the log-softmax over that subset's logits.
+    """
+
+    def __init__(self, prompt_len: int, level_tokens: list[torch.Tensor], allowed: Any) -> None:
+        self.prompt_len = prompt_len
+        self.level_tokens = level_tokens
+        self.allowed = allowed
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        depth = input_ids.shape[1] - self.prompt_len
+        tokens = self.level_tokens[depth].to(scores.device)  # [K]
+        level = torch.log_softmax(scores.index_select(1, tokens), dim=-1)  # [beams, K]
+        out = torch.full_like(scores, -math.inf)
+        for row in range(scores.shape[0]):
+            keep = torch.tensor(self.allowed(row, input_ids[row]), dtype=torch.long)
+            column = torch.isin(tokens, keep.to(tokens.device))
+            out[row, tokens[column]] = level[row, column]
+        return cast(torch.FloatTensor, out)
 
 
 def hf_reference_search(
@@ -29,8 +55,11 @@ def hf_reference_search(
     """The slow baseline: Hugging Face ``generate`` with ``prefix_allowed_tokens_fn``.
 
     One prompt at a time (batch 1), the allowed tokens found by walking nested Python
-    dicts once per beam per step. With ``length_penalty=0.0`` a sequence's score is the
-    sum of its token log-probabilities, comparable with :func:`constrained_beam_search`.
+    dicts once per beam per step. Each step's log-probabilities are renormalized over the
+    level's codes before the constraint (:class:`_LevelConstraint`, a logits processor,
+    in place of ``prefix_allowed_tokens_fn``, which would mask before renormalizing).
+    With ``length_penalty=0.0`` a sequence's score is the sum of its token
+    log-probabilities, comparable with :func:`constrained_beam_search`.
 
     Fewer valid IDs than ``beam_size``: ``generate`` starts beams 1..B-1 at -1e9 and keeps
     filler beams (repeats of valid prefixes) at about -1e9, or -inf; those slots are
@@ -39,7 +68,8 @@ def hf_reference_search(
     except ``repetition_penalty`` and ``no_repeat_ngram_size``.
     """
     num_levels = trie.num_levels
-    level_lists = [trie.token_ids(level).tolist() for level in range(num_levels)]
+    level_tensors = [trie.token_ids(level).cpu() for level in range(num_levels)]
+    level_lists = [tokens.tolist() for tokens in level_tensors]
     token_code = [{tok: code for code, tok in enumerate(lst)} for lst in level_lists]
     root = trie.python_trie()
     device = next(model.parameters()).device
@@ -73,7 +103,9 @@ def hf_reference_search(
                     num_beams=beam_size,
                     num_return_sequences=beam_size,
                     max_new_tokens=num_levels,
-                    prefix_allowed_tokens_fn=allowed,
+                    logits_processor=LogitsProcessorList(
+                        [_LevelConstraint(prompt_len, level_tensors, allowed)]
+                    ),
                     do_sample=False,
                     early_stopping=True,
                     length_penalty=0.0,
