@@ -64,7 +64,7 @@ def timed_steps(
         }
     )
     collate = SampleCollator(inputs.builder.pad_token_id, None)
-    loss = inputs.loss(cfg.recommender.loss_normalization)
+    loss = inputs.loss(cfg.recommender.loss_normalization, train_cfg.batch_size)
     with tempfile.TemporaryDirectory(prefix="store-bench-phase-b-") as tmp:
         result = train(
             model, inputs.samples, collate, loss, train_cfg, tmp, resume=False, description=name

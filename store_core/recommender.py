@@ -64,6 +64,7 @@ from store_core.tasks import (
     eval_prompts,
     load_task_data,
     multitask_loss,
+    targets_per_batch,
 )
 from store_core.tracking import Run
 from store_core.trainer import EarlyStopping, LossFn, rank, train, world_size
@@ -257,10 +258,15 @@ class PhaseBInputs:
             counts[sample.task] += sample.num_targets
         return dict(counts)
 
-    def loss(self, normalization: LossNormalization) -> LossFn:
-        """Phase B's loss: ``normalization`` averaging, ID tokens over their level's codes."""
+    def loss(self, normalization: LossNormalization, batch_size: int) -> LossFn:
+        """Phase B's loss: ``normalization`` averaging (per target: over the mixture's
+        expected targets per micro-batch of ``batch_size``), ID tokens over their level's
+        codes."""
         return functools.partial(
-            multitask_loss, normalization=normalization, ids=IdVocabulary(self.level_ids)
+            multitask_loss,
+            normalization=normalization,
+            ids=IdVocabulary(self.level_ids),
+            targets_per_batch=targets_per_batch(self.samples, batch_size),
         )
 
     @property
@@ -325,7 +331,7 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
         model,
         inputs.samples,
         SampleCollator(inputs.builder.pad_token_id, None),
-        inputs.loss(rec.loss_normalization),
+        inputs.loss(rec.loss_normalization, cfg.recommender_train.batch_size),
         cfg.recommender_train,
         f"{recommender_dir(cfg)}-checkpoints/{training_key(cfg, inputs.item_ids, inputs.codes)}",
         run=run,

@@ -711,11 +711,20 @@ def token_losses(
     )
 
 
+def targets_per_batch(samples: Sequence[Sample], batch_size: int) -> float:
+    """Expected targets in a micro-batch of ``batch_size`` samples drawn from ``samples``:
+    the constant ``"target"`` loss averaging divides by (:func:`multitask_loss`)."""
+    if not samples:
+        raise ValueError("no samples")
+    return sum(sample.num_targets for sample in samples) / len(samples) * batch_size
+
+
 def multitask_loss(
     model: Any,
     batch: Batch,
     normalization: LossNormalization = "token",
     ids: IdVocabulary | None = None,
+    targets_per_batch: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy on the completion tokens of the batch, plus per-task means.
 
@@ -727,13 +736,18 @@ def multitask_loss(
     * ``"token"``: the mean over every completion token of the batch (a target weighs as
       many tokens as it has, so a 60-token reconstruction counts 15 times a 4-token
       recommendation target);
-    * ``"target"``: each target's mean token loss first, then the mean over the targets
-      of the batch. Every target weighs the same - one recommendation target, one
-      alignment item, one reconstruction item - whether it sits alone in a prefix row or
-      with 19 others in a sequence window. So a task's share of the gradient is its share
-      of the targets, which is what the mixture weights set (weight 2 = twice the
-      targets), in either recommendation form. In prefix mode a row is one target and
-      this is the per-sample mean.
+    * ``"target"``: each target's mean token loss first, then their sum divided by
+      ``targets_per_batch``, a constant: the mixture's targets per sample times the batch
+      size (:func:`targets_per_batch`). Every target weighs the same across the epoch -
+      one recommendation target, one alignment item, one reconstruction item - whether
+      it sits alone in a prefix row or with 19 others in a sequence window, and whatever
+      the batch it lands in: a batch of 32 windows (~370 targets) pulls ~11 times as hard
+      as a batch of 32 catalogue rows (32 targets). So a task's share of the gradient
+      over an epoch is its share of the targets, which is what the mixture weights set
+      (weight 2 = twice the targets), in either recommendation form. (Dividing by the
+      batch's own target count instead would give a length-grouped batch of catalogue
+      rows the pull of a batch of windows.) Without ``targets_per_batch`` the batch's
+      own count is used: the mean over the batch's targets.
 
     Works on a Hugging Face causal LM and on a DeepSpeed engine or peft model wrapping one
     (it is only called). Logits are computed only where there are labels
@@ -745,7 +759,8 @@ def multitask_loss(
     if normalization == "token":
         loss = losses.per_token.mean()
     elif normalization == "target":
-        loss = losses.per_target().mean()
+        per_target = losses.per_target()
+        loss = per_target.sum() / (targets_per_batch or per_target.numel())
     else:
         raise ValueError(f"unknown loss normalization {normalization!r}")
     device = losses.per_token.device

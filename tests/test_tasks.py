@@ -35,6 +35,7 @@ from store_core.tasks import (
     multitask_loss,
     padded_tokens,
     sequence_windows,
+    targets_per_batch,
     token_losses,
 )
 
@@ -496,6 +497,12 @@ def test_target_normalization_on_a_hand_made_batch(
             offset += length
     assert len(per_target) == 4 and metrics["targets"] == 4.0
     assert loss.item() == pytest.approx(sum(per_target) / 4, rel=1e-5)
+    # With the mixture's expected targets per batch, every target weighs 1 / that constant
+    # whatever batch it is in: a batch with fewer targets pulls less.
+    scaled, _ = multitask_loss(model, batch, "target", targets_per_batch=10.0)
+    assert scaled.item() == pytest.approx(sum(per_target) / 10.0, rel=1e-5)
+    mixture = [window, reconstruction, reconstruction, reconstruction]  # 3 + 1 + 1 + 1
+    assert targets_per_batch(mixture, batch_size=2) == pytest.approx(6 / 4 * 2)
     assert token_loss.item() == pytest.approx(sum(every_token) / len(every_token), rel=1e-5)
     assert token_loss.item() != pytest.approx(loss.item(), rel=1e-3)
     assert metrics == pytest.approx(token_metrics)  # the per-task means do not change
