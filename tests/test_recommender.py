@@ -11,12 +11,13 @@ import torch
 
 from store_core.bundle import load_bundle
 from store_core.config import StoreConfig, load_config
+from store_core.errors import StoreError
 from store_core.generate import SemanticIdTrie, constrained_beam_search
 from store_core.ingest import run_ingest
 from store_core.item_tokenizer import load_semantic_ids, train_semantic_tokenizer
 from store_core.model import load_checkpoint
 from store_core.new_items import tokenize_new_items
-from store_core.prompts import PromptBuilder
+from store_core.prompts import PROMPT_FORMAT, PromptBuilder
 from store_core.quantizer import load_codebook
 from store_core.recommender import (
     METRICS_FILE,
@@ -59,6 +60,23 @@ def test_checkpoint_and_metrics(tiny_trained: tuple[StoreConfig, Path]) -> None:
     _, tokenizer = load_checkpoint(str(ckpt))
     assert level_token(0, 7) in tokenizer.get_vocab()
     assert level_token(3, meta["level_sizes"][3] - 1) in tokenizer.get_vocab()
+    # What shaped the prompts is recorded; sequence mode labelled every target once.
+    assert meta["prompt_format"] == PROMPT_FORMAT == 2 and meta["rec_samples"] == "sequence"
+    assert metrics["targets_per_task"]["recommendation"] == 156  # tiny's train targets
+    assert metrics["samples_per_task"]["recommendation"] == 46  # in 46 windows
+    assert metrics["train_targets_per_s"] > 0
+
+
+def test_checkpoint_of_an_older_prompt_format_is_refused(
+    tiny_trained: tuple[StoreConfig, Path], tmp_path: Path
+) -> None:
+    _, ckpt = tiny_trained
+    old = copy_workspace(ckpt, tmp_path / "old")
+    meta = json.loads((old / "metadata.json").read_text())
+    del meta["prompt_format"]  # written before sequence mode: format 1
+    (old / "metadata.json").write_text(json.dumps(meta))
+    with pytest.raises(StoreError, match=r"prompt format 1.*retrain Phase B"):
+        load_bundle(str(old))
 
 
 def test_new_token_rows_change_during_training(tiny_trained: tuple[StoreConfig, Path]) -> None:
