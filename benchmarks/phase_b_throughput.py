@@ -102,7 +102,7 @@ def main() -> None:
     cfg = load_config(args.config, args.overrides)
     inputs = prepare_phase_b(cfg)
     seq_tokens = statistics.fmean(
-        len(s.prompt) + len(s.completion) for s in inputs.samples
+        s.num_tokens for s in inputs.samples
     )  # what the collator feeds, on average (prompts are already truncated when rendered)
     report: dict[str, object] = {
         "config": args.config,

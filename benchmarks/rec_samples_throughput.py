@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import functools
 import json
 import shlex
 import statistics
@@ -54,9 +53,7 @@ from store_core.tasks import (
     Sample,
     SampleCollator,
     build_mixture,
-    multitask_loss,
     padded_tokens,
-    targets_per_batch,
     token_losses,
 )
 from store_core.trainer import DataPlan
@@ -89,13 +86,8 @@ def epoch_rate(
     """
     model = copy.deepcopy(inputs.model).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr)
-    loss_fn = functools.partial(
-        multitask_loss,
-        normalization=normalization,
-        ids=IdVocabulary(inputs.level_ids),
-        targets_per_batch=targets_per_batch(samples, train_cfg.batch_size),
-    )
-    lengths = tuple(len(s.prompt) + len(s.completion) for s in samples)
+    loss_fn = inputs.loss(normalization, train_cfg.batch_size, samples)
+    lengths = tuple(s.num_tokens for s in samples)
     plan = DataPlan(
         len(samples),
         train_cfg.batch_size,
@@ -165,7 +157,7 @@ def logits_cost(
 
 def padding_report(samples: list[Sample], batch_size: int, seed: int) -> dict[str, float]:
     """Collated tokens in one epoch, length-grouped vs plainly shuffled."""
-    lengths = tuple(len(s.prompt) + len(s.completion) for s in samples)
+    lengths = tuple(s.num_tokens for s in samples)
     real = sum(lengths)
     report: dict[str, float] = {"real_tokens": real}
     for name, plan in (
@@ -216,7 +208,7 @@ def main() -> None:
         report[f"{mode}_rows"] = len(samples)
         report[f"{mode}_targets"] = sum(s.num_targets for s in samples)
         report[f"{mode}_mean_row_tokens"] = round(
-            statistics.fmean(len(s.prompt) + len(s.completion) for s in samples), 1
+            statistics.fmean(s.num_tokens for s in samples), 1
         )
     print(json.dumps(report, indent=2), flush=True)
 

@@ -29,6 +29,7 @@ import json
 import logging
 import shutil
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -258,21 +259,23 @@ class PhaseBInputs:
             counts[sample.task] += sample.num_targets
         return dict(counts)
 
-    def loss(self, normalization: LossNormalization, batch_size: int) -> LossFn:
-        """Phase B's loss: ``normalization`` averaging (per target: over the mixture's
-        expected targets per micro-batch of ``batch_size``), ID tokens over their level's
-        codes."""
+    def loss(
+        self,
+        normalization: LossNormalization,
+        batch_size: int,
+        samples: Sequence[Sample] | None = None,
+    ) -> LossFn:
+        """Phase B's loss for training on ``samples`` (default: :attr:`samples`):
+        ``normalization`` averaging (per target: over their expected targets per
+        micro-batch of ``batch_size``), ID tokens over their level's codes."""
         return functools.partial(
             multitask_loss,
             normalization=normalization,
             ids=IdVocabulary(self.level_ids),
-            targets_per_batch=targets_per_batch(self.samples, batch_size),
+            targets_per_batch=targets_per_batch(
+                self.samples if samples is None else samples, batch_size
+            ),
         )
-
-    @property
-    def sample_lengths(self) -> list[int]:
-        """Tokens per sample (prompt + completion): what length-grouped batching sorts."""
-        return [len(sample.prompt) + len(sample.completion) for sample in self.samples]
 
 
 def prepare_phase_b(cfg: StoreConfig) -> PhaseBInputs:
@@ -337,7 +340,7 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
         run=run,
         description="recommender",
         early_stopping=EarlyStopping(validate, "ndcg_at_10", rec.early_stopping_patience),
-        lengths=inputs.sample_lengths,
+        lengths=[sample.num_tokens for sample in inputs.samples],
     )
     if rank() != 0:
         return None

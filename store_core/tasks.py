@@ -66,7 +66,7 @@ Too long a row loses tokens from the LEFT of its prompt (the oldest history); th
 token and the completion are kept.
 
 The loss (:func:`multitask_loss`) runs the output projection only on the hidden states of
-labelled positions (:func:`labelled_logits`) and averages either per token or per target;
+labelled positions (:func:`token_losses`) and averages either per token or per target;
 ``target`` averaging keeps the mixture weights meaningful in sequence mode (see there).
 """
 
@@ -137,6 +137,11 @@ class Sample:
     @property
     def num_targets(self) -> int:
         return len(self.spans)
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens of the row before any truncation (prompt + completion)."""
+        return len(self.prompt) + len(self.completion)
 
 
 @dataclass(frozen=True)
@@ -524,10 +529,7 @@ def padded_tokens(samples: Sequence[Sample], batch_size: int, order: Sequence[in
     batched ``batch_size`` at a time in ``order``: the cost that padding inflates."""
     total = 0
     for start in range(0, len(order), batch_size):
-        lengths = [
-            len(samples[i].prompt) + len(samples[i].completion)
-            for i in order[start : start + batch_size]
-        ]
+        lengths = [samples[i].num_tokens for i in order[start : start + batch_size]]
         total += max(lengths) * len(lengths)
     return total
 
@@ -536,7 +538,7 @@ def padded_tokens(samples: Sequence[Sample], batch_size: int, order: Sequence[in
 
 
 #: Config fields of models whose causal-LM head does more than the output projection
-#: (logit scaling or soft-capping): :func:`labelled_logits` asks those for full logits.
+#: (logit scaling or soft-capping): :func:`token_losses` asks those for full logits.
 _HEAD_EXTRAS = ("final_logit_softcapping", "logit_scale", "logits_scaling", "output_multiplier")
 
 
@@ -564,16 +566,29 @@ class IdVocabulary:
             raise ValueError("an ID vocabulary needs at least one level")
         self.level_tokens = [torch.tensor(list(row), dtype=torch.long) for row in table]
         size = max(int(t.max()) for t in self.level_tokens) + 1
-        self._level = torch.full((size,), -1, dtype=torch.long)  # token id -> level
-        self._code = torch.full((size,), -1, dtype=torch.long)  # token id -> code
-        for level, tokens in enumerate(self.level_tokens):
-            self._level[tokens] = level
-            self._code[tokens] = torch.arange(len(tokens))
+        level = torch.full((size,), -1, dtype=torch.long)  # token id -> level
+        code = torch.full((size,), -1, dtype=torch.long)  # token id -> code
+        for index, tokens in enumerate(self.level_tokens):
+            level[tokens] = index
+            code[tokens] = torch.arange(len(tokens))
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]]
+        self._tables = {level.device: (level, code, self.level_tokens)}
+
+    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, list[torch.Tensor]]:
+        """``(level of token id [V'], code of token id [V'], level tokens [K_l] each)`` on
+        ``device``, copied there once."""
+        if device not in self._tables:
+            level, code, tokens = next(iter(self._tables.values()))
+            self._tables[device] = (
+                level.to(device),
+                code.to(device),
+                [t.to(device) for t in tokens],
+            )
+        return self._tables[device]
 
     def classify(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(level, code)`` of each token id in ``tokens`` (``[N]``); -1 for text tokens."""
-        table_level = self._level.to(tokens.device)
-        table_code = self._code.to(tokens.device)
+        table_level, table_code, _ = self.on(tokens.device)
         inside = tokens < len(table_level)
         index = torch.where(inside, tokens, 0)
         return (
@@ -605,24 +620,12 @@ def _head_extras(model: Any) -> bool:
     return any(getattr(config, name, None) not in (None, 1, 1.0) for name in _HEAD_EXTRAS)
 
 
-def labelled_logits(
-    model: Any, batch: Batch, select: torch.Tensor, *, gather: bool = True
-) -> torch.Tensor:
-    """Logits ``[N, V]`` at the positions ``select`` marks, computed only there.
-
-    The output projection is applied to the gathered final hidden states of the selected
-    positions (:func:`labelled_hidden`): ``[N, D] @ [D, V]`` instead of
-    ``[B, T, D] @ [D, V]``. Models whose head scales or caps logits (``_HEAD_EXTRAS``), and
-    ``gather=False`` (the baseline of benchmarks/rec_samples_throughput.py), get full
-    ``[B, T, V]`` logits, then the same rows. In the model's dtype.
-    """
-    if _head_extras(model) or not gather:
-        out = model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
-        )
-        return cast(torch.Tensor, out.logits)[:, :-1][select]
-    hidden = labelled_hidden(model, batch, select)  # [N, D]
-    return cast(torch.Tensor, _causal_lm(model).get_output_embeddings()(hidden))  # [N, V]
+def _full_logits(model: Any, batch: Batch, select: torch.Tensor) -> torch.Tensor:
+    """``[N, V]`` logits at ``select`` from a plain forward (full ``[B, T, V]`` logits)."""
+    out = model(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False
+    )
+    return cast(torch.Tensor, out.logits)[:, :-1][select]
 
 
 def _level_logits(head: Any, hidden: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -660,10 +663,14 @@ def token_losses(
 ) -> TokenLosses:
     """Per-token cross-entropy on the completion tokens of ``batch`` (collator layout).
 
-    With ``ids``, a semantic-ID token's cross-entropy is over its level's codes only
-    (:class:`IdVocabulary`); every other token's (text, ``</s>``) is over the whole
-    vocabulary. Without, everything is over the whole vocabulary. ``gather`` as in
-    :func:`labelled_logits`. Raises ValueError when the batch has no completion token.
+    The output projection runs only on the final hidden states of labelled positions
+    (:func:`labelled_hidden`): ``[N, D] @ [D, V]`` instead of ``[B, T, D] @ [D, V]``. With
+    ``ids``, a semantic-ID token's cross-entropy is over its level's codes only
+    (:class:`IdVocabulary`: ``K_l`` rows of the projection); every other token's (text,
+    ``</s>``) is over the whole vocabulary; without, every token's is. ``gather=False``
+    (the baseline of benchmarks/rec_samples_throughput.py), and models whose head scales
+    or caps logits (``_HEAD_EXTRAS``), compute full ``[B, T, V]`` logits and take the same
+    rows and columns. Raises ValueError when the batch has no completion token.
     """
     device = model_device(model)
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -672,37 +679,32 @@ def token_losses(
     if not bool(select.any()):
         raise ValueError("batch has no completion tokens")
     wanted = targets[select]  # [N]
+    groups: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []  # mask, rows, labels
     if ids is None:
-        logits = labelled_logits(model, batch, select, gather=gather)  # [N, V]
-        per_token = F.cross_entropy(logits.float(), wanted, reduction="none")  # [N]
+        groups.append((torch.ones_like(wanted, dtype=torch.bool), None, wanted))
     else:
         level, code = ids.classify(wanted)  # [N], [N]
-        per_token = torch.empty(wanted.shape, dtype=torch.float32, device=device)
+        groups.append((level < 0, None, wanted))
+        groups += [(level == i, rows, code) for i, rows in enumerate(ids.on(device)[2])]
+    if _head_extras(model) or not gather:
+        full = _full_logits(model, batch, select)  # [N, V]
+
+        def logits_of(mask: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+            return full[mask] if rows is None else full[mask].index_select(1, rows)
+    else:
+        hidden = labelled_hidden(model, batch, select)  # [N, D]
         head = _causal_lm(model).get_output_embeddings()
-        if _head_extras(model) or not gather:
-            full = labelled_logits(model, batch, select, gather=False)  # [N, V]
 
-            def rows(mask: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
-                picked = full[mask]
-                return picked if tokens is None else picked.index_select(1, tokens)
-        else:
-            hidden = labelled_hidden(model, batch, select)  # [N, D]
+        def logits_of(mask: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+            if rows is None:
+                return cast(torch.Tensor, head(hidden[mask]))
+            return _level_logits(head, hidden[mask], rows)
 
-            def rows(mask: torch.Tensor, tokens: torch.Tensor | None) -> torch.Tensor:
-                if tokens is None:
-                    return cast(torch.Tensor, head(hidden[mask]))
-                return _level_logits(head, hidden[mask], tokens)
-
-        text = level < 0
-        if bool(text.any()):
-            per_token[text] = F.cross_entropy(
-                rows(text, None).float(), wanted[text], reduction="none"
-            )
-        for index, tokens in enumerate(ids.level_tokens):
-            here = level == index
-            if bool(here.any()):
-                logits = rows(here, tokens.to(device)).float()  # [n, K_l]
-                per_token[here] = F.cross_entropy(logits, code[here], reduction="none")
+    per_token = torch.empty(wanted.shape, dtype=torch.float32, device=device)  # [N]
+    for mask, rows, labels in groups:
+        if bool(mask.any()):
+            logits = logits_of(mask, rows).float()  # [n, V] or [n, K_l]
+            per_token[mask] = F.cross_entropy(logits, labels[mask], reduction="none")
     rows_of = torch.arange(targets.shape[0], device=device).unsqueeze(1).expand_as(targets)
     return TokenLosses(
         per_token=per_token,
@@ -751,7 +753,7 @@ def multitask_loss(
 
     Works on a Hugging Face causal LM and on a DeepSpeed engine or peft model wrapping one
     (it is only called). Logits are computed only where there are labels
-    (:func:`labelled_logits`) and upcast to float32 there. Metrics: ``loss_<task>`` (mean
+    (:func:`token_losses`) and upcast to float32 there. Metrics: ``loss_<task>`` (mean
     per completion token of that task's rows) for each task present, ``tokens``
     (completion tokens) and ``targets`` (targets) in the batch.
     """

@@ -636,7 +636,7 @@ def test_length_grouping_saves_padding(data: TaskData, builder: PromptBuilder) -
     samples = build_mixture(specs, data, builder, N, 0)
     from store_core.trainer import DataPlan
 
-    lengths = tuple(len(s.prompt) + len(s.completion) for s in samples)
+    lengths = tuple(s.num_tokens for s in samples)
     grouped = DataPlan(len(samples), 2, 0, 0, 1, lengths)
     shuffled = DataPlan(len(samples), 2, 0, 0, 1)
     assert sorted(grouped.order(0).tolist()) == list(range(len(samples)))  # a permutation
