@@ -289,8 +289,9 @@ class RecommenderConfig(StrictModel):
         "target",
         description="How completion-token losses are averaged: 'token' = over every "
         "completion token of the batch (long reconstruction texts weigh more); 'target' = "
-        "per target first (one recommendation target, one catalogue item), then over the "
-        "batch's targets, so the mixture weights are the tasks' shares in either "
+        "per target first (one recommendation target, one catalogue item), summed, then "
+        "divided by the mixture's expected targets per batch, so every target weighs the "
+        "same over an epoch and the mixture weights are the tasks' shares in either "
         "rec_samples form. 'sample' is read as 'target' (its name before sequence mode).",
     )
     rec_samples: RecSamples = Field(
