@@ -302,6 +302,20 @@ class RecommenderConfig(StrictModel):
         "per-prefix form, for the ablation). Same targets and histories of at least "
         "history_len/2 items either way (store_core.tasks).",
     )
+    hidden_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Phase B training only: dropout on the token embeddings and on each "
+        "decoder block's attention and MLP output before the residual add (store_core."
+        "dropout). Not stored in the weights; decoding never drops.",
+    )
+    attention_dropout: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Phase B training only: dropout on the attention weights.",
+    )
     history_len: int = Field(20, gt=0, description="N: most recent history items in a prompt.")
     beam_size: int = Field(20, gt=0, description="Constrained beam width for validation/eval.")
     val_max_users: int | None = Field(

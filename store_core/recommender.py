@@ -39,6 +39,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from store_core.config import LossNormalization, StoreConfig
+from store_core.dropout import add_dropout
 from store_core.errors import StoreError
 from store_core.generate import SemanticIdTrie, constrained_beam_search
 from store_core.item_tokenizer import (
@@ -321,6 +322,7 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
     if rec.finetune == "lora":
         model = apply_lora(inputs.model, rec.lora, [t for ids in inputs.level_ids for t in ids])
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dropout = add_dropout(model, hidden=rec.hidden_dropout, attention=rec.attention_dropout)
     trie = SemanticIdTrie.from_codes(inputs.codes, inputs.level_ids)
     row_of = {item: i for i, item in enumerate(inputs.item_ids)}
 
@@ -342,6 +344,7 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
         early_stopping=EarlyStopping(validate, "ndcg_at_10", rec.early_stopping_patience),
         lengths=[sample.num_tokens for sample in inputs.samples],
     )
+    dropout.remove()
     if rank() != 0:
         return None
     trained = merged(result.model)
