@@ -330,12 +330,22 @@ def serve(
 
 @app.command()
 def query(
-    sql: Annotated[str, typer.Argument(help="One SQL statement, run read-only.")],
+    sql: Annotated[
+        str,
+        typer.Argument(
+            help="One SELECT statement, run read-only in a sandbox (the workspace database "
+            "only: no files, ATTACH, extensions or SET)."
+        ),
+    ],
     config: ConfigOpt = None,
     set_: SetOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print rows as JSON lines.")] = False,
 ) -> None:
-    """Query the workspace DuckDB database (read-only connection)."""
+    """Query the workspace DuckDB database: one read-only SELECT, sandboxed.
+
+    Anything else (COPY, EXPORT, ATTACH, PRAGMA, SET, INSTALL/LOAD, writes, several
+    statements, reading other files) is refused with one error line and exit status 1.
+    """
     cfg = _load(config, set_)
     from store_core.storage import query as run_query
 

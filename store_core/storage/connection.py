@@ -1,5 +1,13 @@
 """Opening the workspace database: read-only and read-write connections that wait for a
 conflicting file lock, transactions, and :func:`query` (the ``store query`` CLI).
+
+:func:`query` runs SQL it did not write, so it runs it in a sandbox made of DuckDB's own
+controls (https://duckdb.org/docs/2.0/operations_manual/securing_duckdb/overview.html):
+the file is opened read-only with :data:`QUERY_SANDBOX_CONFIG` set at connect (no file,
+network or ATTACH access besides the database file itself, no extension install or load,
+configuration locked so no statement can turn any of it back on), and only one statement
+of type SELECT is accepted (checked on DuckDB's own parse, then that parsed statement is
+what runs). Views and macros live in the database file, so they keep working.
 """
 
 from __future__ import annotations
@@ -34,12 +42,37 @@ def _local_path(path: str) -> str:
     return path.removeprefix("file://")
 
 
-def _open(path: str, *, read_only: bool) -> duckdb.DuckDBPyConnection:
+#: DuckDB settings passed to ``duckdb.connect(config=...)``.
+DuckDBConfig = dict[str, str | bool | int | float | list[str]]
+
+#: DuckDB settings of the connection :func:`query` runs user SQL on, applied at connect.
+#: ``enable_external_access`` off: no file but the database (and its WAL and spill
+#: directory) can be read or written, no ATTACH of a file, no network; extensions are
+#: neither installed nor loaded; ``lock_configuration`` last, so no ``SET``/``RESET`` can
+#: undo any of it. (Python replacement scans of local variables are off too.)
+QUERY_SANDBOX_CONFIG: DuckDBConfig = {
+    "enable_external_access": False,
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "allow_community_extensions": False,
+    "python_enable_replacements": False,
+    "lock_configuration": True,
+}
+
+
+def _open(
+    path: str,
+    *,
+    read_only: bool,
+    config: DuckDBConfig | None = None,
+) -> duckdb.DuckDBPyConnection:
     local = _local_path(path)
     if read_only and not os.path.exists(local):
         raise StoreError(f"DuckDB database {local} does not exist: run `store ingest` first")
     os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
-    return duckdb.connect(local, read_only=read_only)
+    if config is None:
+        return duckdb.connect(local, read_only=read_only)
+    return duckdb.connect(local, read_only=read_only, config=config)
 
 
 @contextmanager
@@ -65,14 +98,18 @@ def _is_lock_error(exc: duckdb.Error) -> bool:
 
 @contextmanager
 def _connect_with_retry(
-    path: str, *, read_only: bool, timeout_s: float
+    path: str,
+    *,
+    read_only: bool,
+    timeout_s: float,
+    config: DuckDBConfig | None = None,
 ) -> Iterator[duckdb.DuckDBPyConnection]:
     """:func:`connect`, retrying while another process holds a conflicting file lock."""
     deadline = time.monotonic() + timeout_s
     delay = 0.02
     while True:
         try:
-            con = _open(path, read_only=read_only)
+            con = _open(path, read_only=read_only, config=config)
             break
         except duckdb.Error as exc:
             if not _is_lock_error(exc):
@@ -135,17 +172,96 @@ def _has_table(con: duckdb.DuckDBPyConnection, name: str) -> bool:
     return sum(int(r[0]) for r in row) > 0
 
 
+#: The one statement type :func:`query` runs.
+_READ_ONLY_TYPE = duckdb.StatementType.SELECT
+
+_REFUSED = "store query runs exactly one read-only SELECT statement"
+_SANDBOX_NOTE = (
+    "store query reads the workspace database only: no files, other databases, network "
+    "or extensions"
+)
+
+
+def _one_line(exc: BaseException) -> str:
+    """The first line of an error (DuckDB adds the SQL, a caret and hints below it)."""
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+
+
+def _one_select(sql: str) -> duckdb.Statement:
+    """The single SELECT statement in ``sql``, as DuckDB parses it.
+
+    Raises :class:`StoreError` when ``sql`` does not parse, holds no statement or more
+    than one, or holds anything but a SELECT (COPY, EXPORT, ATTACH, PRAGMA, CALL, SET,
+    INSTALL/LOAD, CREATE, INSERT/UPDATE/DELETE, DROP, EXPLAIN, ...).
+    """
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as exc:
+        raise StoreError(f"query failed: {_one_line(exc)}") from None
+    if not statements:
+        raise StoreError(f"{_REFUSED}; the SQL holds none")
+    if len(statements) > 1:
+        raise StoreError(f"{_REFUSED}, not {len(statements)}")
+    statement = statements[0]
+    try:
+        kind = statement.type
+    except ValueError:  # a statement type the Python client has no name for
+        raise StoreError(f"{_REFUSED}, not a statement of another kind") from None
+    if kind != _READ_ONLY_TYPE:
+        raise StoreError(f"{_REFUSED}, not {kind.name}")
+    return statement
+
+
+@contextmanager
+def _sandboxed_connection(path: str, timeout_s: float) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A read-only connection with :data:`QUERY_SANDBOX_CONFIG` in force (checked)."""
+    try:
+        with _connect_with_retry(
+            path, read_only=True, timeout_s=timeout_s, config=QUERY_SANDBOX_CONFIG
+        ) as con:
+            _check_sandbox(con)
+            yield con
+    except duckdb.ConnectionException as exc:  # e.g. the file is open here unsandboxed
+        raise StoreError(f"DuckDB database {path}: {_one_line(exc)}") from None
+
+
+def _check_sandbox(con: duckdb.DuckDBPyConnection) -> None:
+    """Fail closed unless every sandbox setting reads back as set."""
+    names = list(QUERY_SANDBOX_CONFIG)
+    rows = con.execute(
+        "SELECT name, value FROM duckdb_settings() WHERE list_contains(?, name)", [names]
+    ).fetchall()
+    actual = {name: value.lower() for name, value in rows}
+    wanted = {name: str(value).lower() for name, value in QUERY_SANDBOX_CONFIG.items()}
+    if actual != wanted:
+        raise StoreError(f"DuckDB did not apply the query sandbox: wanted {wanted}, got {actual}")
+
+
 def query(
     path: str, sql: str, *, timeout_s: float = QUERY_LOCK_TIMEOUT_S
 ) -> tuple[list[str], list[tuple[Any, ...]]]:
-    """Run one SQL statement on a read-only connection; returns (column names, rows).
+    """Run exactly one read-only SELECT statement in a sandbox; returns (column names, rows).
 
-    Waits up to ``timeout_s`` while a writer holds the database.
+    The statement sees the workspace database (tables, views, macros) and nothing else:
+    no other file, no ATTACH, no network, no extension install/load, no settings change
+    (see :data:`QUERY_SANDBOX_CONFIG`). Waits up to ``timeout_s`` while a writer holds the
+    database.
+
+    Raises :class:`StoreError` (one line) when ``sql`` is not exactly one
+    SELECT statement, when it tries to reach outside the database, when it fails, when the
+    database does not exist or stays locked, or when the sandbox cannot be set up.
     """
-    with connect_read_only_with_retry(path, timeout_s) as con:
+    statement = _one_select(sql)
+    with _sandboxed_connection(path, timeout_s) as con:
         try:
-            result = con.execute(sql)
+            result = con.execute(statement)
+            columns = [d[0] for d in result.description or []]
+            rows = result.fetchall()
+        except duckdb.PermissionException as exc:
+            raise StoreError(f"query refused: {_one_line(exc)} ({_SANDBOX_NOTE})") from None
         except duckdb.Error as exc:
-            raise StoreError(f"query failed: {exc}") from None
-        columns = [d[0] for d in result.description or []]
-        return columns, result.fetchall()
+            message = _one_line(exc)
+            if "extension" in message.lower():
+                message += f" ({_SANDBOX_NOTE})"
+            raise StoreError(f"query failed: {message}") from None
+    return columns, rows
