@@ -525,16 +525,122 @@ class StoreConfig(StrictModel):
         return f"{self.workspace}/models"
 
 
-def _parse_value(raw: str) -> Any:
-    """Parse the right-hand side of ``--set key=value`` as YAML (numbers, bools, lists)."""
+#: The largest config file accepted, in bytes.
+MAX_CONFIG_BYTES = 1 << 20
+#: The largest ``--set`` value accepted, in bytes.
+MAX_OVERRIDE_BYTES = 64 << 10
+#: The most YAML nodes a document may expand to, each use of an alias counting its whole
+#: subtree again (the shipped configs have a few hundred). Bounds "billion laughs" alias
+#: bombs, whose few hundred bytes expand to ~10^9 nodes.
+MAX_YAML_NODES = 100_000
+#: The deepest nesting of YAML collections accepted (the shipped configs use 3).
+MAX_YAML_DEPTH = 50
+
+
+class _DepthBoundLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that stops composing past :data:`MAX_YAML_DEPTH` levels (PyYAML
+    composes recursively and scans each token in time linear in the depth)."""
+
+    def __init__(self, text: str, source: str) -> None:
+        super().__init__(text)
+        self._source = source
+        self._depth = 0
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise ConfigError(f"{self._source}: YAML nests deeper than {MAX_YAML_DEPTH} levels")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _yaml_children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_expansion(root: yaml.Node, source: str) -> None:
+    """Refuse a composed YAML graph that expands to too many nodes, nests too deeply or
+    holds a recursive alias. Iterative, and linear in the *composed* (not expanded) size:
+    each node's expanded size is computed once and reused at every alias of it."""
+    sizes: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, children_done = stack.pop()
+        key = id(node)
+        if children_done:
+            on_path.discard(key)
+            sizes[key] = 1 + sum(sizes[id(c)] for c in _yaml_children(node))
+            if sizes[key] > MAX_YAML_NODES:
+                raise ConfigError(
+                    f"{source}: YAML expands to more than {MAX_YAML_NODES} values through "
+                    "aliases (*name); write the values out instead of nesting aliases"
+                )
+            continue
+        if key in sizes:
+            continue
+        if key in on_path:
+            raise ConfigError(f"{source}: YAML holds a recursive alias (*name inside &name)")
+        if len(on_path) >= MAX_YAML_DEPTH:
+            raise ConfigError(f"{source}: YAML nests deeper than {MAX_YAML_DEPTH} levels")
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in _yaml_children(node) if id(c) not in sizes)
+
+
+def load_yaml(text: str, source: str) -> Any:
+    """Parse one YAML document safely (``yaml.SafeLoader``) and boundedly.
+
+    Anchors and aliases are allowed, but the document may expand to at most
+    :data:`MAX_YAML_NODES` values and nest at most :data:`MAX_YAML_DEPTH` levels; the
+    check runs on the composed node graph, before any Python object is built.
+
+    Raises :class:`ConfigError` (naming ``source``) when a bound is passed or an alias is
+    recursive; ``yaml.YAMLError`` when ``text`` is not valid YAML.
+    """
+    loader = _DepthBoundLoader(text, source)
     try:
-        return yaml.safe_load(raw) if raw != "" else ""
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node, source)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _parse_value(key: str, raw: str) -> Any:
+    """Parse the right-hand side of ``--set key=value`` as YAML (numbers, bools, lists);
+    text that is not valid YAML stays a string.
+
+    Raises :class:`ConfigError` when the value is longer than :data:`MAX_OVERRIDE_BYTES`
+    or expands past the YAML bounds of :func:`load_yaml`.
+    """
+    if raw == "":
+        return ""
+    size = len(raw.encode("utf-8", "surrogatepass"))
+    if size > MAX_OVERRIDE_BYTES:
+        raise ConfigError(
+            f"override '{key}': the value is {size} bytes; the limit is {MAX_OVERRIDE_BYTES}"
+        )
+    try:
+        return load_yaml(raw, f"override '{key}'")
     except yaml.YAMLError:
         return raw
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``a.b=c`` overrides to a nested dict (returns a new dict)."""
+    """Apply ``a.b=c`` overrides to a nested dict (returns a new dict).
+
+    Raises :class:`ConfigError` when an override is not ``key.path=value``, its path runs
+    through a non-section, or its value is too large (see :func:`_parse_value`).
+    """
     result: dict[str, Any] = _deep_copy(data)
     for item in overrides:
         if "=" not in item:
@@ -552,7 +658,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(child, dict):
                 raise ConfigError(f"override '{item}': '{part}' is not a section")
             node = child
-        node[parts[-1]] = _parse_value(raw)
+        node[parts[-1]] = _parse_value(".".join(parts), raw)
     return result
 
 
@@ -573,6 +679,27 @@ def resolve_config_path(path: str | os.PathLike[str] | None) -> Path:
     raise ConfigError(f"config file {path} does not exist (nor is it a shipped config name)")
 
 
+def _read_config_text(path: Path) -> str:
+    """The file's text, reading at most :data:`MAX_CONFIG_BYTES` + 1 bytes (so a huge file,
+    a device or a FIFO cannot exhaust memory)."""
+    try:
+        with path.open("rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"config file {path}: cannot read it: {exc.strerror or exc}") from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            f"config file {path} is larger than {MAX_CONFIG_BYTES // (1 << 20)} MiB; "
+            "a config is a few KiB"
+        )
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"config file {path}: not UTF-8 text (byte {exc.start}: {exc.reason})"
+        ) from None
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None
 ) -> StoreConfig:
@@ -580,12 +707,17 @@ def load_config(
 
     Relative ``data.path`` values in the file are resolved against the file's directory, so
     a config works from any current directory.
+
+    Raises :class:`ConfigError` (naming the file and key) when the file is missing,
+    unreadable, larger than :data:`MAX_CONFIG_BYTES`, not UTF-8, not valid YAML, expands
+    past the bounds of :func:`load_yaml`, or does not validate; likewise for overrides.
     """
     config_path = resolve_config_path(path)
+    source = f"config file {config_path}"
     try:
-        raw = yaml.safe_load(config_path.read_text(encoding="utf-8")) or {}
+        raw = load_yaml(_read_config_text(config_path), source) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {config_path}: invalid YAML: {exc}") from exc
+        raise ConfigError(f"{source}: invalid YAML: {exc}") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {config_path}: top level must be a mapping")
     data_section = raw.get("data")
