@@ -5,6 +5,14 @@ explicit run ids (no global "active run"), so stages running as Prefect subflows
 threads or in other processes log to the right run when given its id. mlflow is imported
 only when a run is opened with tracking enabled: a run with ``tracking.enabled: false``
 neither imports it nor needs it installed (a GPU box with torch alone, say).
+
+Everything a :class:`Run` sends as text goes through :func:`store_core.redaction.redact`
+first: params, tags, run names, :meth:`Run.log_dict` and :meth:`Run.log_text` artifacts,
+so credentials in a ``tracking.uri``, ``data.path`` or any other config URI
+(``s3://KEY:SECRET@bucket``, ``postgresql://user:pw@host``, ``?token=...``) are stored
+as ``s3://***@bucket``. Files given to :meth:`Run.log_artifact` /
+:meth:`Run.log_artifacts` (checkpoints, reports, plots) are uploaded as they are: they
+hold no config URI.
 """
 
 from __future__ import annotations
@@ -20,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from store_core.config import StoreConfig
+from store_core.redaction import redact, redact_value
 from store_core.telemetry import disable_telemetry
 
 disable_telemetry()  # before mlflow (or anything it loads) is first imported
@@ -72,10 +81,11 @@ class Run:
             self.client.log_metric(self.run_id, key, float(value), step=step or 0)
 
     def log_params(self, params: Mapping[str, Any]) -> None:
+        """Log params, each value as redacted text (cut to MLflow's 6000 characters)."""
         if self.client is None or self.run_id is None:
             return
         for key, value in params.items():
-            self.client.log_param(self.run_id, key, str(value)[:6000])
+            self.client.log_param(self.run_id, key, redact(str(value))[:6000])
 
     def log_artifact(self, local_path: str, artifact_path: str | None = None) -> None:
         if self.client is None or self.run_id is None:
@@ -88,28 +98,30 @@ class Run:
         self.client.log_artifacts(self.run_id, local_dir, artifact_path)
 
     def log_dict(self, obj: Any, file_name: str) -> None:
-        """Log a JSON-serialisable object as an artifact file."""
+        """Log a JSON-serialisable object as an artifact file (strings redacted)."""
         if self.client is None or self.run_id is None:
             return
+        text = json.dumps(redact_value(obj), indent=2, sort_keys=True, default=str)
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / file_name
-            path.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
+            path.write_text(redact(text))
             self.client.log_artifact(self.run_id, str(path))
 
     def log_text(self, text: str, file_name: str) -> None:
-        """Log a text (e.g. a Markdown summary) as an artifact file."""
+        """Log a text (e.g. a Markdown summary) as an artifact file (redacted)."""
         if self.client is None or self.run_id is None:
             return
         with tempfile.TemporaryDirectory() as tmp:
             path = Path(tmp) / file_name
-            path.write_text(text)
+            path.write_text(redact(text))
             self.client.log_artifact(self.run_id, str(path))
 
     def set_tags(self, tags: Mapping[str, str]) -> None:
+        """Set tags, each value redacted."""
         if self.client is None or self.run_id is None:
             return
         for key, value in tags.items():
-            self.client.set_tag(self.run_id, key, value)
+            self.client.set_tag(self.run_id, key, redact(str(value)))
 
 
 def _client(cfg: StoreConfig) -> tuple[MlflowClient, str]:
@@ -146,7 +158,8 @@ def _run(cfg: StoreConfig, run_name: str, tags: Mapping[str, str]) -> Iterator[R
     client, experiment_id = _client(cfg)
     from mlflow.entities import RunStatus
 
-    info = client.create_run(experiment_id, run_name=run_name, tags=dict(tags)).info
+    safe_tags = {key: redact(str(value)) for key, value in tags.items()}
+    info = client.create_run(experiment_id, run_name=redact(run_name), tags=safe_tags).info
     run = Run(client, info.run_id)
     try:
         yield run
@@ -166,7 +179,7 @@ def pipeline_run(
         run.log_params(flatten(config))
         run.log_dict(config, "config.json")
         if run.run_id:
-            logger.info("MLflow run %s at %s", run.run_id, tracking_uri(cfg))
+            logger.info("MLflow run %s at %s", run.run_id, redact(tracking_uri(cfg)))
         yield run
 
 
@@ -232,8 +245,9 @@ def register_model(
             name, description="STORE: one LLM for semantic IDs and generative recommendation."
         )
     source = f"{client.get_run(run.run_id).info.artifact_uri}/{artifact_path}"
+    safe_tags = {key: redact(str(value)) for key, value in (tags or {}).items()}
     version = client.create_model_version(
-        name, source, run_id=run.run_id, tags=dict(tags or {}), description=description
+        name, source, run_id=run.run_id, tags=safe_tags, description=redact(description)
     )
     logger.info("registered model %s version %s (run %s)", name, version.version, run.run_id)
     return ModelVersion(name, str(version.version), run.run_id, source)
