@@ -18,7 +18,9 @@ from typing import Annotated, Any, TypeVar
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from store_core.config import StoreConfig, load_config
 from store_core.errors import StoreError
@@ -349,15 +351,30 @@ def query(
     cfg = _load(config, set_)
     from store_core.storage import query as run_query
 
-    columns, rows = _guard(lambda: run_query(cfg.duckdb_path, sql))
+    columns, rows = _guard(_markup_safe(lambda: run_query(cfg.duckdb_path, sql)))
     if as_json:
         for row in rows:
             out.print_json(json.dumps(dict(zip(columns, row, strict=True)), default=str))
         return
-    table = Table(*columns)
+    table = Table()
+    for column in columns:
+        table.add_column(Text(column))
     for row in rows:
-        table.add_row(*(str(v) for v in row))
+        table.add_row(*(Text(str(v)) for v in row))  # Text: values are not rich markup
     out.print(table)
+
+
+def _markup_safe(fn: Callable[[], T]) -> Callable[[], T]:
+    """``fn``, with the text of a StoreError escaped for rich: query errors quote user SQL
+    and names such as ``"[/]"``, which rich would otherwise parse as markup and fail on."""
+
+    def run() -> T:
+        try:
+            return fn()
+        except StoreError as exc:
+            raise StoreError(escape(str(exc))) from None
+
+    return run
 
 
 @config_app.command("show")

@@ -282,3 +282,12 @@ def test_refusal_in_a_real_process_is_one_line(spaces: Workspaces) -> None:
     assert proc.stdout == ""
     assert proc.stderr.strip().count("\n") == 0 and proc.stderr.startswith("error: ")
     assert not target.exists()
+
+
+def test_markup_in_names_and_values_is_printed_literally(spaces: Workspaces) -> None:
+    """Errors quote user SQL and results hold any text: rich must not parse either."""
+    code, output = run_query(spaces, 'SELECT * FROM "[/]"')
+    assert code == 1 and output.count("\n") == 1 and "[/]" in output, output
+    code, output = run_query(spaces, "SELECT '[/]' AS \"[bold]c\", '[red]x[/red]' AS v")
+    assert code == 0, output
+    assert "[/]" in output and "[bold]c" in output and "[red]x[/red]" in output
