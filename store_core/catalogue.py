@@ -16,6 +16,14 @@ Two modes:
 The base the ``keep`` mode starts from is the newest version written under the
 checkpoint's codebook, else the clustering IDs stored with the checkpoint (method
 ``cluster``). IDs once issued under a codebook are never handed to another item.
+
+Concurrency and crashes: the whole run holds the workspace's writer lock
+(:mod:`store_core.locking`), so no other writer can commit between the base being read
+and the new version being written; the writing transaction re-checks that the base is
+still the newest version anyway (:class:`store_core.storage.BaseVersion`). The rows are
+staged in ``<workspace>/.catalogue-staging/``, which the next run empties on start, so a
+killed run leaves nothing behind once the next one has started; DuckDB rolls back its
+uncommitted transaction on recovery.
 """
 
 from __future__ import annotations
@@ -23,8 +31,10 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
+import re
+import shutil
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,10 +44,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from store_core import storage
+from store_core import signals, storage
 from store_core.bundle import RecommenderBundle, load_bundle
 from store_core.config import StoreConfig
-from store_core.ingest import ITEMS_FILE
+from store_core.ingest import ITEMS_FILE, recover_outputs
+from store_core.locking import workspace_writer
 from store_core.new_items import DisambiguationState, choose_ids, generate_ids
 from store_core.progress import progress
 from store_core.semantic_ids import format_sid, pack_codes
@@ -47,6 +58,10 @@ logger = logging.getLogger(__name__)
 Mode = Literal["keep", "regenerate"]
 METHOD_CLUSTER = "cluster"
 METHOD_GENERATED = "generated"
+#: Where a run stages its rows before the DuckDB commit (next to the database).
+STAGING_DIR = ".catalogue-staging"
+#: What runs before the staging directory existed left in the workspace (mkstemp names).
+_LEGACY_TEMPORARY = re.compile(r"tmp[a-z0-9_]{8}\.parquet")
 
 
 @dataclass(frozen=True)
@@ -88,9 +103,11 @@ class _BaseRow:
     active: bool = True
 
 
-def _base_rows(bundle: RecommenderBundle, db: str) -> tuple[dict[str, _BaseRow], np.ndarray, bool]:
+def _base_rows(
+    bundle: RecommenderBundle, db: str
+) -> tuple[dict[str, _BaseRow], np.ndarray, int | None]:
     """(item -> row of the base version, every ID ever issued under this codebook,
-    whether the base is a DuckDB version rather than the checkpoint's clustering)."""
+    the base's DuckDB version, None when the base is the checkpoint's clustering)."""
     table = bundle.semantic_ids
     cluster = {
         item: _BaseRow(tuple(codes), content_hash, METHOD_CLUSTER)
@@ -104,7 +121,7 @@ def _base_rows(bundle: RecommenderBundle, db: str) -> tuple[dict[str, _BaseRow],
     issued = [list(r.codes) for r in cluster.values()]
     current = storage.current_rows(db, bundle.codebook_version)
     if current is None:
-        return cluster, np.array(issued, dtype=np.int64), False
+        return cluster, np.array(issued, dtype=np.int64), None
     base = {
         item: _BaseRow(tuple(codes), content_hash, method, active)
         for item, codes, content_hash, method, active in zip(
@@ -117,7 +134,8 @@ def _base_rows(bundle: RecommenderBundle, db: str) -> tuple[dict[str, _BaseRow],
         )
     }
     issued.extend(storage.issued_codes(db, bundle.codebook_version))
-    return base, np.array(issued, dtype=np.int64), True
+    version = int(current.column("version")[0].as_py())
+    return base, np.array(issued, dtype=np.int64), version
 
 
 def _batches(path: str, batch_size: int) -> Iterator[pa.RecordBatch]:
@@ -136,11 +154,74 @@ def tokenize_catalogue(
     note: str = "",
     extra_codebook_fields: dict[str, Any] | None = None,
 ) -> CatalogueOutcome:
-    """Write a new semantic-ID version for the catalogue in ``cfg.data_dir``."""
+    """Write a new semantic-ID version for the catalogue in ``cfg.data_dir``.
+
+    Holds the workspace's writer lock from reading the base to the commit, and first
+    cleans what a killed earlier run left (:func:`clean_staging`, and ``data/`` through
+    :func:`store_core.ingest.recover_outputs`). Raises
+    :class:`store_core.locking.WorkspaceLocked` when another writer keeps the workspace
+    longer than the lock timeout, :class:`store_core.storage.StaleBaseError` when a
+    version was written under the same codebook after the base was read (nothing is
+    written then), :class:`store_core.errors.StoreError` when the DuckDB file stays
+    locked, and ValueError when the rows violate the table's constraints.
+    """
     started = time.perf_counter()
-    bundle = load_bundle(checkpoint)
+    with workspace_writer(cfg.workspace, "tokenize-catalogue"):
+        recover_outputs(cfg)
+        staging = clean_staging(cfg)
+        bundle = load_bundle(checkpoint)
+        staging.mkdir(parents=True, exist_ok=True)
+        rows_path = staging / f"semantic-ids-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
+        try:
+            return _tokenize(
+                cfg,
+                bundle,
+                str(rows_path),
+                mode=mode,
+                batch_size=batch_size,
+                note=note,
+                extra_codebook_fields=extra_codebook_fields,
+                started=started,
+            )
+        finally:
+            with signals.deferred():
+                shutil.rmtree(staging, ignore_errors=True)
+
+
+def clean_staging(cfg: StoreConfig) -> Path:
+    """Empty the catalogue's staging directory (``<workspace>/.catalogue-staging``) and
+    remove the ``tmp*.parquet`` files runs of earlier releases left in the workspace;
+    returns the directory. Call it only while holding the workspace's writer lock.
+    Raises OSError when a leftover cannot be removed.
+    """
+    workspace = Path(cfg.duckdb_path).parent
+    staging = workspace / STAGING_DIR
+    if staging.exists():
+        logger.warning("removing %s (left by an interrupted tokenize-catalogue)", staging)
+        shutil.rmtree(staging)
+    if workspace.is_dir():
+        for legacy in workspace.iterdir():
+            if legacy.is_file() and _LEGACY_TEMPORARY.fullmatch(legacy.name):
+                logger.warning("removing %s (left by an interrupted tokenize-catalogue)", legacy)
+                legacy.unlink()
+    return staging
+
+
+def _tokenize(
+    cfg: StoreConfig,
+    bundle: RecommenderBundle,
+    tmp_path: str,
+    *,
+    mode: Mode,
+    batch_size: int,
+    note: str,
+    extra_codebook_fields: dict[str, Any] | None,
+    started: float,
+) -> CatalogueOutcome:
+    """The body of :func:`tokenize_catalogue`: stream the items, stage the rows in
+    ``tmp_path``, commit them as one version."""
     db = cfg.duckdb_path
-    base, issued, has_version = _base_rows(bundle, db)
+    base, issued, base_version = _base_rows(bundle, db)
     levels = len(bundle.level_ids)
     bits = bundle.pack_bits
     state = DisambiguationState(issued, len(bundle.level_ids[-1]))
@@ -148,8 +229,6 @@ def tokenize_catalogue(
     seen: set[str] = set()
     items_path = f"{cfg.data_dir}/{ITEMS_FILE}"
     total = pq.ParquetFile(items_path).metadata.num_rows
-    fd, tmp_path = tempfile.mkstemp(suffix=".parquet", dir=os.path.dirname(db) or ".")
-    os.close(fd)
     writer = pq.ParquetWriter(tmp_path, storage.SEMANTIC_ID_ROWS_SCHEMA)
     writer_open = True
     try:
@@ -211,12 +290,17 @@ def tokenize_catalogue(
         unchanged_catalogue = mode == "keep" and not (
             counts["new"] or counts["changed"] or counts["removed"]
         )
-        if unchanged_catalogue and has_version:
+        if unchanged_catalogue and base_version is not None:
             logger.info("catalogue unchanged: no new semantic-ID version written")
             return CatalogueOutcome(None, counts, total / max(seconds, 1e-9), seconds)
         codebook_row = _codebook_row(bundle, extra_codebook_fields)
         version = storage.write_semantic_id_version(
-            db, codebook_row, tmp_path, counts, note or f"tokenize-catalogue ({mode})"
+            db,
+            codebook_row,
+            tmp_path,
+            counts,
+            note or f"tokenize-catalogue ({mode})",
+            base=storage.BaseVersion(base_version),
         )
     finally:
         if writer_open:

@@ -5,6 +5,13 @@ validation (empty catalogue, duplicate ids with different text, interactions who
 has no metadata), optional k-core, text rendering and hashing, chronological ordering,
 the leave-one-out split and the cold-start holdout. Outputs are written to a staging
 directory and swapped into ``<workspace>/data`` only when all of them are complete.
+
+Reading and validating the source needs no lock; publishing ``data/`` and updating the
+DuckDB ``items`` table happen under the workspace's writer lock
+(:mod:`store_core.locking`), after :func:`recover_outputs` has repaired whatever a killed
+earlier ingest left (a staging directory, ``data/`` moved aside). A rerun after a kill at
+any point therefore writes the same Parquet files and the same ``items`` rows as an
+uninterrupted run, and leaves nothing else behind.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ import pyarrow.parquet as pq
 from store_core import splits as split_rules
 from store_core.config import DataConfig, StoreConfig
 from store_core.errors import DataError
+from store_core.locking import workspace_writer
 from store_core.readers import RawCatalog, read_source
 from store_core.schemas import (
     COLD_ITEMS_SCHEMA,
@@ -35,7 +43,7 @@ from store_core.schemas import (
 )
 from store_core.splits import Interaction
 from store_core.textrender import content_hash, render_text
-from store_core.workspace import sha256_of, staged_directory
+from store_core.workspace import recover_directory, sha256_of, staged_directory
 
 logger = logging.getLogger(__name__)
 
@@ -177,10 +185,41 @@ def _count(values: Iterable[str]) -> int:
     return len(set(values))
 
 
+def recover_outputs(cfg: StoreConfig) -> list[str]:
+    """Repair what a killed ingest left in ``cfg.data_dir`` (see
+    :func:`store_core.workspace.recover_directory`); returns what was done.
+
+    Call it only while holding the workspace's writer lock. Raises OSError when a
+    leftover cannot be removed.
+    """
+    return recover_directory(cfg.data_dir)
+
+
+def _publish_outputs(
+    data_dir: str, outputs: dict[str, pa.Table], manifest_base: dict[str, Any]
+) -> dict[str, Any]:
+    """Write the tables and the manifest (with the tables' checksums) into a staging
+    directory and swap it in as ``data_dir``; returns the manifest."""
+    with staged_directory(data_dir) as staging:
+        output_checksums = {}
+        for name, table in outputs.items():
+            _write_parquet(table, f"{staging}/{name}")
+            output_checksums[name] = sha256_of(f"{staging}/{name}")
+        manifest = {**manifest_base, "outputs": output_checksums}
+        with fsspec.open(f"{staging}/{MANIFEST_FILE}", "w", encoding="utf-8") as handle:
+            json.dump(manifest, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+    return manifest
+
+
 def run_ingest(cfg: StoreConfig, source: ResolvedSource | None = None) -> IngestResult:
     """Run ingestion for ``cfg`` and load the catalogue into DuckDB.
 
     ``source`` may be resolved beforehand (the flow fetches it in a retried I/O task).
+    Raises :class:`DataError` for a bad source (named file, record and field),
+    :class:`store_core.locking.WorkspaceLocked` when another writer holds the workspace
+    longer than the lock timeout, and :class:`store_core.errors.StoreError` when the
+    DuckDB file stays locked.
     """
     from store_core import storage  # keeps duckdb out of readers' import path
 
@@ -260,45 +299,34 @@ def run_ingest(cfg: StoreConfig, source: ResolvedSource | None = None) -> Ingest
     }
     if cold_items:
         files["cold_start_items"] = f"{data_dir}/{COLD_ITEMS_FILE}"
-    with staged_directory(data_dir) as staging:
-        outputs = {
-            ITEMS_FILE: items,
-            INTERACTIONS_FILE: interactions,
-            SPLITS_FILE: split_table,
-        }
-        if cold_items:
-            outputs[COLD_ITEMS_FILE] = pa.Table.from_pydict(
-                {"item_id": sorted(cold_items)}, schema=COLD_ITEMS_SCHEMA
-            )
-        output_checksums = {}
-        for name, table in outputs.items():
-            _write_parquet(table, f"{staging}/{name}")
-            output_checksums[name] = sha256_of(f"{staging}/{name}")
-        manifest = {
-            "source": source.description,
-            "format": data.format,
-            "terms": source.terms,
-            "counts": counts,
-            "inputs": input_checksums,
-            "outputs": output_checksums,
-            "rules": {
-                "order": split_rules.ORDER_RULE,
-                "split": split_rules.SPLIT_RULE,
-                "cold_start": split_rules.COLD_RULE if cold_items else None,
-                "cold_start_fraction": data.cold_start_fraction,
-                "seed": data.seed,
-                "kcore": data.kcore,
-                "min_rating": data.min_rating,
-                "missing_items": data.missing_items,
-                "text_template": data.text_template or "default: 'field: value' joined by '; '",
-                "max_text_chars": data.max_text_chars,
-            },
-        }
-        with fsspec.open(f"{staging}/{MANIFEST_FILE}", "w", encoding="utf-8") as handle:
-            json.dump(manifest, handle, indent=2, sort_keys=True)
-            handle.write("\n")
-
-    changes = storage.upsert_items(cfg.duckdb_path, items)
+    outputs = {ITEMS_FILE: items, INTERACTIONS_FILE: interactions, SPLITS_FILE: split_table}
+    if cold_items:
+        outputs[COLD_ITEMS_FILE] = pa.Table.from_pydict(
+            {"item_id": sorted(cold_items)}, schema=COLD_ITEMS_SCHEMA
+        )
+    manifest_base = {
+        "source": source.description,
+        "format": data.format,
+        "terms": source.terms,
+        "counts": counts,
+        "inputs": input_checksums,
+        "rules": {
+            "order": split_rules.ORDER_RULE,
+            "split": split_rules.SPLIT_RULE,
+            "cold_start": split_rules.COLD_RULE if cold_items else None,
+            "cold_start_fraction": data.cold_start_fraction,
+            "seed": data.seed,
+            "kcore": data.kcore,
+            "min_rating": data.min_rating,
+            "missing_items": data.missing_items,
+            "text_template": data.text_template or "default: 'field: value' joined by '; '",
+            "max_text_chars": data.max_text_chars,
+        },
+    }
+    with workspace_writer(cfg.workspace, "ingest"):
+        recover_outputs(cfg)
+        manifest = _publish_outputs(data_dir, outputs, manifest_base)
+        changes = storage.upsert_items(cfg.duckdb_path, items)
     logger.info(
         "ingested %d users, %d items, %d interactions into %s",
         counts["users"],

@@ -90,6 +90,12 @@ with "Could not set lock"). The pipeline lives with that as follows:
   process) before COMMIT leaves the previous version complete and current: DuckDB
   discards uncommitted work on rollback and on recovery.
 
+- One writer per workspace: the stages that write hold the workspace's writer lock
+  (:mod:`store_core.locking`) from reading their base to their commit, and
+  :func:`write_semantic_id_version` re-checks the base inside its transaction
+  (``base=BaseVersion(n)``, :class:`StaleBaseError` when another version was committed
+  since).
+
 Within one process, DuckDB refuses to open the same file with a different configuration
 (read-write and read-only together); use one mode per process at a time.
 """
@@ -117,6 +123,8 @@ from store_core.storage.schema import (
     ensure_schema,
 )
 from store_core.storage.versions import (
+    BaseVersion,
+    StaleBaseError,
     codebook_rows,
     current_ids,
     current_rows,
@@ -136,7 +144,9 @@ __all__ = [
     "SEMANTIC_ID_VERSIONS_DDL",
     "SID_METHODS",
     "VIEWS_AND_MACROS_SQL",
+    "BaseVersion",
     "RowsInput",
+    "StaleBaseError",
     "codebook_rows",
     "connect",
     "connect_read_only_with_retry",

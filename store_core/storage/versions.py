@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import duckdb
@@ -25,6 +26,21 @@ from store_core.storage.connection import (
     connect_read_only_with_retry,
     logger,
 )
+
+
+class StaleBaseError(StoreError):
+    """The version a write was computed from is no longer the newest one: another writer
+    committed in between. Nothing was written."""
+
+
+@dataclass(frozen=True)
+class BaseVersion:
+    """The version a new version was computed from, re-checked inside the writing
+    transaction: the newest version under the codebook being written must still be
+    ``version`` (None: there must be none, the base being the checkpoint's clustering)."""
+
+    version: int | None
+
 
 #: Columns that must match when a codebook version is written again.
 _CODEBOOK_LAYOUT = ("quantizer", "num_levels", "codebook_size", "level_sizes", "pack_bits")
@@ -80,6 +96,7 @@ def write_semantic_id_version(
     *,
     lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
     before_commit: Callable[[int], None] | None = None,
+    base: BaseVersion | None = None,
 ) -> int:
     """Write a new, complete semantic-ID version in one transaction; returns its number.
 
@@ -98,12 +115,21 @@ def write_semantic_id_version(
     exception anywhere rolls everything back and the previous version stays current.
     Duplicate sids or item_ids violate the table's UNIQUE constraints: ValueError, and
     nothing is written.
+
+    ``base``: the version the rows were computed from. When given, the first statement of
+    the transaction checks that it is still the newest version under the codebook (a
+    writer that committed in between would otherwise be silently overwritten by rows
+    computed from a stale base) and raises :class:`StaleBaseError`, writing nothing,
+    when it is not. :class:`StoreError` when the database stays locked for
+    ``lock_timeout_s``.
     """
     codebook = _check_codebook_row(codebook_row)
     has_hash, row_count = _check_rows(rows, codebook)
     counts_json = json.dumps({str(k): int(v) for k, v in counts.items()}, sort_keys=True)
     content_hash = "content_hash" if has_hash else "NULL"
     with _connect_writer(path, lock_timeout_s) as con, _incoming(con, rows), _transaction(con):
+        if base is not None:
+            _check_base(con, str(codebook["codebook_version"]), base)
         version = _next_version(con)
         created = _insert_codebook(con, codebook)
         try:
@@ -152,6 +178,23 @@ def write_semantic_id_version(
         counts_json,
     )
     return version
+
+
+def _check_base(con: duckdb.DuckDBPyConnection, codebook_version: str, base: BaseVersion) -> None:
+    row = _first(
+        con.execute(
+            "SELECT max(version) FROM semantic_id_versions WHERE codebook_version = ?",
+            [codebook_version],
+        )
+    )
+    newest = None if row is None or row[0] is None else int(row[0])
+    if newest != base.version:
+        read = "no version" if base.version is None else f"version {base.version}"
+        raise StaleBaseError(
+            f"semantic-ID version {newest} (codebook {codebook_version}) was committed after "
+            f"this run read {read} as its base; nothing was written: run "
+            "tokenize-catalogue again"
+        )
 
 
 def _next_version(con: duckdb.DuckDBPyConnection) -> int:
