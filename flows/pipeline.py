@@ -6,6 +6,12 @@ evaluate. ``job="full"`` runs them all (the ``full-pipeline`` deployment);
 (the ``nightly-retokenize`` deployment). Subflows are thin wrappers around ``store_core``;
 only I/O that can fail transiently (fetching the source) is a retried task. Summaries are
 published as Prefect artifacts (Markdown, visible in the UI) next to the MLflow runs.
+
+The pipeline holds the workspace's writer lock (:mod:`store_core.locking`) from its first
+stage to its last, so a nightly run cannot slip in between two stages of a full run; the
+stages take the same lock again (re-entrant within the process). SIGTERM is Prefect's to
+handle inside a flow run: its engine raises ``TerminationSignal``, which unwinds the
+stages and marks their MLflow runs like any other failure.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from prefect.tasks import exponential_backoff  # noqa: E402
 from store_core import tracking  # noqa: E402
 from store_core.config import load_config  # noqa: E402
 from store_core.ingest import ResolvedSource, resolve_source  # noqa: E402
+from store_core.locking import workspace_writer  # noqa: E402
 from store_core.stages import (  # noqa: E402
     catalogue_stage,
     evaluate_stage,
@@ -164,7 +171,10 @@ def store_pipeline(
         tags[tracking.DEPLOYMENT_NAME_TAG] = str(deployment.name)
     stages: dict[str, Any] = {}
     name = f"store-{job}-{flow_run.name or 'local'}"
-    with tracking.pipeline_run(cfg, run_name=name, tags=tags) as run:
+    with (
+        workspace_writer(cfg.workspace, f"pipeline ({job})"),
+        tracking.pipeline_run(cfg, run_name=name, tags=tags) as run,
+    ):
         stages["ingest"] = ingest_flow(config, overrides, run.run_id)
         if job == "full":
             stages["train_tokenizer"] = tokenizer_flow(config, overrides, run.run_id)

@@ -2,7 +2,9 @@
 
 Every verb takes ``--config`` (a YAML path or a shipped config name such as ``tiny``) and
 repeatable ``--set key.path=value`` overrides. User errors are printed without a
-traceback and exit with status 1.
+traceback and exit with status 1. SIGTERM (Prefect cancellation, Kubernetes eviction,
+``scancel``) stops a verb the way Ctrl-C does (:mod:`store_core.signals`): MLflow runs
+are marked, partial outputs removed, and the exit status is 143 (130 after Ctrl-C).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from store_core import signals
 from store_core.config import StoreConfig, load_config
 from store_core.errors import StoreError
 from store_core.telemetry import disable_telemetry
@@ -66,13 +69,23 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+@app.callback()
+def _entry() -> None:
+    """STORE: one LLM for semantic tokenization and generative recommendation."""
+    signals.install()  # SIGTERM unwinds like Ctrl-C in every verb
+
+
 def _guard(fn: Callable[[], T]) -> T:
-    """Run ``fn``; print user errors (StoreError) cleanly and exit 1."""
+    """Run ``fn``; print user errors (StoreError) cleanly and exit 1; after SIGTERM or
+    Ctrl-C (once ``fn`` has cleaned up) exit 143 or 130."""
     try:
         return fn()
     except StoreError as exc:
         err.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(code=1) from None
+    except KeyboardInterrupt as exc:
+        err.print(f"[bold red]stopped:[/] {exc or 'interrupted'}", highlight=False)
+        raise typer.Exit(code=signals.exit_status(exc)) from None
 
 
 def _load(config: str | None, overrides: list[str] | None) -> StoreConfig:

@@ -3,6 +3,12 @@
 Each function takes the validated config (and optionally the parent MLflow run id), runs
 the library code for its stage, logs counts/artifacts to a nested MLflow run and returns
 plain data (paths, ids, counts) for the next stage.
+
+Every stage handles SIGTERM like Ctrl-C (:func:`store_core.signals.handle_sigterm`,
+where no one else handles it already), so a cancelled stage unwinds and its MLflow run
+is marked instead of staying RUNNING. The stages that write into the workspace hold its
+writer lock (:mod:`store_core.locking`): ingest and tokenize-catalogue in their library
+functions, the two training phases here (rank 0, for the whole phase).
 """
 
 from __future__ import annotations
@@ -11,9 +17,11 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from store_core import launch, tracking
+from store_core import launch, signals, tracking
 from store_core.config import StoreConfig
-from store_core.ingest import ResolvedSource, run_ingest
+from store_core.ingest import ResolvedSource, recover_outputs, run_ingest
+from store_core.locking import workspace_writer
+from store_core.workspace import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +39,11 @@ def ingest_stage(
     parent_run_id: str | None = None,
     source: ResolvedSource | None = None,
 ) -> StageOutcome:
-    """Ingest, then log counts as metrics and the manifest as an artifact."""
-    with tracking.stage_run(cfg, "ingest", parent_run_id) as run:
+    """Ingest, then log counts as metrics and the manifest as an artifact.
+
+    Raises what :func:`store_core.ingest.run_ingest` raises.
+    """
+    with signals.handle_sigterm(), tracking.stage_run(cfg, "ingest", parent_run_id) as run:
         result = run_ingest(cfg, source)
         run.log_params({"format": result.manifest["format"], "source": result.manifest["source"]})
         run.log_metrics({k: float(v) for k, v in result.counts.items()})
@@ -45,7 +56,10 @@ def tokenizer_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> Stage
     """Phase A + clustering; logs params, losses, stats, the usage plot and the checkpoint.
 
     Under a multi-process launcher only rank 0 tracks and returns an outcome (others
-    return an outcome whose result is None).
+    return an outcome whose result is None). Rank 0 holds the workspace's writer lock
+    for the whole phase: :class:`store_core.locking.WorkspaceLocked` when another writer
+    keeps it longer than the lock timeout; :class:`store_core.errors.StoreError` for
+    a failed launched run.
     """
     from store_core.codebook_stats import stats_metrics
     from store_core.item_tokenizer import (
@@ -58,8 +72,14 @@ def tokenizer_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> Stage
     from store_core.trainer import rank
 
     if rank() != 0:
-        return StageOutcome(None, train_semantic_tokenizer(cfg))
-    with tracking.stage_run(cfg, "train_tokenizer", parent_run_id) as run:
+        with signals.handle_sigterm():
+            return StageOutcome(None, train_semantic_tokenizer(cfg))
+    with (
+        signals.handle_sigterm(),
+        workspace_writer(cfg.workspace, "train-tokenizer"),
+        tracking.stage_run(cfg, "train_tokenizer", parent_run_id) as run,
+    ):
+        recover_outputs(cfg)
         run.log_params(
             tracking.flatten(
                 {
@@ -110,14 +130,25 @@ def _numeric_or_levels(key: str, value: Any) -> bool:
 
 def recommender_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> StageOutcome:
     """Phase B: multi-task training with validation; logs per-task losses (step metrics),
-    validation metrics per epoch, agreement, and the checkpoint."""
+    validation metrics per epoch, agreement, and the checkpoint.
+
+    Rank 0 holds the workspace's writer lock for the whole phase:
+    :class:`store_core.locking.WorkspaceLocked` when another writer keeps it longer than
+    the lock timeout; :class:`store_core.errors.StoreError` for a failed launched run.
+    """
     from store_core.item_tokenizer import METADATA_FILE
     from store_core.recommender import METRICS_FILE, recommender_dir, train_recommender
     from store_core.trainer import rank
 
     if rank() != 0:
-        return StageOutcome(None, train_recommender(cfg))
-    with tracking.stage_run(cfg, "train_recommender", parent_run_id) as run:
+        with signals.handle_sigterm():
+            return StageOutcome(None, train_recommender(cfg))
+    with (
+        signals.handle_sigterm(),
+        workspace_writer(cfg.workspace, "train-recommender"),
+        tracking.stage_run(cfg, "train_recommender", parent_run_id) as run,
+    ):
+        recover_outputs(cfg)
         run.log_params(
             tracking.flatten(
                 {
@@ -180,9 +211,7 @@ def record_model_version(
     if version is None:
         target.unlink(missing_ok=True)  # no registry entry describes these weights
         return None
-    tmp = target.with_suffix(".tmp")
-    tmp.write_text(json.dumps({**version.to_json(), "tags": tags}, indent=2))
-    tmp.replace(target)
+    atomic_write_text(target, json.dumps({**version.to_json(), "tags": tags}, indent=2))
     run.set_tags({"store.model_uri": version.uri})
     return version
 
@@ -203,7 +232,11 @@ def catalogue_stage(
     mode: str = "keep",
 ) -> StageOutcome:
     """Tokenize the catalogue into a new DuckDB version; logs counts, items/s and the
-    exported version (Parquet) as an artifact."""
+    exported version (Parquet) as an artifact.
+
+    Raises ValueError for an unknown ``mode``, and what
+    :func:`store_core.catalogue.tokenize_catalogue` raises.
+    """
     import tempfile
     from pathlib import Path
 
@@ -220,7 +253,10 @@ def catalogue_stage(
     lineage: dict[str, Any] = {"mlflow_run_id": parent_run_id}
     if registered is not None:
         lineage = {"model_uri": registered["uri"], "mlflow_run_id": registered["run_id"]}
-    with tracking.stage_run(cfg, "tokenize_catalogue", parent_run_id) as run:
+    with (
+        signals.handle_sigterm(),
+        tracking.stage_run(cfg, "tokenize_catalogue", parent_run_id) as run,
+    ):
         outcome = tokenize_catalogue(
             cfg,
             checkpoint,
@@ -262,7 +298,7 @@ def evaluate_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> StageO
         run_systems,
     )
 
-    with tracking.stage_run(cfg, "evaluate", parent_run_id) as run:
+    with signals.handle_sigterm(), tracking.stage_run(cfg, "evaluate", parent_run_id) as run:
         run.log_params({"systems": ",".join(cfg.evaluation.systems)})
         results = run_systems(cfg)
         for system, metrics in aggregate(results).items():
