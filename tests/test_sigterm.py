@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from store_core import signals, tracking
+from store_core import signals, storage, tracking
 from store_core.config import load_config
 from store_core.ingest import run_ingest
 from store_core.locking import HOLDER_FILE
@@ -131,3 +131,32 @@ def test_sigterm_during_the_pipeline_marks_the_parent_and_stage_runs(tmp_path: P
     parent = next(name for name in runs if name.startswith("store-full-"))
     assert runs == {parent: "FAILED", "ingest": "FINISHED", "train_tokenizer": "FAILED"}
     assert "Crashed" in log.read_text()  # what the Prefect UI shows for the flow runs
+
+
+@pytest.mark.parametrize(
+    ("verb", "point"),
+    [("ingest", "ingest-in-transaction"), ("tokenize-catalogue", "catalogue-in-transaction")],
+)
+def test_sigterm_inside_a_tracked_write_marks_the_run_and_writes_nothing(
+    verb: str, point: str, tiny_pipeline: Path, tmp_path: Path
+) -> None:
+    """SIGTERM inside the DuckDB transaction of a tracked ingest / tokenize-catalogue:
+    the transaction rolls back, the stage run ends FAILED, exit 143."""
+    ws = copy_workspace(tiny_pipeline, tmp_path / "ws")
+    db = str(ws / "store.duckdb")
+    _, items_before = storage.query(db, "SELECT count(*) FROM items")
+    argv = [sys.executable, str(REPO / "tests" / "crash_child.py"), point, "TERM", "--", verb]
+    argv += ["-c", "tiny", "--set", f"workspace={ws}"]
+    env = {**clean_environ(), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == signals.EXIT_TERMINATED, proc.stderr[-3000:]
+    cfg = load_config("tiny", [f"workspace={ws}"])
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    assert experiment is not None
+    (run,) = client.search_runs([experiment.experiment_id])
+    assert run.info.status == "FAILED"
+    assert storage.latest_version(db) is None  # the catalogue's version 1 rolled back
+    assert storage.query(db, "SELECT count(*) FROM items")[1] == items_before
+    leftovers = [p for p in ws.rglob("*") if any(m in p.name for m in LEFTOVER_MARKERS)]
+    assert leftovers == []
