@@ -32,6 +32,7 @@ from store_core import tracking  # noqa: E402
 from store_core.config import load_config  # noqa: E402
 from store_core.ingest import ResolvedSource, resolve_source  # noqa: E402
 from store_core.locking import workspace_writer  # noqa: E402
+from store_core.redaction import redact  # noqa: E402
 from store_core.stages import (  # noqa: E402
     catalogue_stage,
     evaluate_stage,
@@ -188,7 +189,9 @@ def store_pipeline(
         "data_dir": cfg.data_dir,
         "duckdb": cfg.duckdb_path,
         "mlflow_run_id": run.run_id,
-        "mlflow_tracking_uri": tracking.tracking_uri(cfg) if cfg.tracking.enabled else None,
+        "mlflow_tracking_uri": (
+            redact(tracking.tracking_uri(cfg)) if cfg.tracking.enabled else None
+        ),
         "models_dir": cfg.models_dir,
         "stages": stages,
     }

@@ -27,6 +27,7 @@ from rich.text import Text
 from store_core import signals
 from store_core.config import StoreConfig, load_config
 from store_core.errors import StoreError
+from store_core.redaction import RedactingFilter, redact
 from store_core.telemetry import disable_telemetry
 
 disable_telemetry()
@@ -59,10 +60,12 @@ T = TypeVar("T")
 
 
 def _setup_logging(verbose: bool) -> None:
+    handler = RichHandler(console=err, show_path=False, rich_tracebacks=False)
+    handler.addFilter(RedactingFilter())  # credentials in URIs never reach the terminal
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",
-        handlers=[RichHandler(console=err, show_path=False, rich_tracebacks=False)],
+        handlers=[handler],
         force=True,
     )
     for noisy in ("httpx", "alembic", "urllib3", "mlflow"):
@@ -81,7 +84,7 @@ def _guard(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except StoreError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(redact(str(exc)))}", highlight=False)
         raise typer.Exit(code=1) from None
     except KeyboardInterrupt as exc:
         err.print(f"[bold red]stopped:[/] {exc or 'interrupted'}", highlight=False)
@@ -110,7 +113,7 @@ def ingest(config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = 
     if outcome.run_id:
         from store_core.tracking import tracking_uri
 
-        out.print(f"MLflow:   run {outcome.run_id} at {tracking_uri(cfg)}")
+        out.print(f"MLflow:   run {outcome.run_id} at {redact(tracking_uri(cfg))}")
 
 
 class Phase(StrEnum):
@@ -274,9 +277,10 @@ def run(
     if summary["stages"].get("evaluate"):
         out.print(f"Report:    {summary['stages']['evaluate']['report']}")
     if summary.get("mlflow_run_id"):
+        uri = redact(str(summary["mlflow_tracking_uri"]))
         out.print(
-            f"MLflow:    run {summary['mlflow_run_id']} at {summary['mlflow_tracking_uri']}"
-            f"  (UI: mlflow ui --backend-store-uri {summary['mlflow_tracking_uri']})"
+            f"MLflow:    run {summary['mlflow_run_id']} at {uri}"
+            f"  (UI: mlflow ui --backend-store-uri {uri})"
         )
 
 
@@ -364,7 +368,7 @@ def query(
     cfg = _load(config, set_)
     from store_core.storage import query as run_query
 
-    columns, rows = _guard(_markup_safe(lambda: run_query(cfg.duckdb_path, sql)))
+    columns, rows = _guard(lambda: run_query(cfg.duckdb_path, sql))
     if as_json:
         for row in rows:
             out.print_json(json.dumps(dict(zip(columns, row, strict=True)), default=str))
@@ -375,19 +379,6 @@ def query(
     for row in rows:
         table.add_row(*(Text(str(v)) for v in row))  # Text: values are not rich markup
     out.print(table)
-
-
-def _markup_safe(fn: Callable[[], T]) -> Callable[[], T]:
-    """``fn``, with the text of a StoreError escaped for rich: query errors quote user SQL
-    and names such as ``"[/]"``, which rich would otherwise parse as markup and fail on."""
-
-    def run() -> T:
-        try:
-            return fn()
-        except StoreError as exc:
-            raise StoreError(escape(str(exc))) from None
-
-    return run
 
 
 @config_app.command("show")

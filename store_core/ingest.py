@@ -31,6 +31,7 @@ from store_core.config import DataConfig, StoreConfig
 from store_core.errors import DataError
 from store_core.locking import workspace_writer
 from store_core.readers import RawCatalog, read_source
+from store_core.redaction import redact
 from store_core.schemas import (
     COLD_ITEMS_SCHEMA,
     INTERACTIONS_SCHEMA,
@@ -225,7 +226,7 @@ def run_ingest(cfg: StoreConfig, source: ResolvedSource | None = None) -> Ingest
 
     source = source or resolve_source(cfg)
     data = source.data
-    logger.info("reading %s source at %s", data.format, source.path)
+    logger.info("reading %s source at %s", data.format, redact(source.path))
     raw = read_source(data, source.path)
     items = build_items(raw, data)
     item_ids = items.column("item_id").to_pylist()

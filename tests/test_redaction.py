@@ -216,3 +216,30 @@ def test_secrets_absent_from_mlflow_and_logs(
     logged = log_text.getvalue()
     assert "memory://***@bucket/tiny" in logged
     assert [s for s in ALL_SECRETS if s in logged] == []
+
+
+def test_cli_never_prints_credentials_of_a_failing_source(tmp_path: Path) -> None:
+    """The CLI's log handler and its error line both redact: a source URI with a key and
+    secret that cannot be read fails with one line and neither value in the output."""
+    from typer.testing import CliRunner
+
+    from store_core.cli import app
+
+    result = CliRunner().invoke(
+        app,
+        [
+            "ingest",
+            "-c",
+            "tiny",
+            "--set",
+            f"workspace={tmp_path / 'ws'}",
+            "--set",
+            "tracking.enabled=false",
+            "--set",
+            "data.path=memory://AKIAKEY:topsecretvalue@bucket/missing",
+        ],
+    )
+    assert result.exit_code == 1
+    output = result.output + (result.stderr if result.stderr_bytes is not None else "")
+    assert "error:" in output
+    assert "topsecretvalue" not in output and "AKIAKEY" not in output

@@ -13,6 +13,7 @@ from store_core.config import DataConfig
 from store_core.errors import ConfigError
 from store_core.readers import amazon, lcrec, movielens, p5, recbole, tabular
 from store_core.readers.base import RAW_INTERACTIONS_SCHEMA, RAW_ITEMS_SCHEMA, RawCatalog
+from store_core.redaction import redact
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +37,14 @@ def read_source(cfg: DataConfig, path: str) -> RawCatalog:
     except KeyError:
         known = ", ".join(sorted(READERS))
         raise ConfigError(f"unknown data.format '{cfg.format}' (known: {known})") from None
-    logger.info("reading %s source from %s", cfg.format, path)
+    logger.info("reading %s source from %s", cfg.format, redact(path))
     catalog = reader(cfg, path)
     logger.info(
         "read %d items from %s and %d interactions from %s",
         catalog.items.num_rows,
-        catalog.items_file,
+        redact(catalog.items_file),
         catalog.interactions.num_rows,
-        catalog.interactions_file,
+        redact(catalog.interactions_file),
     )
     return catalog
 
