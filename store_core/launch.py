@@ -11,6 +11,11 @@ The ranks train with DeepSpeed ZeRO; rank 0 writes the phase's outputs to the wo
 (which must be shared by every node), and the stage then reads them back and tracks them.
 The child config has ``launcher.kind: inprocess`` (no recursion) and tracking off (the
 stage tracks the outcome in its own MLflow run).
+
+On one node the launcher gives the ranks ``MASTER_ADDR=127.0.0.1`` and their rendezvous
+listens on loopback only (:mod:`store_core.distributed`); with a hostfile it is the first
+host's address, as the user asked. The launcher does not inherit the rendezvous variables
+an earlier in-process phase set here.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import yaml
 
 from store_core.config import StoreConfig
 from store_core.errors import StoreError
+from store_core.workspace import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -46,18 +52,18 @@ def launcher_executable() -> str:
 
 
 def child_config(cfg: StoreConfig, phase: str) -> Path:
-    """The resolved config for the ranks, written atomically into the workspace."""
+    """The resolved config for the ranks, written atomically into the workspace (raises
+    OSError when it cannot be written)."""
     data = cfg.model_dump(mode="json")
     data["launcher"] = {**data["launcher"], "kind": "inprocess"}
     data["tracking"] = {**data["tracking"], "enabled": False}
     target = Path(cfg.workspace) / "launch" / f"{phase}.yaml"
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_suffix(".yaml.tmp")
-    tmp.write_text(
+    atomic_write_text(
+        target,
         f"# Written by store_core.launch for the deepspeed ranks of phase {phase}.\n"
-        + yaml.safe_dump(data, sort_keys=False)
+        + yaml.safe_dump(data, sort_keys=False),
     )
-    tmp.replace(target)
     return target
 
 
@@ -80,12 +86,16 @@ def launch_command(cfg: StoreConfig, phase: str, config_path: Path, port: int) -
 def run_phase(cfg: StoreConfig, phase: str) -> None:
     """Train ``phase`` ("tokenizer" or "recommender") under the launcher; raises
     :class:`StoreError` with the launcher's exit status when any rank fails."""
+    from store_core.distributed import variables_set_here
     from store_core.serve import clean_environ, free_port
 
     config_path = child_config(cfg, phase)
     port = cfg.launcher.master_port or free_port()
     argv = launch_command(cfg, phase, config_path, port)
     env = clean_environ()  # the launcher sets the rank variables itself
+    for key, value in variables_set_here().items():  # e.g. GLOO_SOCKET_IFNAME=lo
+        if env.get(key) == value:
+            del env[key]
     repo_root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = os.pathsep.join(p for p in (repo_root, env.get("PYTHONPATH")) if p)
     logger.info("launching %s training: %s", phase, " ".join(argv))

@@ -4,13 +4,14 @@ debugging, the same loop either way.
 What it gives every phase: deterministic data order per (seed, epoch) that a resumed run
 replays exactly, gradient accumulation, AdamW with linear warmup + cosine decay, gradient
 clipping, bf16 where the GPU has it, a resumable checkpoint every N optimizer steps (the
-latest one is picked up automatically), a progress bar with loss and tokens/s, and
-per-step metrics to MLflow from rank 0 only.
+newest complete one is picked up automatically and continues bit for bit, see
+:mod:`store_core.training_checkpoints`: published atomically, loaded without unpickling),
+a progress bar with loss and tokens/s, and per-step metrics to MLflow from rank 0 only.
 
-On CPU DeepSpeed runs with its CPU accelerator over gloo; a single process needs the
-usual ``RANK``/``WORLD_SIZE``/``MASTER_*`` variables, which :func:`ensure_distributed`
-sets when no launcher did. Under ``deepspeed``/``torchrun`` with several processes each
-rank takes a disjoint slice of every epoch's permutation.
+On CPU DeepSpeed runs with its CPU accelerator over gloo; a single process gets its
+process group from :func:`store_core.distributed.ensure_distributed`, which listens on
+127.0.0.1 only. Under ``deepspeed``/``torchrun`` with several processes each rank takes a
+disjoint slice of every epoch's permutation.
 """
 
 from __future__ import annotations
@@ -18,9 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import shutil
-import socket
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -31,7 +29,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from store_core import training_checkpoints as checkpoints
 from store_core.config import CONFIG_DIR, TrainConfig
+from store_core.distributed import barrier, ensure_distributed, rank, world_size
+from store_core.errors import StoreError
 from store_core.model import default_device
 from store_core.progress import progress
 from store_core.tracking import Run
@@ -39,7 +40,6 @@ from store_core.tracking import Run
 logger = logging.getLogger(__name__)
 
 DEEPSPEED_DIR = CONFIG_DIR.parent / "deepspeed"
-LATEST = "latest"
 
 Batch = dict[str, torch.Tensor]
 LossFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, dict[str, float]]]
@@ -75,45 +75,8 @@ class EarlyStopping:
 
 
 # --------------------------------------------------------------------------------------
-# distributed setup
+# engine setup
 # --------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def ensure_distributed() -> None:
-    """Initialise torch.distributed for DeepSpeed (one local process unless launched)."""
-    import deepspeed
-
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return
-    if "WORLD_SIZE" not in os.environ:
-        os.environ.update(
-            RANK="0",
-            LOCAL_RANK="0",
-            WORLD_SIZE="1",
-            MASTER_ADDR="127.0.0.1",
-            MASTER_PORT=str(_free_port()),
-        )
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
-
-
-def rank() -> int:
-    """This process's rank: from torch.distributed, else the launcher's RANK, else 0."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return int(torch.distributed.get_rank())
-    return int(os.environ.get("RANK", "0"))
-
-
-def world_size() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return int(torch.distributed.get_world_size())
-    return 1
-
-
 def use_bf16(setting: str) -> bool:
     if setting == "on":
         return True
@@ -231,23 +194,9 @@ def total_steps(cfg: TrainConfig, plan: DataPlan) -> int:
 # checkpoints
 # --------------------------------------------------------------------------------------
 def latest_step(checkpoint_dir: str) -> int | None:
-    """The step of the newest complete checkpoint in ``checkpoint_dir``, if any."""
-    marker = Path(checkpoint_dir) / LATEST
-    if not marker.exists():
-        return None
-    tag = marker.read_text().strip()
-    if not (Path(checkpoint_dir) / tag).is_dir():
-        return None
-    return int(tag.removeprefix("step-"))
-
-
-def _prune(checkpoint_dir: str, keep: int = 2) -> None:
-    tags = sorted(
-        (p for p in Path(checkpoint_dir).glob("step-*") if p.is_dir()),
-        key=lambda p: int(p.name.removeprefix("step-")),
-    )
-    for old in tags[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    """The step a resumed run would start from: that of the complete checkpoint the
+    ``latest`` pointer names, else of the newest complete one; None when there is none."""
+    return checkpoints.resume_step(checkpoint_dir)
 
 
 class _PlainEngine:
@@ -288,8 +237,11 @@ class _PlainEngine:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
-    def save_checkpoint(self, directory: str, tag: str, client_state: dict[str, Any]) -> None:
-        target = Path(directory) / tag
+    def save_checkpoint(
+        self, save_dir: str, tag: str, client_state: dict[str, Any], save_latest: bool = False
+    ) -> None:
+        """DeepSpeed's signature; writes ``<save_dir>/<tag>/state.pt`` (no pointer)."""
+        target = Path(save_dir) / tag
         target.mkdir(parents=True, exist_ok=True)
         torch.save(
             {
@@ -300,17 +252,17 @@ class _PlainEngine:
             },
             target / "state.pt",
         )
-        (Path(directory) / LATEST).write_text(tag)
 
-    def load_checkpoint(self, directory: str) -> dict[str, Any]:
-        tag = (Path(directory) / LATEST).read_text().strip()
-        state = torch.load(Path(directory) / tag / "state.pt", weights_only=True)
+    def load_checkpoint(self, load_dir: str, tag: str) -> tuple[str, dict[str, Any]]:
+        """DeepSpeed's signature; ``state.pt`` is loaded weights-only (tensors, no code)."""
+        path = Path(load_dir) / tag
+        state = torch.load(path / "state.pt", weights_only=True)
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         client: dict[str, Any] = state["client_state"]
         self.micro = int(client["step"]) * self.cfg.grad_accum
-        return client
+        return str(path), client
 
 
 def _build_engine(model: nn.Module, cfg: TrainConfig, steps: int) -> tuple[Any, torch.device]:
@@ -342,6 +294,11 @@ def _build_engine(model: nn.Module, cfg: TrainConfig, steps: int) -> tuple[Any, 
         lr_scheduler=scheduler,
         config=deepspeed_config(cfg),
     )
+    if engine.checkpoint_engine.is_decoupled():
+        raise StoreError(
+            "the DeepSpeed config selects an asynchronous checkpoint engine; the trainer "
+            "publishes a checkpoint only once its files are written: use the default one"
+        )
     return engine, torch.device(engine.device)
 
 
@@ -383,6 +340,112 @@ def _consolidate(
 # --------------------------------------------------------------------------------------
 # the loop
 # --------------------------------------------------------------------------------------
+@dataclass
+class _Meter:
+    """Sums over the current logging window and over the whole run (this process)."""
+
+    loss: float = 0.0
+    micro: int = 0
+    samples: int = 0
+    tokens: float = 0.0
+    targets: float = 0.0
+    extra: dict[str, float] = field(default_factory=dict)
+    clock: float = field(default_factory=time.perf_counter)
+    total_tokens: float = 0.0
+    total_samples: int = 0
+    total_targets: float = 0.0
+
+    def add(self, loss: torch.Tensor, samples: int, extra: dict[str, float]) -> None:
+        self.loss += float(loss.detach())
+        self.micro += 1
+        self.samples += samples
+        self.tokens += float(extra.get("tokens", 0.0))
+        self.targets += float(extra.get("targets", 0.0))
+        for key, value in extra.items():
+            if key not in ("tokens", "targets"):
+                self.extra[key] = self.extra.get(key, 0.0) + float(value)
+
+    def flush(self, lr: float) -> dict[str, float]:
+        """The window's record (loss, lr, throughput, mean extras); starts a new window."""
+        elapsed = max(time.perf_counter() - self.clock, 1e-9)
+        world = world_size()
+        record = {
+            "loss": self.loss / self.micro,
+            "lr": lr,
+            "tokens_per_s": self.tokens * world / elapsed,
+            "samples_per_s": self.samples * world / elapsed,
+            **{k: v / self.micro for k, v in self.extra.items()},
+        }
+        if self.targets:
+            record["targets_per_s"] = self.targets * world / elapsed
+        self.total_tokens += self.tokens
+        self.total_samples += self.samples
+        self.total_targets += self.targets
+        self.loss, self.micro, self.samples, self.tokens, self.targets = 0.0, 0, 0, 0.0, 0.0
+        self.extra = {}
+        self.clock = time.perf_counter()
+        return record
+
+    def window(self) -> dict[str, float]:
+        """The sums behind the open window's means, for a checkpoint: a resumed run logs
+        the same losses (throughput counts only this process's own time and samples)."""
+        return {"loss": self.loss, "micro": float(self.micro)} | {
+            f"extra/{k}": v for k, v in self.extra.items()
+        }
+
+    def reopen(self, window: dict[str, float]) -> None:
+        """Continue the window a checkpoint saved (:meth:`window`)."""
+        self.loss, self.micro = window.get("loss", 0.0), int(window.get("micro", 0))
+        self.extra = {k.removeprefix("extra/"): v for k, v in window.items() if "/" in k}
+
+
+def _resume(
+    engine: Any, checkpoint_dir: str, resume: bool
+) -> tuple[checkpoints.TrainerState, dict[str, torch.Tensor] | None]:
+    """Clean a killed run's leftovers (rank 0), then load the checkpoint to resume from,
+    if any: (trainer state, best weights so far)."""
+    if rank() == 0:
+        checkpoints.clean_leftovers(checkpoint_dir)
+    barrier()
+    found = checkpoints.resume_step(checkpoint_dir) if resume else None
+    if found is None:
+        return checkpoints.TrainerState(step=0), None
+    return checkpoints.load(engine, checkpoint_dir, found)
+
+
+def _validate(
+    engine: Any,
+    cfg: TrainConfig,
+    stopping: EarlyStopping,
+    state: checkpoints.TrainerState,
+    epoch: int,
+    log: Callable[[dict[str, float]], None],
+) -> dict[str, torch.Tensor] | None:
+    """Validate at ``epoch``, update the early-stopping fields of ``state``; returns a
+    snapshot of the weights when they are the new best (on every rank)."""
+    metrics = stopping.validate(engine.module)
+    engine.train()
+    state.validation.append({"epoch": float(epoch), "step": float(state.step), **metrics})
+    logger.info("epoch %d validation: %s", epoch, metrics)
+    log({f"val_{k}": v for k, v in metrics.items()})
+    value = metrics[stopping.monitor]
+    if state.best_metric is None or value > state.best_metric:
+        state.best_metric, state.best_epoch, state.bad_epochs = value, epoch, 0
+        state.best_weights_step = state.step
+        return _snapshot(engine, cfg)
+    state.bad_epochs += 1
+    if state.bad_epochs >= stopping.patience:
+        logger.info(
+            "early stopping at epoch %d: best %s %.4f at epoch %d",
+            epoch,
+            stopping.monitor,
+            state.best_metric,
+            state.best_epoch,
+        )
+        state.stopped_early = True
+    return None
+
+
 def train(
     model: nn.Module,
     dataset: Sequence[Any],
@@ -401,12 +464,18 @@ def train(
 
     ``collate`` turns a list of samples into a batch of tensors; ``loss_fn(engine, batch)``
     returns the loss and a dict of floats to log (a ``tokens`` entry feeds tokens/s).
-    With ``resume`` the newest checkpoint in ``checkpoint_dir`` is loaded and training
-    continues from its step with the same data order as an uninterrupted run.
+    With ``resume`` the newest complete checkpoint in ``checkpoint_dir`` is loaded and
+    training continues from its step exactly as an uninterrupted run would (same data
+    order, RNG, history and early-stopping state); leftovers of a killed run there are
+    removed first (:mod:`store_core.training_checkpoints`).
     ``early_stopping`` validates at each epoch end (on every rank, so ZeRO-3 forwards stay
     collective), logs the metrics and returns the best epoch's weights. ``lengths``
     (tokens per sample) length-groups the batches when ``cfg.group_by_length`` is on
     (:class:`DataPlan`). A ``targets`` entry of the loss metrics feeds targets/s.
+
+    Raises ValueError for an empty dataset, StoreError when a checkpoint to resume holds
+    anything but tensor data (it is not loaded) or is otherwise unreadable, and OSError
+    when a checkpoint cannot be written.
     """
     if len(dataset) == 0:
         raise ValueError("no training samples")
@@ -420,209 +489,77 @@ def train(
     steps = total_steps(cfg, plan)
     engine, device = _build_engine(model, cfg, steps)
     Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
-
-    start = 0
-    resumed_from = None
-    if resume and latest_step(checkpoint_dir) is not None:
-        if cfg.deepspeed.enabled:
-            _, client = engine.load_checkpoint(checkpoint_dir)
-        else:
-            client = engine.load_checkpoint(checkpoint_dir)
-        start = resumed_from = int(client["step"])
-        logger.info("resumed %s from step %d (%s)", description, start, checkpoint_dir)
+    state, best_state = _resume(engine, checkpoint_dir, resume)
+    resumed_from = state.step if state.step else None
+    if resumed_from is not None:
+        logger.info("resumed %s from step %d (%s)", description, resumed_from, checkpoint_dir)
 
     is_main = rank() == 0
-    history: list[dict[str, float]] = []
-    bar = progress(total=steps, initial=start, desc=description, disable=None if is_main else True)
+
+    def log(record: dict[str, float]) -> None:
+        if is_main and run is not None:
+            run.log_metrics({f"{description}/{k}": v for k, v in record.items()}, state.step)
+
+    bar = progress(
+        total=steps, initial=state.step, desc=description, disable=None if is_main else True
+    )
     if not is_main:
         bar.disable = True
     engine.train()
-    window_loss, window_tokens, window_samples, window_micro = 0.0, 0.0, 0, 0
-    window_targets = 0.0
-    window_extra: dict[str, float] = {}
-    tokens_total, samples_total, clock = 0.0, 0, time.perf_counter()
-    targets_total = 0.0
-    window_clock = clock
-    last_loss = float("nan")
-    validation: list[dict[str, float]] = []
-    best_metric: float | None = None
-    best_epoch: int | None = None
-    best_state: dict[str, torch.Tensor] | None = None
-    bad_epochs = 0
-    if early_stopping is not None and resumed_from is not None:
-        restored = _load_best(checkpoint_dir, resumed_from)
-        if restored is not None:
-            validation, best_metric, best_epoch, bad_epochs, best_state = restored
-            logger.info("restored early-stopping state: best epoch %s", best_epoch)
-    stopped_early = False
-    micro = start * cfg.grad_accum
-    step = start
-    epoch_batches = plan.batches_per_epoch
-    while step < steps:
+    meter = _Meter()
+    meter.reopen(state.window)
+    clock = time.perf_counter()
+    micro = state.step * cfg.grad_accum
+    while state.step < steps and not state.stopped_early:
         indices = plan.batch(micro)
         batch = {k: v.to(device) for k, v in collate([dataset[i] for i in indices]).items()}
         loss, extra = loss_fn(engine, batch)
         engine.backward(loss)
         engine.step()
         micro += 1
-        window_loss += float(loss.detach())
-        window_micro += 1
-        window_samples += len(indices)
-        window_tokens += float(extra.get("tokens", 0.0))
-        window_targets += float(extra.get("targets", 0.0))
-        for key, value in extra.items():
-            if key not in ("tokens", "targets"):
-                window_extra[key] = window_extra.get(key, 0.0) + float(value)
+        meter.add(loss, len(indices), extra)
         if micro % cfg.grad_accum:
             continue
-        step += 1
+        state.step += 1
         bar.update(1)
-        if step % cfg.log_every == 0 or step == steps:
-            elapsed = max(time.perf_counter() - window_clock, 1e-9)
-            last_loss = window_loss / window_micro
-            record = {
-                "loss": last_loss,
-                "lr": float(engine.optimizer.param_groups[0]["lr"]),
-                "tokens_per_s": window_tokens * world_size() / elapsed,
-                "samples_per_s": window_samples * world_size() / elapsed,
-                **{k: v / window_micro for k, v in window_extra.items()},
-            }
-            if window_targets:
-                record["targets_per_s"] = window_targets * world_size() / elapsed
-            history.append({"step": float(step), **record})
-            bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-            if is_main and run is not None:
-                run.log_metrics({f"{description}/{k}": v for k, v in record.items()}, step=step)
-            tokens_total += window_tokens
-            samples_total += window_samples
-            targets_total += window_targets
-            window_loss, window_tokens, window_samples, window_micro = 0.0, 0.0, 0, 0
-            window_targets = 0.0
-            window_extra = {}
-            window_clock = time.perf_counter()
-        if step % cfg.checkpoint_every == 0 or step == steps:
-            _save(engine, checkpoint_dir, step, cfg)
-        at_epoch_end = micro % epoch_batches == 0
-        due = step % cfg.eval_every == 0 if cfg.eval_every else at_epoch_end
+        if state.step % cfg.log_every == 0 or state.step == steps:
+            record = meter.flush(float(engine.optimizer.param_groups[0]["lr"]))
+            state.last_loss = record["loss"]
+            state.history.append({"step": float(state.step), **record})
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            log(record)
+        due = (
+            state.step % cfg.eval_every == 0
+            if cfg.eval_every
+            else micro % plan.batches_per_epoch == 0
+        )
+        new_best = None
         if early_stopping is not None and due:
-            epoch = step // cfg.eval_every if cfg.eval_every else micro // epoch_batches
-            metrics = early_stopping.validate(engine.module)
-            engine.train()
-            validation.append({"epoch": float(epoch), "step": float(step), **metrics})
-            logger.info("epoch %d validation: %s", epoch, metrics)
-            if is_main and run is not None:
-                run.log_metrics({f"{description}/val_{k}": v for k, v in metrics.items()}, step)
-            value = metrics[early_stopping.monitor]
-            improved = best_metric is None or value > best_metric
-            if improved:
-                best_metric, best_epoch, bad_epochs = value, epoch, 0
-                best_state = _snapshot(engine, cfg)
-            else:
-                bad_epochs += 1
-            # Checkpoint with the early-stopping state, so a resumed run keeps its best.
-            if step % cfg.checkpoint_every and step != steps:
-                _save(engine, checkpoint_dir, step, cfg)
-            if rank() == 0:
-                assert best_metric is not None and best_epoch is not None
-                _save_best(
-                    checkpoint_dir,
-                    step,
-                    validation,
-                    (best_metric, best_epoch, bad_epochs),
-                    best_state if improved else None,
-                )
-            if not improved and bad_epochs >= early_stopping.patience:
-                logger.info(
-                    "early stopping at epoch %d: best %s %.4f at epoch %d",
-                    epoch,
-                    early_stopping.monitor,
-                    best_metric,
-                    best_epoch,
-                )
-                stopped_early = True
-                break
+            epoch = (
+                state.step // cfg.eval_every if cfg.eval_every else micro // plan.batches_per_epoch
+            )
+            new_best = _validate(engine, cfg, early_stopping, state, epoch, log)
+            best_state = new_best if new_best is not None else best_state
+        # Validated steps are checkpointed too (after validation), so a resumed run keeps
+        # the early-stopping state that goes with its weights.
+        validated = early_stopping is not None and due
+        if validated or state.step % cfg.checkpoint_every == 0 or state.step == steps:
+            state.window = meter.window()
+            checkpoints.save(engine, checkpoint_dir, state, new_best)
     bar.close()
     elapsed = max(time.perf_counter() - clock, 1e-9)
     trained = _consolidate(engine, model, cfg, best_state)
     return TrainResult(
         model=trained,
-        steps=step,
+        steps=state.step,
         resumed_from=resumed_from,
-        final_loss=last_loss,
-        tokens_per_s=tokens_total * world_size() / elapsed,
-        samples_per_s=samples_total * world_size() / elapsed,
-        targets_per_s=targets_total * world_size() / elapsed,
-        history=history,
-        validation=validation,
-        best_metric=best_metric,
-        best_epoch=best_epoch,
-        stopped_early=stopped_early,
+        final_loss=state.last_loss,
+        tokens_per_s=meter.total_tokens * world_size() / elapsed,
+        samples_per_s=meter.total_samples * world_size() / elapsed,
+        targets_per_s=meter.total_targets * world_size() / elapsed,
+        history=list(state.history),
+        validation=list(state.validation),
+        best_metric=state.best_metric,
+        best_epoch=state.best_epoch,
+        stopped_early=state.stopped_early,
     )
-
-
-#: Early-stopping state next to the checkpoints: the validation history and the best
-#: weights so far, so a resumed run still returns the best epoch's weights.
-BEST_DIR = "best"
-
-
-def _save_best(
-    checkpoint_dir: str,
-    step: int,
-    validation: list[dict[str, float]],
-    summary: tuple[float, int, int],
-    state: dict[str, torch.Tensor] | None,
-) -> None:
-    """Record the early-stopping state at validation ``step`` (its checkpoint exists);
-    ``state``: the new best weights, None when they did not change."""
-    from safetensors.torch import save_file
-
-    best = Path(checkpoint_dir) / BEST_DIR
-    best.mkdir(parents=True, exist_ok=True)
-    record_path = best / "state.json"
-    weights_step = json.loads(record_path.read_text())["weights_step"] if state is None else step
-    if state is not None:
-        tmp = best / "model.safetensors.tmp"
-        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp))
-        tmp.replace(best / "model.safetensors")
-    metric, epoch, bad = summary
-    record = {
-        "step": step,
-        "weights_step": weights_step,
-        "best_metric": metric,
-        "best_epoch": epoch,
-        "bad_epochs": bad,
-        "validation": validation,
-    }
-    tmp_record = best / "state.json.tmp"
-    tmp_record.write_text(json.dumps(record))
-    tmp_record.replace(record_path)
-
-
-def _load_best(
-    checkpoint_dir: str, resumed_step: int
-) -> tuple[list[dict[str, float]], float, int, int, dict[str, torch.Tensor]] | None:
-    """The early-stopping state saved at or before ``resumed_step``, if any."""
-    from safetensors.torch import load_file
-
-    best = Path(checkpoint_dir) / BEST_DIR
-    if not (best / "state.json").is_file() or not (best / "model.safetensors").is_file():
-        return None
-    record = json.loads((best / "state.json").read_text())
-    if record["step"] > resumed_step:  # newer than the checkpoint: not this run's past
-        return None
-    return (
-        list(record["validation"]),
-        float(record["best_metric"]),
-        int(record["best_epoch"]),
-        int(record["bad_epochs"]),
-        load_file(str(best / "model.safetensors")),
-    )
-
-
-def _save(engine: Any, checkpoint_dir: str, step: int, cfg: TrainConfig) -> None:
-    tag = f"step-{step}"
-    engine.save_checkpoint(checkpoint_dir, tag=tag, client_state={"step": step})
-    if cfg.deepspeed.enabled and rank() == 0:
-        (Path(checkpoint_dir) / LATEST).write_text(tag)
-    if rank() == 0:
-        _prune(checkpoint_dir)

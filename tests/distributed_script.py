@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import psutil
 import torch
 
 from store_core.trainer import rank, train, world_size
@@ -19,6 +20,10 @@ def main() -> None:
     before = params(model)
     result = train(model, dataset(), collate, lm_loss, config(stage), str(out / "ckpt"))
     after = params(result.model)
+    listening = [
+        c.laddr.ip for c in psutil.Process().net_connections("inet") if c.status == "LISTEN"
+    ]
+    (out / f"listening-rank{rank()}.json").write_text(json.dumps(listening))
     if rank() == 0:
         report = {
             "world_size": world_size(),

@@ -51,3 +51,7 @@ def test_two_process_zero_run_via_launcher(stage: int, tmp_path: Path) -> None:
     assert report["world_size"] == 2
     assert report["changed"] is True
     assert report["losses"][-1] < report["losses"][0] - 0.3
+    # One node: the launcher's MASTER_ADDR is 127.0.0.1, so every rank listens there only.
+    for r in range(2):
+        listening = json.loads((tmp_path / f"listening-rank{r}.json").read_text())
+        assert listening and set(listening) <= {"127.0.0.1", "::1"}, (r, listening)
