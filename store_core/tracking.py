@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import tempfile
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -43,6 +44,10 @@ FLOW_RUN_TAG = "prefect.flow_run_id"
 STAGE_TAG = "store.stage"
 DEPLOYMENT_ID_TAG = "prefect.deployment_id"
 DEPLOYMENT_NAME_TAG = "prefect.deployment_name"
+WORKSPACE_TAG = "store.workspace"
+HOST_TAG = "store.host"
+PID_TAG = "store.pid"
+ENDED_BY_TAG = "store.ended_by"
 
 
 def tracking_uri(cfg: StoreConfig) -> str:
@@ -158,15 +163,81 @@ def _run(cfg: StoreConfig, run_name: str, tags: Mapping[str, str]) -> Iterator[R
     client, experiment_id = _client(cfg)
     from mlflow.entities import RunStatus
 
-    safe_tags = {key: redact(str(value)) for key, value in tags.items()}
+    owner = _owner(cfg)
+    reap_orphaned_runs(client, experiment_id, owner[WORKSPACE_TAG])
+    safe_tags = {key: redact(str(value)) for key, value in {**tags, **owner}.items()}
     info = client.create_run(experiment_id, run_name=redact(run_name), tags=safe_tags).info
     run = Run(client, info.run_id)
     try:
         yield run
-    except BaseException:
-        client.set_terminated(info.run_id, RunStatus.to_string(RunStatus.FAILED))
+    except BaseException as exc:
+        status = RunStatus.KILLED if _stopped(exc) else RunStatus.FAILED
+        client.set_terminated(info.run_id, RunStatus.to_string(status))
         raise
     client.set_terminated(info.run_id, RunStatus.to_string(RunStatus.FINISHED))
+
+
+def _stopped(exc: BaseException) -> bool:
+    """Ctrl-C, SIGTERM (:class:`store_core.signals.Terminated` is a KeyboardInterrupt) or
+    Prefect's own termination signal (matched by name: store_core never imports prefect)."""
+    return isinstance(exc, KeyboardInterrupt) or any(
+        cls.__name__ == "TerminationSignal" for cls in type(exc).__mro__
+    )
+
+
+def _owner(cfg: StoreConfig) -> dict[str, str]:
+    """Tags that say which process on which host writes a run, for :func:`reap_orphaned_runs`."""
+    return {
+        WORKSPACE_TAG: str(Path(cfg.workspace).resolve()),
+        HOST_TAG: socket.gethostname(),
+        PID_TAG: str(os.getpid()),
+    }
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def reap_orphaned_runs(client: MlflowClient, experiment_id: str, workspace: str) -> list[str]:
+    """Mark KILLED the RUNNING runs of ``workspace`` whose writer process is gone.
+
+    A process killed with SIGKILL (the OOM killer, ``kill -9``, a node lost) cannot end
+    its MLflow runs; they would show RUNNING forever. Every run STORE opens is tagged with
+    its workspace, host and pid; before a new run is opened, the RUNNING runs of the same
+    workspace on this host whose pid no longer exists are ended KILLED and tagged
+    ``store.ended_by``. Runs of other hosts, of live processes and runs without the tags
+    (other tools) are left alone. Returns the reaped run ids. Raises what MLflow raises.
+    """
+    from mlflow.entities import RunStatus
+
+    host = socket.gethostname()
+    reaped: list[str] = []
+    running = client.search_runs(
+        [experiment_id], filter_string="attributes.status = 'RUNNING'", max_results=1000
+    )
+    for found in running:
+        tags = found.data.tags
+        if tags.get(WORKSPACE_TAG) != workspace or tags.get(HOST_TAG) != host:
+            continue
+        pid = tags.get(PID_TAG, "")
+        if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        client.set_tag(found.info.run_id, ENDED_BY_TAG, f"reaped: process {pid} is gone")
+        client.set_terminated(found.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+        reaped.append(found.info.run_id)
+    if reaped:
+        logger.warning(
+            "marked %d MLflow run(s) KILLED whose process was killed: %s",
+            len(reaped),
+            ", ".join(reaped),
+        )
+    return reaped
 
 
 @contextmanager

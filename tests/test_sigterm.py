@@ -3,7 +3,7 @@
 Tracked training runs in a child ``store`` process with an MLflow SQLite store in the
 workspace; once it has written its first checkpoint the test sends SIGTERM and checks:
 exit status 143, no MLflow run left RUNNING (the stage run and, for the pipeline, its
-parent end FAILED), no SQLite journal or temporary file left, the writer lock released,
+parent end KILLED), no SQLite journal or temporary file left, the writer lock released,
 and the newest checkpoint complete. The kill points of ingest and tokenize-catalogue are
 in tests/test_crash_ingest_catalogue.py (SIGTERM and SIGKILL).
 """
@@ -108,13 +108,13 @@ def test_sigterm_during_tracked_training_marks_the_run_and_exits_143(
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     assert experiment is not None
     (run,) = client.search_runs([experiment.experiment_id])
-    assert run.info.run_name == f"train_{phase}" and run.info.status == "FAILED"
+    assert run.info.run_name == f"train_{phase}" and run.info.status == "KILLED"
 
 
 def test_sigterm_during_the_pipeline_marks_the_parent_and_stage_runs(tmp_path: Path) -> None:
     """``store run``: inside the flow run Prefect's own SIGTERM bridge raises (the flow
     runs end Crashed), then the CLI's handler; MLflow's parent run and the stage run
-    both end FAILED, the finished ingest run stays FINISHED."""
+    both end KILLED, the finished ingest run stays FINISHED."""
     ws = tmp_path / "ws"
     argv = ["run", "-c", "tiny", "--set", f"workspace={ws}", "--no-evaluate"]
     argv += ["--set", "tokenizer_train.max_steps=100000"]
@@ -129,7 +129,7 @@ def test_sigterm_during_the_pipeline_marks_the_parent_and_stage_runs(tmp_path: P
     assert experiment is not None
     runs = {r.info.run_name: r.info.status for r in client.search_runs([experiment.experiment_id])}
     parent = next(name for name in runs if name.startswith("store-full-"))
-    assert runs == {parent: "FAILED", "ingest": "FINISHED", "train_tokenizer": "FAILED"}
+    assert runs == {parent: "KILLED", "ingest": "FINISHED", "train_tokenizer": "KILLED"}
     assert "Crashed" in log.read_text()  # what the Prefect UI shows for the flow runs
 
 
@@ -141,7 +141,7 @@ def test_sigterm_inside_a_tracked_write_marks_the_run_and_writes_nothing(
     verb: str, point: str, tiny_pipeline: Path, tmp_path: Path
 ) -> None:
     """SIGTERM inside the DuckDB transaction of a tracked ingest / tokenize-catalogue:
-    the transaction rolls back, the stage run ends FAILED, exit 143."""
+    the transaction rolls back, the stage run ends KILLED, exit 143."""
     ws = copy_workspace(tiny_pipeline, tmp_path / "ws")
     db = str(ws / "store.duckdb")
     _, items_before = storage.query(db, "SELECT count(*) FROM items")
@@ -155,7 +155,7 @@ def test_sigterm_inside_a_tracked_write_marks_the_run_and_writes_nothing(
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     assert experiment is not None
     (run,) = client.search_runs([experiment.experiment_id])
-    assert run.info.status == "FAILED"
+    assert run.info.status == "KILLED"
     assert storage.latest_version(db) is None  # the catalogue's version 1 rolled back
     assert storage.query(db, "SELECT count(*) FROM items")[1] == items_before
     leftovers = [p for p in ws.rglob("*") if any(m in p.name for m in LEFTOVER_MARKERS)]

@@ -1,5 +1,9 @@
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -84,3 +88,55 @@ def test_tracking_disabled_runs_stages_without_importing_mlflow(tmp_path: Path) 
     )
     assert done.stdout.split() == ["40", "False"]
     assert not (tmp_path / "ws" / "mlflow").exists()
+
+
+_KILLED_CHILD = """
+import os, signal, sys
+from store_core import tracking
+from store_core.config import load_config
+overrides = [f"workspace={sys.argv[1]}"] + [f"tracking.uri={uri}" for uri in sys.argv[2:]]
+cfg = load_config("tiny", overrides)
+with tracking.stage_run(cfg, "train_recommender") as run:
+    print(run.run_id, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def _sigkilled_run(workspace: Path, *tracking_uri: str) -> str:
+    """A tracked stage run whose process is SIGKILLed inside it: left RUNNING."""
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run(
+        [sys.executable, "-c", _KILLED_CHILD, str(workspace), *tracking_uri],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(repo)},
+        cwd=repo,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    return proc.stdout.split()[0]
+
+
+def test_runs_of_sigkilled_processes_are_reaped_on_the_next_run(tmp_path: Path) -> None:
+    ws, other = tmp_path / "ws", tmp_path / "other"
+    cfg = load_config("tiny", [f"workspace={ws}"])
+    orphan = _sigkilled_run(ws)
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
+    assert client.get_run(orphan).info.status == "RUNNING"
+    assert client.get_run(orphan).data.tags[tracking.WORKSPACE_TAG] == str(ws.resolve())
+    # another workspace's orphan in the same tracking store is not this workspace's to end
+    foreign = _sigkilled_run(other, tracking.tracking_uri(cfg))
+    with tracking.stage_run(cfg, "ingest") as run:
+        pass
+    reaped = client.get_run(orphan)
+    assert reaped.info.status == "KILLED"
+    assert reaped.data.tags[tracking.ENDED_BY_TAG].startswith("reaped: process ")
+    assert client.get_run(run.run_id or "").info.status == "FINISHED"
+    assert client.get_run(foreign).info.status == "RUNNING"
+
+
+def test_ctrl_c_inside_a_run_ends_it_killed(tmp_path: Path) -> None:
+    cfg = load_config("tiny", [f"workspace={tmp_path / 'ws'}"])
+    with pytest.raises(KeyboardInterrupt), tracking.stage_run(cfg, "ingest") as run:
+        raise KeyboardInterrupt
+    client = MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
+    assert client.get_run(run.run_id or "").info.status == "KILLED"
