@@ -53,6 +53,7 @@ from store_core.model import build_backbone, save_model_files, staging_directory
 from store_core.semantic_ids import format_sid, pack_codes
 from store_core.tracking import Run
 from store_core.trainer import rank, train, world_size
+from store_core.workspace import recover_directory
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +120,14 @@ def _holdout(n: int, seed: int) -> np.ndarray:
 
 
 def train_semantic_tokenizer(cfg: StoreConfig, run: Run | None = None) -> TokenizerOutcome | None:
-    """Phase A + clustering for ``cfg``; returns None on ranks other than 0."""
+    """Phase A + clustering for ``cfg``; returns None on ranks other than 0.
+
+    Rank 0 first repairs what a killed earlier run left around the output directory
+    (:func:`store_core.workspace.recover_directory`); the trainer does the same for its
+    checkpoints. Raises StoreError when ingest has not run.
+    """
+    if rank() == 0:
+        recover_directory(checkpoint_dir(cfg))
     data_checksum = _data_checksum(cfg)
     items = pq.read_table(f"{cfg.data_dir}/{ITEMS_FILE}")
     item_ids: list[str] = items.column("item_id").to_pylist()

@@ -20,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, cast
@@ -42,6 +40,7 @@ from transformers.utils import logging as transformers_logging
 from store_core.config import ModelConfig
 from store_core.errors import StoreError
 from store_core.progress import progress_enabled
+from store_core.workspace import staged_directory
 
 logger = logging.getLogger(__name__)
 
@@ -327,30 +326,19 @@ def save_model_files(
 
 @contextlib.contextmanager
 def staging_directory(directory: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield an empty sibling temp directory; on success publish it as ``directory``.
+    """Yield an empty sibling staging directory; on success publish it as ``directory``.
 
     Readers of ``directory`` see either the old complete checkpoint or the new complete
-    one, never a half-written one: everything is written into the temp directory, then
-    an existing ``directory`` is renamed aside, the temp directory renamed into place and
-    the old one deleted. On an exception the temp directory is removed and ``directory``
-    is untouched. Local filesystem only.
+    one, never a half-written one: :func:`store_core.workspace.staged_directory` fsyncs
+    the files and swaps the directory in by renames; on an exception the staging
+    directory is removed and ``directory`` is untouched. What a kill -9 leaves behind is
+    repaired by :func:`store_core.workspace.recover_directory` (the training phases call
+    it on their next start). Local filesystem only.
     """
     final = Path(directory).expanduser().resolve()
     final.parent.mkdir(parents=True, exist_ok=True)
-    token = uuid.uuid4().hex[:8]
-    staging = final.parent / f".{final.name}.tmp-{token}"
-    staging.mkdir()
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    old = final.parent / f".{final.name}.old-{token}"
-    if final.exists():
-        final.rename(old)
-    staging.rename(final)
-    if old.exists():
-        shutil.rmtree(old, ignore_errors=True)
+    with staged_directory(str(final)) as staging:
+        yield Path(staging)
 
 
 def save_checkpoint(

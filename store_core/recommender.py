@@ -70,6 +70,7 @@ from store_core.tasks import (
 )
 from store_core.tracking import Run
 from store_core.trainer import EarlyStopping, LossFn, rank, train, world_size
+from store_core.workspace import recover_directory
 
 logger = logging.getLogger(__name__)
 
@@ -315,7 +316,14 @@ def prepare_phase_b(cfg: StoreConfig) -> PhaseBInputs:
 
 
 def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOutcome | None:
-    """Phase B for ``cfg``; returns None on ranks other than 0."""
+    """Phase B for ``cfg``; returns None on ranks other than 0.
+
+    Rank 0 first repairs what a killed earlier run left around the output directory
+    (:func:`store_core.workspace.recover_directory`); the trainer does the same for its
+    checkpoints. Raises StoreError when Phase A has not run.
+    """
+    if rank() == 0:
+        recover_directory(recommender_dir(cfg))
     inputs = prepare_phase_b(cfg)
     rec = cfg.recommender
     model: torch.nn.Module = inputs.model
