@@ -49,7 +49,7 @@ def summary(ranks: np.ndarray) -> dict[str, float]:
     """Recall@{1,10,20} and NDCG@10 from 1-based ranks (0 = missed)."""
     hit = ranks > 0
     out = {f"recall_at_{k}": float((hit & (ranks <= k)).mean()) for k in (1, 10, 20)}
-    gain = np.where(hit & (ranks <= 10), 1.0 / np.log2(ranks + 1.0), 0.0)
+    gain = np.where(hit & (ranks <= 10), 1.0 / np.log2(np.maximum(ranks, 1) + 1.0), 0.0)
     out["ndcg_at_10"] = float(gain.mean())
     return out
 
