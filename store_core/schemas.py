@@ -24,7 +24,8 @@ INTERACTIONS_SCHEMA = pa.schema(
     [
         pa.field("user_id", pa.string(), nullable=False),
         pa.field("item_id", pa.string(), nullable=False),
-        pa.field("timestamp", pa.int64(), nullable=True),
+        # unix seconds as every reader gives them, fractions kept; null when undated
+        pa.field("timestamp", pa.float64(), nullable=True),
         pa.field("position", pa.int32(), nullable=False),  # 0-based, chronological per user
     ]
 )

@@ -125,9 +125,10 @@ def test_to_text_and_timestamps() -> None:
     assert to_text(float("nan")) is None
     assert parse_timestamp("12", file="f", record="r", field="t") == 12
     assert parse_timestamp(12.0, file="f", record="r", field="t") == 12
-    assert parse_timestamp("12.7", file="f", record="r", field="t", allow_fraction=True) == 12
-    with pytest.raises(DataError, match="integer unix timestamp"):
-        parse_timestamp("12.7", file="f", record="r", field="t")
+    # Fractions are kept, not truncated to a tie (issue 15).
+    assert parse_timestamp("12.7", file="f", record="r", field="t") == 12.7
+    with pytest.raises(DataError, match="unix timestamp in seconds"):
+        parse_timestamp("soon", file="f", record="r", field="t")
     with pytest.raises(DataError, match="required field is missing"):
         parse_timestamp(None, file="f", record="r", field="t")
 
@@ -189,7 +190,7 @@ def test_movielens_min_rating_and_standard_genres(tmp_path: Path) -> None:
     ("file", "content", "message", "field"),
     [
         ("u.data", "1\t10\t5\t1\n1\t10\t5\n", "expected 4 fields", None),
-        ("u.data", "1\t10\t5\t1\n1\t10\t5\tsoon\n", "integer unix timestamp", "timestamp"),
+        ("u.data", "1\t10\t5\t1\n1\t10\t5\tsoon\n", "unix timestamp in seconds", "timestamp"),
         ("u.item", "10|T|d|||0|1|1\n20|T|d|||0|2|1\n", "must be 0 or 1", "Action"),
     ],
 )
@@ -513,7 +514,7 @@ def test_amazon_plain_json_from_memory_with_explicit_names(
         ({"reviewerID": "A2", "unixReviewTime": 1}, "required field is missing", "asin"),
         (
             {"reviewerID": "A2", "asin": "B", "unixReviewTime": "x"},
-            "integer unix",
+            "unix timestamp in seconds",
             "unixReviewTime",
         ),
         ('{"reviewerID": "A2", "asin": ', "neither valid JSON", None),
@@ -575,7 +576,7 @@ def test_tabular_parquet_from_memory(memfs: fsspec.AbstractFileSystem) -> None:
     columns = {"user_id": "uid", "item_id": "iid", "timestamp": "ts"}
     catalog = read("tabular", "memory://tab", columns=columns)
     assert inters_of(catalog) == [
-        ("1", "10", 1_700_000_000, 0, "row 1"),
+        ("1", "10", 1_700_000_000.5, 0, "row 1"),  # milliseconds kept (issue 15)
         ("2", "20", 1_700_000_001, 1, "row 2"),
     ]
     assert items_of(catalog) == [

@@ -13,6 +13,7 @@ from store_core.config import DataConfig
 from store_core.errors import ConfigError
 from store_core.readers import amazon, lcrec, movielens, p5, recbole, tabular
 from store_core.readers.base import RAW_INTERACTIONS_SCHEMA, RAW_ITEMS_SCHEMA, RawCatalog
+from store_core.readers.fsutil import check_source
 from store_core.redaction import redact
 
 logger = logging.getLogger(__name__)
@@ -31,13 +32,18 @@ READERS: dict[str, Reader] = {
 
 
 def read_source(cfg: DataConfig, path: str) -> RawCatalog:
-    """Read the source directory ``path`` (an fsspec URI) with the reader for ``cfg.format``."""
+    """Read the source directory ``path`` (an fsspec URI) with the reader for ``cfg.format``.
+
+    Raises ConfigError for an unknown format and DataError (naming file, record and
+    field) for a source that cannot be accessed (e.g. a symlink loop) or read.
+    """
     try:
         reader = READERS[cfg.format]
     except KeyError:
         known = ", ".join(sorted(READERS))
         raise ConfigError(f"unknown data.format '{cfg.format}' (known: {known})") from None
     logger.info("reading %s source from %s", cfg.format, redact(path))
+    check_source(path)
     catalog = reader(cfg, path)
     logger.info(
         "read %d items from %s and %d interactions from %s",

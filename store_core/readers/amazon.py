@@ -13,6 +13,13 @@ with single quotes); a line that is neither is a DataError naming the file and l
   ``brand``, ``categories`` (from ``categories`` (2014, list of lists) or ``category``
   (2018, list); flattened, repeated names dropped, joined with ", "). Other keys are ignored.
 
+Lines are read as the McAuley-lab loaders read them: ``json.loads`` for strict JSON and,
+for the 2014 Python-literal form, :func:`ast.literal_eval` (never ``eval``, which their
+sample code used). Both keep the last of a repeated key silently; here a key repeated in
+one line with another value is a DataError naming the key. ``unixReviewTime`` may carry
+a fraction (kept). An id or time of more than 4300 digits, or nesting too deep for the
+parser, is a DataError naming the line, not a traceback.
+
 Records are ``"line N"`` (1-based). k-core filtering and deduplication happen in ingest.
 """
 
@@ -29,6 +36,7 @@ from store_core.readers.base import RawCatalog
 from store_core.readers.fsutil import (
     InteractionRows,
     ItemRows,
+    check_fields,
     find_one,
     iter_lines,
     join,
@@ -85,6 +93,7 @@ def _records(uri: str) -> Iterator[tuple[str, dict[str, Any]]]:
             raise DataError(
                 f"expected an object, got {type(obj).__name__}", file=uri, record=record
             )
+        check_fields(obj, file=uri, record=record)
         yield record, obj
 
 

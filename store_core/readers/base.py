@@ -28,7 +28,7 @@ RAW_INTERACTIONS_SCHEMA = pa.schema(
     [
         pa.field("user_id", pa.string(), nullable=False),
         pa.field("item_id", pa.string(), nullable=False),
-        pa.field("timestamp", pa.int64(), nullable=True),  # unix seconds, or null
+        pa.field("timestamp", pa.float64(), nullable=True),  # unix seconds (fractions kept)
         pa.field("source_order", pa.int64(), nullable=False),  # 0-based order in the source
         pa.field("record", pa.string(), nullable=False),
     ]

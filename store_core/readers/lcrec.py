@@ -13,6 +13,13 @@ Item fields: every string value (lists joined with ", ") of the item's object, i
 order, empty values omitted; numbers and nested objects are not text and are skipped.
 Records: ``"user '12' position 3"`` (1-based position in the user's list) for interactions,
 ``"key '17'"`` for items. There are no ratings: ``data.min_rating`` is a ConfigError.
+
+JSON is read as LC-Rec's own loader (Python's ``json``) reads it, except where ``json``
+is silent or crashes (see :mod:`store_core.readers.fsutil`): a key repeated in the item
+object is kept as two item records, so ingest raises its duplicate-item-id error when
+their texts differ (``json`` would keep the last silently); a user key repeated in the
+interaction object, or a field repeated inside one item with another value, is a
+DataError; an id of more than 4300 digits is a DataError naming its record.
 """
 
 from __future__ import annotations
@@ -25,11 +32,14 @@ from store_core.readers.base import RawCatalog
 from store_core.readers.fsutil import (
     InteractionRows,
     ItemRows,
+    check_fields,
     infer_name,
     join,
     load_json,
+    object_pairs,
     parse_id,
     reject_min_rating,
+    repeated_keys,
     text_fields,
 )
 
@@ -53,6 +63,15 @@ def _read_interactions(uri: str) -> pa.Table:
     data = load_json(uri)
     if not isinstance(data, dict):
         raise DataError("expected a JSON object mapping user -> list of items", file=uri)
+    repeated = repeated_keys(data)
+    if repeated:
+        raise DataError(
+            "user key appears twice in the interaction object with different lists "
+            "(JSON would keep only the last)",
+            file=uri,
+            record=f"user '{repeated[0]}'",
+            field="user_id",
+        )
     rows = InteractionRows()
     for user, sequence in data.items():
         if not isinstance(sequence, list):
@@ -75,12 +94,15 @@ def _read_items(uri: str) -> pa.Table:
     if not isinstance(data, dict):
         raise DataError("expected a JSON object mapping item -> object of fields", file=uri)
     rows = ItemRows()
-    for key, value in data.items():
-        record = f"key '{key}'"
+    seen: set[str] = set()
+    for key, value in object_pairs(data):
+        record = f"key '{key}'" if key not in seen else f"key '{key}' (repeated)"
+        seen.add(key)
         if not isinstance(value, dict):
             raise DataError(
                 f"expected an object of fields, got {type(value).__name__}", file=uri, record=record
             )
+        check_fields(value, file=uri, record=record)
         item_id = parse_id(key, file=uri, record=record, field="item_id")
         rows.add(item_id, text_fields(value.items(), scalars=False), record)
     return rows.table()

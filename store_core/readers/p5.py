@@ -15,6 +15,10 @@ by content:
 - One JSON object mapping item id -> object of fields, recognised when the whole file is a
   single JSON object with neither ``item_id`` nor ``asin`` key. Records: ``"key 'id'"``.
 
+Repeated ids: a key repeated in the mapping form gives two item records (ingest refuses
+them when their texts differ; ``json`` alone would keep the last silently); a key
+repeated inside one item object with another value is a DataError.
+
 Item fields: every string, number or list value (lists, also nested, flattened and joined
 with ", "; ``categories`` deduplicated) in key order, empty values omitted, except the id
 keys and the Amazon keys that are not text (image URLs, related-item lists, sales rank).
@@ -33,8 +37,11 @@ from store_core.readers.base import RawCatalog
 from store_core.readers.fsutil import (
     InteractionRows,
     ItemRows,
+    check_fields,
     iter_lines,
     join,
+    load_json_text,
+    object_pairs,
     parse_id,
     parse_record,
     read_text,
@@ -94,14 +101,17 @@ def _read_items(uri: str) -> pa.Table:
     text = read_text(uri)
     mapping = _as_mapping(text)
     if mapping is not None:
-        for key, value in mapping.items():
-            record = f"key '{key}'"
+        seen: set[str] = set()
+        for key, value in object_pairs(mapping):
+            record = f"key '{key}'" if key not in seen else f"key '{key}' (repeated)"
+            seen.add(key)
             if not isinstance(value, dict):
                 raise DataError(
                     f"expected an object of fields, got {type(value).__name__}",
                     file=uri,
                     record=record,
                 )
+            check_fields(value, file=uri, record=record)
             rows.add(
                 parse_id(key, file=uri, record=record, field="item_id"), _fields(value), record
             )
@@ -115,6 +125,7 @@ def _read_items(uri: str) -> pa.Table:
             raise DataError(
                 f"expected an object, got {type(obj).__name__}", file=uri, record=record
             )
+        check_fields(obj, file=uri, record=record)
         id_key = next((k for k in ID_KEYS if k in obj), ID_KEYS[0])
         item_id = parse_id(obj.get(id_key), file=uri, record=record, field=id_key)
         rows.add(item_id, _fields(obj), record)
@@ -124,8 +135,8 @@ def _read_items(uri: str) -> pa.Table:
 def _as_mapping(text: str) -> dict[Any, Any] | None:
     """The whole file as an id -> fields mapping, or None when it is JSON lines."""
     try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
+        data = load_json_text(text)
+    except (json.JSONDecodeError, RecursionError):
         return None
     if isinstance(data, dict) and not any(k in data for k in ID_KEYS):
         return data

@@ -6,7 +6,11 @@ Files: ``data.interactions_file`` (default ``interactions.parquet``, else
 CSV files have a header row and every column is read as a string (ids keep leading zeros).
 
 - Interactions: columns ``columns.user_id``, ``columns.item_id`` and, unless it is null,
-  ``columns.timestamp`` (integer unix seconds, a Parquet timestamp/date, or null values).
+  ``columns.timestamp``: unix seconds (integer or with a fraction, as numbers or CSV
+  text), a Parquet timestamp of any unit or a date, or null values. Every form becomes
+  float unix seconds with the fraction kept (``timestamp[ms]`` 1400000100900 ->
+  1400000100.9), exactly as the other readers give them; a time outside years 1..9999
+  (e.g. a uint64 near 2**64) is a DataError naming the row and column.
   ``data.min_rating`` filters on a column named ``rating``, which it then requires.
 - Items: ``columns.item_id`` plus the text fields ``columns.text_fields`` (default: every
   other column, in file order). Values are converted to strings (lists joined with ", "),
@@ -22,7 +26,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
@@ -106,13 +109,22 @@ def _check_columns(uri: str, names: list[str], wanted: list[str]) -> None:
             )
 
 
+#: Units per second of each Arrow timestamp unit.
+_PER_SECOND = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}
+
+
 def _timestamps(column: pa.ChunkedArray) -> list[object]:
-    """A timestamp column as Python values: Arrow timestamps/dates become unix seconds."""
-    if pa.types.is_date(column.type):
-        column = column.cast(pa.timestamp("s"))
-    if pa.types.is_timestamp(column.type):
-        seconds = pc.cast(column, pa.timestamp("s", tz=column.type.tz), safe=False)
-        return list(seconds.cast(pa.int64()).to_pylist())
+    """A timestamp column as Python values; Arrow timestamps and dates become float unix
+    seconds, correctly rounded from their integer count of units (fractions kept)."""
+    kind = column.type
+    if pa.types.is_timestamp(kind) or pa.types.is_date64(kind):
+        per_second = 1_000 if pa.types.is_date64(kind) else _PER_SECOND[kind.unit]
+        counts = column.cast(pa.int64()).to_pylist()
+        return [None if c is None else c / per_second for c in counts]
+    if pa.types.is_date32(kind):
+        return [
+            None if d is None else float(d * 86_400) for d in column.cast(pa.int32()).to_pylist()
+        ]
     return list(column.to_pylist())
 
 
