@@ -2,8 +2,12 @@
 
 Reads with the format's reader, then applies the format-independent rules in one place:
 validation (empty catalogue, duplicate ids with different text, interactions whose item
-has no metadata), optional k-core, text rendering and hashing, chronological ordering,
-the leave-one-out split and the cold-start holdout. Outputs are written to a staging
+has no metadata), dropping exact duplicate interactions (counted as
+``dropped_duplicate`` and warned about; see :data:`store_core.splits.DUPLICATE_RULE`),
+optional k-core, text rendering and hashing, chronological ordering (rows tied on time
+counted as ``tied_timestamp``), the leave-one-out split and the cold-start holdout. A
+result that cannot train a model (every item held out, no train target) is refused
+before anything is written (:func:`check_usable`). Outputs are written to a staging
 directory and swapped into ``<workspace>/data`` only when all of them are complete.
 
 Reading and validating the source needs no lock; publishing ``data/`` and updating the
@@ -176,6 +180,61 @@ def build_interactions(
     return rows, dropped
 
 
+def check_usable(
+    split_cols: dict[str, list[Any]],
+    num_items: int,
+    cold_items: set[str],
+    data: DataConfig,
+    interactions_file: str,
+) -> None:
+    """Refuse a cold-start holdout that leaves nothing to train on, with the reason.
+
+    The recommendation task's targets are a user's train items after the first
+    (:mod:`store_core.tasks`). Raises :class:`DataError` (field
+    ``data.cold_start_fraction``) when the holdout takes every item, leaves no ``train``
+    interaction, or leaves no user with two of them (no training target) while the data
+    without the holdout had one: training would otherwise fail later instead of here.
+    Data that has no training target even without a holdout (every user shorter than 4
+    interactions) is still ingested, with a warning: it is a valid evaluation-only
+    dataset, and the tiny fixtures of the tests are of that kind.
+    """
+    fraction = data.cold_start_fraction
+    if cold_items and len(cold_items) >= num_items:
+        raise DataError(
+            f"data.cold_start_fraction {fraction} holds out all {num_items} items "
+            f"(round({fraction} x {num_items}) = {len(cold_items)}), leaving none to train "
+            "on; lower it",
+            field="data.cold_start_fraction",
+        )
+    train_per_user: dict[str, int] = {}
+    before_holdout: dict[str, int] = {}
+    for user, label in zip(split_cols["user_id"], split_cols["split"], strict=True):
+        if label == SPLIT_TRAIN:
+            train_per_user[user] = train_per_user.get(user, 0) + 1
+        if label in (SPLIT_TRAIN, SPLIT_EXCLUDED):
+            before_holdout[user] = before_holdout.get(user, 0) + 1
+    if max(train_per_user.values(), default=0) >= 2:
+        return
+    if max(before_holdout.values(), default=0) < 2:
+        logger.warning(
+            "no user has two train interactions (leave-one-out keeps the last two for "
+            "valid and test), so %s has no training target; fine for evaluation only",
+            redact(interactions_file),
+        )
+        return
+    left = (
+        "no train interactions are left"
+        if not train_per_user
+        else "no user has two train interactions left, so training has no target"
+    )
+    raise DataError(
+        f"{left} after the cold-start holdout of {len(cold_items)} of {num_items} items "
+        f"(data.cold_start_fraction {fraction}); lower it",
+        file=interactions_file,
+        field="data.cold_start_fraction",
+    )
+
+
 def _write_parquet(table: pa.Table, uri: str) -> None:
     with fsspec.open(uri, "wb") as handle:
         # Bounded row groups let later stages stream the file with flat memory.
@@ -232,6 +291,14 @@ def run_ingest(cfg: StoreConfig, source: ResolvedSource | None = None) -> Ingest
     item_ids = items.column("item_id").to_pylist()
     rows, dropped_missing = build_interactions(raw, set(item_ids), data)
 
+    rows, dropped_duplicates = split_rules.drop_exact_duplicates(rows)
+    if dropped_duplicates:
+        logger.warning(
+            "dropped %d exact duplicate interactions (same user, item and timestamp) from %s",
+            dropped_duplicates,
+            redact(raw.interactions_file),
+        )
+
     before_kcore = len(rows)
     rows = split_rules.kcore(rows, data.kcore)
     if data.kcore > 1:
@@ -245,9 +312,8 @@ def run_ingest(cfg: StoreConfig, source: ResolvedSource | None = None) -> Ingest
         items = items.filter(pa.array([i in kept for i in item_ids]))
 
     ordered = split_rules.sequences(rows)
-    cold_items = split_rules.sample_cold_items(
-        sorted({r.item_id for r in rows}), data.cold_start_fraction, data.seed
-    )
+    kept_items = sorted({r.item_id for r in rows})
+    cold_items = split_rules.sample_cold_items(kept_items, data.cold_start_fraction, data.seed)
     inter_cols: dict[str, list[Any]] = {n: [] for n in INTERACTIONS_SCHEMA.names}
     split_cols: dict[str, list[Any]] = {n: [] for n in SPLITS_SCHEMA.names}
     for user_id, seq in ordered.items():
@@ -272,12 +338,22 @@ def run_ingest(cfg: StoreConfig, source: ResolvedSource | None = None) -> Ingest
         label: split_cols["split"].count(label)
         for label in (SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST, SPLIT_EXCLUDED)
     }
+    check_usable(split_cols, len(kept_items), cold_items, data, raw.interactions_file)
+    tied = split_rules.count_tied(ordered)
+    if tied:
+        logger.info(
+            "%d interactions share their user's timestamp with another; ordered by %s",
+            tied,
+            split_rules.ORDER_RULE,
+        )
     counts = {
         "users": len(ordered),
         "items": items.num_rows,
         "interactions": interactions.num_rows,
         "dropped_missing_item": dropped_missing,
+        "dropped_duplicate": dropped_duplicates,
         "dropped_kcore": before_kcore - len(rows),
+        "tied_timestamp": tied,
         "train": labels_count[SPLIT_TRAIN],
         "valid": labels_count[SPLIT_VALID],
         "test": labels_count[SPLIT_TEST],
@@ -313,6 +389,7 @@ def run_ingest(cfg: StoreConfig, source: ResolvedSource | None = None) -> Ingest
         "inputs": input_checksums,
         "rules": {
             "order": split_rules.ORDER_RULE,
+            "duplicates": split_rules.DUPLICATE_RULE,
             "split": split_rules.SPLIT_RULE,
             "cold_start": split_rules.COLD_RULE if cold_items else None,
             "cold_start_fraction": data.cold_start_fraction,

@@ -2,9 +2,20 @@
 
 The rules (also written into the data manifest):
 
-* Order per user: timestamp ascending (null timestamps after dated ones), then position in
-  the source file, then item_id. The source position makes ties deterministic; item_id
-  only matters when two rows share both.
+* Exact duplicates: rows with the same user, item and (non-null) timestamp are one
+  interaction recorded twice (Amazon review dumps have them); all but the first in source
+  order are dropped before k-core and the split (:func:`drop_exact_duplicates`), so they
+  neither count toward k-core nor put a test target into its own history. The same
+  (user, item) pair at *different* times is kept as separate interactions: repeat
+  consumption is part of the sequence a sequential recommender learns (as in SASRec's and
+  RecBole's preprocessing), so an item may appear in a user's history and as their target.
+  Rows without a timestamp (LC-Rec, P5) are never exact duplicates: their order in the
+  source is their only time, and a repeat there is a repeat.
+* Order per user: timestamp ascending (float unix seconds, fractions kept; null
+  timestamps after dated ones), then position in the source file, then item_id. The
+  source position makes ties deterministic; item_id only matters when two rows share
+  both. :func:`count_tied` counts the dated rows that share their user's timestamp with
+  another row, i.e. whose order came from this rule rather than from time.
 * Leave-one-out: the last interaction is ``test``, the second-to-last ``valid``, the rest
   ``train``. A user with 2 interactions has one train and one test row; with 1, only test.
 * Cold start (optional): a seeded sample of items is held out of all training: their
@@ -20,7 +31,15 @@ import numpy as np
 
 from store_core.schemas import SPLIT_TEST, SPLIT_TRAIN, SPLIT_VALID
 
-ORDER_RULE = "per user: timestamp ascending (nulls last), then source position, then item_id"
+ORDER_RULE = (
+    "per user: timestamp ascending (float unix seconds, fractions kept; nulls last), "
+    "then source position, then item_id"
+)
+DUPLICATE_RULE = (
+    "exact duplicates (same user, item and timestamp) are dropped before k-core and the "
+    "split, the first in source order kept; the same user and item at different times, "
+    "or without timestamps, are kept as separate interactions"
+)
 SPLIT_RULE = (
     "leave-one-out per user: last = test, second-to-last = valid, rest = train; "
     "2 interactions: train + test; 1 interaction: test only"
@@ -35,14 +54,38 @@ COLD_RULE = (
 class Interaction:
     user_id: str
     item_id: str
-    timestamp: int | None
+    timestamp: float | None  # unix seconds, fractions kept
     source_order: int
 
 
-def order_key(row: Interaction) -> tuple[int, int, int, str]:
+def order_key(row: Interaction) -> tuple[int, float, int, str]:
     """Sort key implementing :data:`ORDER_RULE`."""
     has_no_time = 1 if row.timestamp is None else 0
-    return (has_no_time, row.timestamp or 0, row.source_order, row.item_id)
+    return (has_no_time, row.timestamp or 0.0, row.source_order, row.item_id)
+
+
+def drop_exact_duplicates(rows: list[Interaction]) -> tuple[list[Interaction], int]:
+    """``rows`` without exact duplicates (:data:`DUPLICATE_RULE`), and how many were
+    dropped. The first row in source order of each (user, item, timestamp) is kept."""
+    seen: set[tuple[str, str, float]] = set()
+    kept: list[Interaction] = []
+    for row in sorted(rows, key=lambda r: r.source_order):
+        if row.timestamp is not None:
+            key = (row.user_id, row.item_id, row.timestamp)
+            if key in seen:
+                continue
+            seen.add(key)
+        kept.append(row)
+    return kept, len(rows) - len(kept)
+
+
+def count_tied(ordered: dict[str, list[Interaction]]) -> int:
+    """Dated rows that share their user's timestamp with at least one other row."""
+    tied = 0
+    for seq in ordered.values():
+        per_time = Counter(r.timestamp for r in seq if r.timestamp is not None)
+        tied += sum(n for n in per_time.values() if n > 1)
+    return tied
 
 
 def sequences(rows: list[Interaction]) -> dict[str, list[Interaction]]:
