@@ -293,6 +293,18 @@ def _parquet(root: Path, column: pa.Array) -> Path:
     return root
 
 
+def _p5(root: Path, sequences: str) -> Path:
+    write(root / "user_sequence.txt", sequences)
+    write(root / "item_meta.json", '{"item_id": "1", "title": "x"}\n')
+    return root
+
+
+def _csv(root: Path, interactions: str, items: str = "item_id,title\n1,x\n") -> Path:
+    write(root / "interactions.csv", interactions)
+    write(root / "items.csv", items)
+    return root
+
+
 DEEP = "[" * 100_000 + "]" * 100_000
 
 #: (format, build(root), file name, record, field) for inputs the reference tools crash
@@ -364,6 +376,21 @@ BAD_INPUTS: list[tuple[str, Any, str, str | None, str | None]] = [
         lambda r: _parquet(r, pa.array([2**64 - 1], pa.uint64())),
         "interactions.parquet",
         "row 1",
+        "timestamp",
+    ),
+    ("p5", lambda r: _p5(r, "u1 1\nu2 1\nu1 1 1\n"), "user_sequence.txt", "line 3", "user_id"),
+    (
+        "tabular",
+        lambda r: _csv(r, "user_id,item_id,timestamp\nu,1,5\n", "item_id,title,title\n1,a,b\n"),
+        "items.csv",
+        None,
+        "title",
+    ),
+    (
+        "tabular",
+        lambda r: _csv(r, "user_id,item_id,timestamp\nu,1,1400000100.9\nu,1,1e30\n"),
+        "interactions.csv",
+        "row 2",
         "timestamp",
     ),
     (

@@ -3,8 +3,10 @@
 Interactions: ``data.interactions_file`` (default ``user_sequence.txt``), one user per
 line, ``user item1 item2 ...`` separated by whitespace, items in chronological order. There
 are no timestamps (null) and no ratings (``data.min_rating`` is a ConfigError); empty lines
-are skipped and a user with no items gives no rows. Records: ``"line N position K"``
-(both 1-based; K counts the items after the user id).
+are skipped and a user with no items gives no rows. A user on two lines is a DataError
+(a loader that builds a user -> sequence dict keeps the last line silently; which line is
+the user's history cannot be guessed). Records: ``"line N position K"`` (both 1-based;
+K counts the items after the user id).
 
 Item metadata: ``data.items_file`` (default ``item_meta.json``), in either form, decided
 by content:
@@ -80,11 +82,21 @@ def read(cfg: DataConfig, path: str) -> RawCatalog:
 
 def _read_interactions(uri: str) -> pa.Table:
     rows = InteractionRows()
+    first_line: dict[str, int] = {}
     for number, line in iter_lines(uri):
         parts = line.split()
         if not parts:
             continue
         user_id = parse_id(parts[0], file=uri, record=f"line {number}", field="user_id")
+        if user_id in first_line:
+            raise DataError(
+                f"user '{user_id}' already has a sequence on line {first_line[user_id]}; "
+                "each user must be on one line",
+                file=uri,
+                record=f"line {number}",
+                field="user_id",
+            )
+        first_line[user_id] = number
         for position, item in enumerate(parts[1:], start=1):
             record = f"line {number} position {position}"
             rows.add(user_id, item, None, record)

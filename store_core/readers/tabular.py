@@ -16,9 +16,10 @@ CSV files have a header row and every column is read as a string (ids keep leadi
   other column, in file order). Values are converted to strings (lists joined with ", "),
   empty ones omitted.
 
-Ids become strings (integers as their decimal form). A mapped column missing from a file
-is a DataError naming the file and the field. Records are ``"row N"`` (1-based data row,
-header excluded).
+Ids become strings (integers as their decimal form). A mapped column missing from a file,
+or a column name used twice in one file (pandas would rename the second ``name.1``,
+Arrow cannot select it), is a DataError naming the file and the field. Records are
+``"row N"`` (1-based data row, header excluded).
 """
 
 from __future__ import annotations
@@ -100,6 +101,14 @@ def _load(uri: str, required: Iterable[str], everything: bool) -> pa.Table:
 
 
 def _check_columns(uri: str, names: list[str], wanted: list[str]) -> None:
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DataError(
+            f"column name appears {names.count(repeated[0])} times in the header; rename "
+            "the columns apart",
+            file=uri,
+            field=repeated[0],
+        )
     for column in wanted:
         if column not in names:
             raise DataError(
