@@ -378,6 +378,13 @@ BAD_INPUTS: list[tuple[str, Any, str, str | None, str | None]] = [
         "row 1",
         "timestamp",
     ),
+    (
+        "movielens",
+        lambda r: write(_movielens(r, "1\t1\t5\t1\n") / "u.genre", f"unknown|{HUGE}\n").parent,
+        "u.genre",
+        "line 1",
+        None,
+    ),
     ("p5", lambda r: _p5(r, "u1 1\nu2 1\nu1 1 1\n"), "user_sequence.txt", "line 3", "user_id"),
     (
         "tabular",

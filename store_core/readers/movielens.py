@@ -85,9 +85,10 @@ def _read_genres(uri: str) -> tuple[str, ...]:
             continue
         name, sep, index = line.rpartition("|")
         record = f"line {number}"
-        if not sep or not name or not index.strip().isdigit():
-            raise DataError(f"expected 'name|index', got {line!r}", file=uri, record=record)
-        by_index[int(index)] = name
+        digits = index.strip()
+        if not sep or not name or not digits.isdigit() or len(digits) > 9:
+            raise DataError(f"expected 'name|index', got {line[:80]!r}", file=uri, record=record)
+        by_index[int(digits)] = name
     if not by_index or sorted(by_index) != list(range(len(by_index))):
         raise DataError(f"genre indices must be 0..n-1, got {sorted(by_index)}", file=uri)
     return tuple(by_index[i] for i in range(len(by_index)))

@@ -96,7 +96,8 @@ def _load(uri: str, required: Iterable[str], everything: bool) -> pa.Table:
             with open_binary(uri) as handle:
                 return pacsv.read_csv(handle, convert_options=convert)
     except pa.ArrowException as exc:
-        raise DataError(f"cannot parse table: {exc}", file=uri) from None
+        reason = " ".join(str(exc).split())  # Arrow messages may span lines
+        raise DataError(f"cannot parse table: {reason}", file=uri) from None
     raise DataError("unsupported file type: expected .parquet, .pq, .csv or .csv.gz", file=uri)
 
 
