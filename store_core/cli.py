@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -23,6 +24,8 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
+from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click
+from typer.core import TyperGroup
 
 from store_core import signals
 from store_core.config import StoreConfig, load_config
@@ -32,17 +35,53 @@ from store_core.telemetry import disable_telemetry
 
 disable_telemetry()
 
+err = Console(stderr=True, soft_wrap=True)
+out = Console()
+
+
+@contextmanager
+def _one_line_usage_errors() -> Iterator[None]:
+    """Print a command-line usage error (unknown option, invalid choice, bad number) as
+    one ``error:`` line, exit status 2, instead of click's usage box."""
+    try:
+        yield
+    except NoArgsIsHelpError:
+        raise  # `store` alone prints the help
+    except UsageError as exc:
+        message = " ".join(exc.format_message().split()).replace("Value error, ", "")
+        if exc.ctx is not None and exc.ctx.command_path:
+            message = f"{exc.ctx.command_path}: {message}"
+        err.print(f"[bold red]error:[/] {escape(redact(message))}", highlight=False)
+        raise typer.Exit(exc.exit_code) from None
+
+
+class _OneLineErrorsGroup(TyperGroup):
+    """The ``store`` group: usage errors of the group and of every verb are one line."""
+
+    def make_context(
+        self,
+        info_name: str | None,
+        args: list[str],
+        parent: Any = None,
+        **extra: Any,
+    ) -> Any:
+        with _one_line_usage_errors():
+            return super().make_context(info_name, args, parent, **extra)
+
+    def invoke(self, ctx: Any) -> Any:
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
 app = typer.Typer(
     name="store",
+    cls=_OneLineErrorsGroup,
     help="STORE: one LLM for semantic tokenization and generative recommendation.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
 config_app = typer.Typer(help="Inspect configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
-
-err = Console(stderr=True, soft_wrap=True)
-out = Console()
 
 ConfigOpt = Annotated[
     str | None,
@@ -170,17 +209,24 @@ def train(
                 out.print(f"MLflow run: {rec.run_id}")
 
 
+class CatalogueMode(StrEnum):
+    """``store tokenize-catalogue --mode`` (store_core.stages.CATALOGUE_MODES)."""
+
+    keep = "keep"
+    regenerate = "regenerate"
+
+
 @app.command("tokenize-catalogue")
 def tokenize_catalogue(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     mode: Annotated[
-        str,
+        CatalogueMode,
         typer.Option(
             help="keep: unchanged items keep their IDs, new/changed get generated ones; "
             "regenerate: generate every item's ID from its text."
         ),
-    ] = "keep",
+    ] = CatalogueMode.keep,
     verbose: VerboseOpt = False,
 ) -> None:
     """Write a new version of every item's semantic ID into DuckDB (one transaction)."""
@@ -188,7 +234,7 @@ def tokenize_catalogue(
     cfg = _load(config, set_)
     from store_core.stages import catalogue_stage
 
-    outcome = _guard(lambda: catalogue_stage(cfg, mode=mode)).result
+    outcome = _guard(lambda: catalogue_stage(cfg, mode=mode.value)).result
     counts = ", ".join(f"{k} {v}" for k, v in outcome.counts.items())
     if outcome.version is None:
         out.print(f"catalogue unchanged ({counts}): no new version written")

@@ -7,7 +7,9 @@ and the offending key.
 
 from __future__ import annotations
 
+import json
 import os
+import string
 from pathlib import Path
 from typing import Any, Literal, get_args
 
@@ -29,10 +31,84 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "infra" / "configs"
 DataFormat = Literal["movielens", "lcrec", "recbole", "p5", "amazon", "tabular"]
 
 
-class StrictModel(BaseModel):
-    """Frozen model that rejects unknown keys."""
+def check_heads(hidden_size: int, num_heads: int) -> None:
+    """Raise ValueError unless ``num_heads`` splits ``hidden_size`` into equal heads of an
+    even width (rotary position embeddings rotate pairs of dimensions)."""
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+    if (hidden_size // num_heads) % 2:
+        raise ValueError(
+            f"hidden_size {hidden_size} / num_heads {num_heads} = {hidden_size // num_heads} "
+            "per head; rotary position embeddings need an even head width"
+        )
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+
+def packed_bits_per_code(num_levels: int) -> int:
+    """Bits per code in the packed semantic-ID column: ``num_levels`` cluster codes plus
+    the disambiguation code share 63 bits, at most 16 each (as
+    :func:`store_core.item_tokenizer.pack_bits` packs them)."""
+    return min(16, 63 // (num_levels + 1))
+
+
+class _AnyField(dict[str, str]):
+    """Every field name maps to one value (used to try a template before any item)."""
+
+    def __init__(self, value: str) -> None:
+        super().__init__()
+        self._value = value
+
+    def __missing__(self, key: str) -> str:
+        return self._value
+
+
+def check_text_template(template: str) -> None:
+    """Raise ValueError unless ``template`` renders with plain named fields only, both
+    when a field is missing (renders empty) and when it holds text."""
+    try:
+        names = [name for _, name, _, _ in string.Formatter().parse(template)]
+        if any(name is not None and (name == "" or name.isdigit()) for name in names):
+            raise IndexError("positional fields ({} or {0}); name a field, e.g. {title}")
+        if any(name and ("." in name or "[" in name) for name in names):
+            raise AttributeError("only plain field names ({title}), no .attribute or [index]")
+        for value in ("", "x"):
+            template.format_map(_AnyField(value))
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:
+        raise ValueError(f"not a usable format template {template!r}: {exc}") from None
+
+
+def check_json_object_file(path: str, what: str) -> None:
+    """Raise ValueError unless ``path`` is a readable file holding one JSON object."""
+    file = Path(os.path.expanduser(path))
+    try:
+        if not file.is_file():
+            raise ValueError(f"{what} {path} does not exist or is not a file")
+        if file.stat().st_size > MAX_CONFIG_BYTES:
+            raise ValueError(f"{what} {path} is larger than {MAX_CONFIG_BYTES} bytes")
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"{what} {path}: cannot read it: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{what} {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{what} {path} must hold a JSON object")
+
+
+def _choices(kind: Any) -> str:
+    return ", ".join(repr(v) for v in get_args(kind))
+
+
+def _refuse_repeats(values: list[Any], what: str) -> None:
+    seen: set[Any] = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(f"{what} {value!r} is listed twice")
+        seen.add(value)
+
+
+class StrictModel(BaseModel):
+    """Frozen model that rejects unknown keys and non-finite floats (``.inf``, ``.nan``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ColumnMapping(StrictModel):
@@ -105,6 +181,13 @@ class DataConfig(StrictModel):
     )
     seed: int = Field(0, description="Seed for the cold-start item sample.")
 
+    @field_validator("text_template")
+    @classmethod
+    def _renderable_template(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_text_template(value)
+        return value
+
 
 class TrackingConfig(StrictModel):
     """MLflow tracking."""
@@ -115,7 +198,7 @@ class TrackingConfig(StrictModel):
         description="MLflow tracking URI. Default: MLFLOW_TRACKING_URI if set, else a SQLite "
         "file in the workspace (<workspace>/mlflow/mlflow.db).",
     )
-    experiment: str = Field("store", description="MLflow experiment name.")
+    experiment: str = Field("store", min_length=1, description="MLflow experiment name.")
     artifact_location: str | None = Field(
         None,
         description="Artifact root for a newly created experiment. Default: "
@@ -123,6 +206,7 @@ class TrackingConfig(StrictModel):
     )
     registered_model: str | None = Field(
         None,
+        min_length=1,
         description="MLflow model-registry name the trained recommender is registered under "
         "(a new version per training run). Default: '<experiment>-recommender'.",
     )
@@ -148,6 +232,12 @@ class ModelConfig(StrictModel):
         96, gt=4, description="Item text is truncated to this many tokens for the LLM."
     )
 
+    @model_validator(mode="after")
+    def _buildable(self) -> ModelConfig:
+        if self.name_or_path is None:  # the fields below shape the model built here
+            check_heads(self.hidden_size, self.num_heads)
+        return self
+
 
 class SemanticIdConfig(StrictModel):
     """How items become semantic IDs (Phase A dense tokens + clustering)."""
@@ -161,7 +251,9 @@ class SemanticIdConfig(StrictModel):
         description="'store': per-position PCA + k-means on the L dense tokens (the paper); "
         "'rqkmeans': residual k-means over one text embedding (TIGER-style baseline).",
     )
-    pca_dim: int | None = Field(32, description="PCA components before k-means (None: no PCA).")
+    pca_dim: int | None = Field(
+        32, ge=1, description="PCA components before k-means (None: no PCA)."
+    )
     diversity_weight: float = Field(
         0.1,
         ge=0.0,
@@ -185,6 +277,17 @@ class SemanticIdConfig(StrictModel):
         "'capacity' (1 = no two items share their L codes while a group fits in K).",
     )
 
+    @model_validator(mode="after")
+    def _fits_packed_ids(self) -> SemanticIdConfig:
+        bits = packed_bits_per_code(self.num_levels)
+        if self.codebook_size > 1 << bits:
+            raise ValueError(
+                f"codebook_size {self.codebook_size} does not fit the packed semantic-ID "
+                f"column: with num_levels {self.num_levels} each of the {self.num_levels + 1} "
+                f"codes gets {bits} bits, so codebook_size may be at most {1 << bits}"
+            )
+        return self
+
 
 class DeepSpeedSettings(StrictModel):
     """DeepSpeed ZeRO (the default training engine)."""
@@ -196,6 +299,12 @@ class DeepSpeedSettings(StrictModel):
     config_file: str | None = Field(
         None, description="A DeepSpeed JSON to use instead of the shipped one for `stage`."
     )
+
+    @model_validator(mode="after")
+    def _readable_config_file(self) -> DeepSpeedSettings:
+        if self.enabled and self.config_file is not None:
+            check_json_object_file(self.config_file, "config_file")
+        return self
 
 
 class TrainConfig(StrictModel):
@@ -262,6 +371,7 @@ class LoraSettings(StrictModel):
     dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the adapter input.")
     target_modules: list[str] | None = Field(
         None,
+        min_length=1,
         description="Module names that get adapters (e.g. [q_proj, v_proj]); None = peft's "
         "default for the architecture (Llama: q_proj, v_proj).",
     )
@@ -330,6 +440,15 @@ class RecommenderConfig(StrictModel):
     @classmethod
     def _old_name(cls, value: Any) -> Any:
         return "target" if value == "sample" else value
+
+    @field_validator("mixture")
+    @classmethod
+    def _something_to_train(cls, value: list[TaskSpec]) -> list[TaskSpec]:
+        if not any(spec.weight > 0 for spec in value):
+            raise ValueError(
+                "the task mixture has no task with weight > 0, so Phase B has nothing to train"
+            )
+        return value
 
 
 class SASRecConfig(StrictModel):
@@ -407,6 +526,26 @@ class EvaluationConfig(StrictModel):
         None, gt=0, description="Evaluate generative systems on a seeded sample of users."
     )
 
+    @field_validator("systems")
+    @classmethod
+    def _some_systems(cls, value: list[SystemName]) -> list[SystemName]:
+        if not value:
+            raise ValueError("no system to evaluate; name at least one of " + _choices(SystemName))
+        _refuse_repeats(value, "system")
+        return value
+
+    @field_validator("sasrec_seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int]) -> list[int]:
+        _refuse_repeats(value, "seed")
+        return value
+
+    @model_validator(mode="after")
+    def _seeds_for_sasrec(self) -> EvaluationConfig:
+        if "sasrec" in self.systems and not self.sasrec_seeds:
+            raise ValueError("systems includes 'sasrec' but sasrec_seeds is empty")
+        return self
+
 
 class LauncherConfig(StrictModel):
     """How the training stages run: in this process, or as several ranks started by the
@@ -430,6 +569,18 @@ class LauncherConfig(StrictModel):
     extra_args: list[str] = Field(
         default_factory=list, description="More launcher arguments, e.g. ['--include', 'a:0,1']."
     )
+
+    @model_validator(mode="after")
+    def _nodes_need_hostfile(self) -> LauncherConfig:
+        if self.num_nodes is not None and self.num_nodes > 1 and self.hostfile is None:
+            raise ValueError(
+                f"num_nodes {self.num_nodes} needs a hostfile naming the nodes (launcher.hostfile)"
+            )
+        if self.kind == "deepspeed" and self.hostfile is not None:
+            path = Path(os.path.expanduser(self.hostfile))
+            if not path.is_file():
+                raise ValueError(f"hostfile {self.hostfile} does not exist or is not a file")
+        return self
 
 
 #: A relative ``workspace`` is resolved against this directory when it is set (else the
@@ -509,7 +660,16 @@ class StoreConfig(StrictModel):
         root = os.environ.get(WORKSPACE_ROOT_ENV)
         if root and not path.is_absolute():
             path = Path(os.path.expanduser(root)) / path
-        return str(path.resolve())
+        try:
+            resolved = str(path.resolve())
+        except (OSError, RuntimeError) as exc:  # e.g. a symlink loop
+            raise ValueError(f"cannot resolve {value!r}: {exc}") from None
+        from store_core.workspace import local_directory_problem
+
+        problem = local_directory_problem(resolved)
+        if problem is not None:
+            raise ValueError(f"the workspace must be a directory: {problem}")
+        return resolved
 
     # Derived locations -------------------------------------------------------------
     @property
@@ -726,19 +886,51 @@ def load_config(
         if isinstance(rel, str) and "://" not in rel and not os.path.isabs(rel):
             data_section["path"] = str((config_path.parent / rel).resolve())
     merged = apply_overrides(raw, overrides or [])
-    return validate_config(merged, source=str(config_path))
+    return validate_config(merged, source=str(config_path), overrides=overrides or [])
 
 
-def validate_config(data: dict[str, Any], source: str = "<config>") -> StoreConfig:
-    """Validate a dict into a :class:`StoreConfig`, with errors naming the source and key."""
+def validate_config(
+    data: dict[str, Any], source: str = "<config>", overrides: list[str] | None = None
+) -> StoreConfig:
+    """Validate a dict into a :class:`StoreConfig`, with errors naming the source and key.
+
+    A problem in a value that a ``--set key=value`` in ``overrides`` gave (or in the
+    section holding it, for rules across fields) names that ``--set``, not the file.
+    """
     try:
         return StoreConfig.model_validate(data)
     except ValidationError as exc:
-        lines = []
+        from_file: list[str] = []
+        from_overrides: list[str] = []
         for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"])
+            loc = [str(p) for p in err["loc"]]
+            key = ".".join(loc)
             if err["type"] == "extra_forbidden":
-                lines.append(f"unknown key '{key}'")
+                line = f"unknown key '{key}'"
             else:
-                lines.append(f"'{key}': {err['msg']}")
-        raise ConfigError(f"config file {source}: " + "; ".join(lines)) from None
+                message = str(err["msg"]).removeprefix("Value error, ")
+                line = f"'{key}': {message}" if key else message
+            override = _override_for(loc, overrides or [])
+            if override is None:
+                from_file.append(line)
+            elif override == key and err["type"] != "extra_forbidden":
+                from_overrides.append(f"--set {override}: {line.split(': ', 1)[1]}")
+            else:
+                from_overrides.append(f"--set {override}: {line}")
+        if not from_file:
+            raise ConfigError("; ".join(from_overrides)) from None
+        raise ConfigError(
+            f"config file {source}: " + "; ".join(from_file + from_overrides)
+        ) from None
+
+
+def _override_for(loc: list[str], overrides: list[str]) -> str | None:
+    """The key of the last override that set the value at ``loc``, a value inside it, or
+    the section holding it (``--set model={...}``); None when the value came from the
+    file. The value is left out: it may be a credential."""
+    for item in reversed(overrides):
+        parts = [p for p in item.split("=", 1)[0].strip().split(".") if p]
+        n = min(len(parts), len(loc))
+        if parts and parts[:n] == loc[:n]:
+            return ".".join(parts)
+    return None

@@ -26,6 +26,7 @@ import numpy as np
 
 from store_core.bundle import RecommenderBundle
 from store_core.config import StoreConfig
+from store_core.errors import StoreError
 from store_core.generate import BeamResult, SemanticIdTrie, constrained_beam_search
 from store_core.metrics import rank_of, ranking_metrics
 from store_core.tasks import EvalSplit, TaskData, eval_prompts, load_task_data
@@ -230,7 +231,10 @@ def run_systems(cfg: StoreConfig, *, train_missing: bool = True) -> list[SystemR
             directory = recommender_dir(sys_cfg)
             if not Path(directory, "metadata.json").exists():
                 if system == "store" or not train_missing:
-                    raise FileNotFoundError(f"{directory}: train it first (store train)")
+                    raise StoreError(
+                        f"no trained {system} recommender in {directory}: run `store train` "
+                        "first (or leave that system out of evaluation.systems)"
+                    )
                 logger.info("training the TIGER-style variant into %s", directory)
                 train_semantic_tokenizer(sys_cfg)
                 train_recommender(sys_cfg)

@@ -19,6 +19,7 @@ from typing import Any
 
 from store_core import launch, signals, tracking
 from store_core.config import StoreConfig
+from store_core.errors import ConfigError
 from store_core.ingest import ResolvedSource, recover_outputs, run_ingest
 from store_core.locking import workspace_writer
 from store_core.workspace import atomic_write_text
@@ -225,6 +226,10 @@ def model_version_of(checkpoint_dir: str) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+#: The ``mode`` values of :func:`catalogue_stage` (``store tokenize-catalogue --mode``).
+CATALOGUE_MODES = ("keep", "regenerate")
+
+
 def catalogue_stage(
     cfg: StoreConfig,
     parent_run_id: str | None = None,
@@ -234,7 +239,7 @@ def catalogue_stage(
     """Tokenize the catalogue into a new DuckDB version; logs counts, items/s and the
     exported version (Parquet) as an artifact.
 
-    Raises ValueError for an unknown ``mode``, and what
+    Raises :class:`store_core.errors.ConfigError` for an unknown ``mode``, and what
     :func:`store_core.catalogue.tokenize_catalogue` raises.
     """
     import tempfile
@@ -246,8 +251,8 @@ def catalogue_stage(
     from store_core.catalogue import tokenize_catalogue
     from store_core.recommender import recommender_dir
 
-    if mode not in ("keep", "regenerate"):
-        raise ValueError(f"mode must be 'keep' or 'regenerate', got {mode!r}")
+    if mode not in CATALOGUE_MODES:
+        raise ConfigError(f"mode must be one of {', '.join(CATALOGUE_MODES)}, got {mode!r}")
     checkpoint = recommender_dir(cfg)
     registered = model_version_of(checkpoint)
     lineage: dict[str, Any] = {"mlflow_run_id": parent_run_id}

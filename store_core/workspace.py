@@ -40,6 +40,23 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     return fs, path
 
 
+def local_directory_problem(path: str) -> str | None:
+    """Why the local path ``path`` cannot be (or become) a directory, or None: it, or the
+    nearest of its parents that exists, is a file (or other non-directory)."""
+    candidate = Path(path)
+    while not candidate.exists():
+        if candidate.is_symlink():
+            return f"{candidate} is a dangling symbolic link"
+        if candidate.parent == candidate:
+            return None
+        candidate = candidate.parent
+    if candidate.is_dir():
+        return None
+    if str(candidate) == str(Path(path)):
+        return f"{path} exists and is not a directory"
+    return f"{candidate} (a parent of {path}) exists and is not a directory"
+
+
 def sha256_of(uri: str, chunk: int = 1 << 20) -> str:
     """Streaming sha256 of a file at any fsspec URI."""
     digest = hashlib.sha256()

@@ -70,14 +70,27 @@ def _open(
     if read_only and not os.path.exists(local):
         raise StoreError(f"DuckDB database {local} does not exist: run `store ingest` first")
     os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
-    if config is None:
-        return duckdb.connect(local, read_only=read_only)
-    return duckdb.connect(local, read_only=read_only, config=config)
+    try:
+        if config is None:
+            return duckdb.connect(local, read_only=read_only)
+        return duckdb.connect(local, read_only=read_only, config=config)
+    except duckdb.IOException as exc:
+        if _is_lock_error(exc):
+            raise  # another process holds it: the callers wait and retry
+        raise StoreError(
+            f"DuckDB database {local} cannot be opened, it is damaged or not a DuckDB "
+            f"database ({_one_line(exc)}): restore it from a backup, or move it aside and "
+            "run `store ingest` to start a new one"
+        ) from None
 
 
 @contextmanager
 def connect(path: str, *, read_only: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
-    """Open the workspace database (created on first read-write use)."""
+    """Open the workspace database (created on first read-write use).
+
+    Raises :class:`StoreError` when the file is missing (read-only) or is not a usable
+    DuckDB database (random bytes, truncated).
+    """
     con = _open(path, read_only=read_only)
     try:
         yield con
