@@ -261,9 +261,11 @@ def recommend(
     history: Annotated[
         str | None, typer.Option(help="An ad-hoc history: comma-separated item ids, oldest first.")
     ] = None,
-    k: Annotated[int, typer.Option("-k", help="How many items.")] = 10,
+    k: Annotated[
+        int, typer.Option("-k", help="How many items: 1 to 1000 (store_core.recommend.MAX_K).")
+    ] = 10,
     exclude_history: Annotated[
-        bool, typer.Option(help="Never recommend an item from the history.")
+        bool, typer.Option(help="Never recommend an item from the (whole) history.")
     ] = False,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -275,16 +277,16 @@ def recommend(
         err.print("[bold red]error:[/] give exactly one of --user or --history")
         raise typer.Exit(code=2)
     from store_core.bundle import load_bundle
+    from store_core.recommend import check_request, user_history
     from store_core.recommend import recommend as run_recommend
-    from store_core.recommend import user_history
     from store_core.recommender import recommender_dir
 
     def go() -> list[Any]:
         items = user_history(cfg, user) if user is not None else (history or "").split(",")
+        items = [i.strip() for i in items if i.strip()]
+        check_request(items, k)  # before the model is loaded
         bundle = load_bundle(recommender_dir(cfg))
-        return run_recommend(
-            cfg, bundle, [i.strip() for i in items if i.strip()], k, exclude_history=exclude_history
-        )
+        return run_recommend(cfg, bundle, items, k, exclude_history=exclude_history)
 
     recs = _guard(go)
     if as_json:

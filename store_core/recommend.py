@@ -2,6 +2,16 @@
 
 Candidates are the current semantic-ID version in DuckDB when one exists (so items added
 by the nightly job are recommendable), else the IDs stored with the checkpoint.
+
+Requests are checked before any decoding (:func:`check_request`): ``k`` must be between
+1 and :data:`MAX_K`, and the history must name at least one item. A ``k`` larger than the
+catalogue returns the whole catalogue, ranked. The prompt holds the last ``history_len``
+items (the checkpoint's setting), but ``exclude_history`` excludes the user's WHOLE
+history, the rule of the evaluation's ``history_excluded_*`` metrics
+(:func:`store_core.evaluation._history`). It is applied inside decoding: the history
+items' IDs are left out of the trie for that request, so the beam search returns ``k``
+items outside the history whenever the catalogue has that many, instead of filtering a
+``k``-wide beam down to fewer.
 """
 
 from __future__ import annotations
@@ -20,6 +30,11 @@ from store_core.errors import StoreError
 from store_core.generate import SemanticIdTrie, constrained_beam_search
 from store_core.ingest import INTERACTIONS_FILE, ITEMS_FILE
 from store_core.semantic_ids import format_sid
+
+#: The largest ``k`` a request may ask for. The beam is at least ``k`` wide and decoding
+#: holds ``k x (L + 1)`` cache positions per request, so ``k`` is bounded by what stays
+#: interactive on a CPU; to rank a whole catalogue use ``store evaluate`` or SQL.
+MAX_K = 1000
 
 
 @dataclass(frozen=True)
@@ -63,6 +78,16 @@ def candidates(cfg: StoreConfig, bundle: RecommenderBundle) -> tuple[list[str], 
     return bundle.semantic_ids.column("item_id").to_pylist(), bundle.codes()
 
 
+def check_request(history: Sequence[str], k: int) -> None:
+    """StoreError (one line) unless ``1 <= k <= MAX_K`` and ``history`` names an item."""
+    if k < 1:
+        raise StoreError(f"-k must be at least 1, got {k}")
+    if k > MAX_K:
+        raise StoreError(f"-k must be at most {MAX_K} (store_core.recommend.MAX_K), got {k}")
+    if not any(item.strip() for item in history):
+        raise StoreError("the history is empty: give at least one item id")
+
+
 def recommend(
     cfg: StoreConfig,
     bundle: RecommenderBundle,
@@ -71,41 +96,54 @@ def recommend(
     *,
     exclude_history: bool = False,
 ) -> list[Recommendation]:
-    """Top-``k`` items after ``history`` by constrained beam search."""
+    """Top-``k`` items after ``history`` (oldest first) by constrained beam search.
+
+    With ``exclude_history`` no item of the whole ``history`` is returned, and ``k``
+    others are whenever the catalogue has them (fewer only when it has not). StoreError
+    on an invalid request (:func:`check_request`) or an item without a semantic ID.
+    """
+    check_request(history, k)
     item_ids, codes = candidates(cfg, bundle)
     code_of = {item: row for item, row in zip(item_ids, codes.tolist(), strict=True)}
     unknown = [i for i in history if i not in code_of]
     if unknown:
         raise StoreError(f"items without a semantic ID: {', '.join(unknown[:5])}")
-    recent = list(history)[-cfg.recommender.history_len :]
+    history_len = int(bundle.metadata.get("history_len", cfg.recommender.history_len))
+    recent = list(history)[-history_len:]
     prompt = bundle.builder.recommendation([code_of[i] for i in recent])
-    beam = max(cfg.recommender.beam_size, k + (len(recent) if exclude_history else 0))
+    allowed = np.arange(len(item_ids))  # [N'] candidate rows the trie may return
+    if exclude_history:
+        excluded = set(history)
+        allowed = np.array(
+            [row for row, item in enumerate(item_ids) if item not in excluded], dtype=np.int64
+        )
+        if allowed.size == 0:
+            return []
+    k = min(k, int(allowed.size))
     result = constrained_beam_search(
         bundle.model,
         [prompt],
-        SemanticIdTrie.from_codes(codes, bundle.level_ids),
-        beam_size=beam,
+        SemanticIdTrie.from_codes(codes[allowed], bundle.level_ids),
+        beam_size=max(cfg.recommender.beam_size, k),
         pad_token_id=bundle.builder.pad_token_id,
     )
     titles = _titles(cfg)
-    seen = set(recent) if exclude_history else set()
     out: list[Recommendation] = []
-    for b in range(beam):
-        row = int(result.items[0, b])
-        if row < 0 or item_ids[row] in seen:
-            continue
+    for slot in range(k):
+        leaf = int(result.items[0, slot])
+        if leaf < 0:
+            break
+        row = int(allowed[leaf])
         item = item_ids[row]
         out.append(
             Recommendation(
                 rank=len(out) + 1,
                 item_id=item,
                 title=titles.get(item),
-                score=float(result.scores[0, b]),
+                score=float(result.scores[0, slot]),
                 sid=format_sid(codes[row].tolist()),
             )
         )
-        if len(out) == k:
-            break
     return out
 
 
