@@ -9,9 +9,30 @@ Two modes:
 * ``keep`` (default, also the nightly job): items whose ``content_hash`` is unchanged
   keep their ID (the recommender learned it); new and changed items get an ID generated
   from their text (text -> token, no retraining) made unique by the disambiguation
-  level; items gone from the catalogue stay as inactive rows. With nothing new, changed
-  or removed, no version is written.
+  level; items gone from the catalogue stay as inactive rows. With nothing new, changed,
+  restored or removed, no version is written.
 * ``regenerate``: every item's ID is generated from its text (method ``generated``).
+
+Every item an earlier version holds keeps its own ID when the model generates that ID's
+prefix again (its own ID is no collision with itself, :func:`store_core.new_items.
+choose_ids`): regenerating an unchanged catalogue with the same model moves no ID.
+
+Counts (the ``counts`` of the version row, one category per item of the catalogue, the
+same categories and rule as the ``items`` table's :func:`store_core.storage.upsert_items`
+so ingest and tokenize-catalogue agree):
+
+* ``new``: no row under this codebook;
+* ``unchanged``: active in the base, same ``content_hash``;
+* ``restored``: inactive in the base (delisted) and back with the same ``content_hash``:
+  it gets its stored ID back (method kept), like an unchanged item, since that ID is
+  still reserved for it and is the one the recommender learned;
+* ``changed``: a different ``content_hash`` (whether the item was active or delisted);
+* ``removed``: active in the base and gone from the catalogue.
+
+Besides these, ``generated`` counts the IDs generated this run and ``reassigned`` the
+items that held an ID and now hold a different one. When disambiguation codes run low or
+out, a warning gives the counts (:class:`store_core.new_items.IdSpaceReport`, also on
+:attr:`CatalogueOutcome.id_space`); an item with no free code left is an error.
 
 The base the ``keep`` mode starts from is the newest version written under the
 checkpoint's codebook, else the clustering IDs stored with the checkpoint (method
@@ -49,7 +70,7 @@ from store_core.bundle import RecommenderBundle, load_bundle
 from store_core.config import StoreConfig
 from store_core.ingest import ITEMS_FILE, recover_outputs
 from store_core.locking import workspace_writer
-from store_core.new_items import DisambiguationState, choose_ids, generate_ids
+from store_core.new_items import DisambiguationState, IdSpaceReport, choose_ids, generate_ids
 from store_core.progress import progress
 from store_core.semantic_ids import format_sid, pack_codes
 
@@ -70,6 +91,7 @@ class CatalogueOutcome:
     counts: dict[str, int]
     items_per_s: float
     seconds: float
+    id_space: IdSpaceReport | None = None  # what is left of the disambiguation level
 
     def summary_markdown(self, mode: str, model_uri: str | None = None) -> str:
         """The run summary users see in the Prefect UI and MLflow: what changed."""
@@ -84,14 +106,14 @@ class CatalogueOutcome:
             "",
             "| items | count |",
             "|---|---:|",
-            *(
-                f"| {key} | {self.counts.get(key, 0)} |"
-                for key in ("new", "changed", "removed", "unchanged", "generated")
-            ),
+            *(f"| {key} | {self.counts.get(key, 0)} |" for key in COUNT_KEYS),
             "",
             f"mode `{mode}`, {self.seconds:.1f} s, {self.items_per_s:.0f} items/s"
             + (f", model `{model_uri}`" if model_uri else ""),
         ]
+        if self.id_space is not None:
+            warn = "**warning**: " if self.id_space.pressure else ""
+            lines += ["", f"{warn}semantic-ID space: {self.id_space.describe()}."]
         return "\n".join(lines) + "\n"
 
 
@@ -101,6 +123,20 @@ class _BaseRow:
     content_hash: str
     method: str
     active: bool = True
+
+
+#: The keys of a run's counts, in the order the summary shows them.
+COUNT_KEYS = ("new", "changed", "restored", "unchanged", "removed", "generated", "reassigned")
+
+
+def change_category(old: _BaseRow | None, content_hash: str) -> str:
+    """new / unchanged / restored / changed: what a catalogue item is relative to the base
+    (the rule :func:`store_core.storage.upsert_items` counts the ``items`` table by)."""
+    if old is None:
+        return "new"
+    if old.content_hash != content_hash:
+        return "changed"
+    return "unchanged" if old.active else "restored"
 
 
 def _base_rows(
@@ -225,7 +261,7 @@ def _tokenize(
     levels = len(bundle.level_ids)
     bits = bundle.pack_bits
     state = DisambiguationState(issued, len(bundle.level_ids[-1]))
-    counts = {"new": 0, "changed": 0, "unchanged": 0, "removed": 0, "generated": 0}
+    counts = dict.fromkeys(COUNT_KEYS, 0)
     seen: set[str] = set()
     items_path = f"{cfg.data_dir}/{ITEMS_FILE}"
     total = pq.ParquetFile(items_path).metadata.num_rows
@@ -243,14 +279,12 @@ def _tokenize(
             for i, (item, content) in enumerate(zip(ids, hashes, strict=True)):
                 seen.add(item)
                 old = base.get(item)
-                if old is not None and not old.active:
-                    old = None  # a removed item that came back is tokenized afresh
-                if mode == "keep" and old is not None and old.content_hash == content:
+                category = change_category(old, content)
+                counts[category] += 1
+                if old is not None and mode == "keep" and category in ("unchanged", "restored"):
                     codes[i] = old.codes
                     methods[i] = old.method
-                    counts["unchanged"] += 1
                     continue
-                counts["new" if old is None else "changed"] += 1
                 todo.append(i)
             if todo:
                 beams, scores = generate_ids(
@@ -260,9 +294,16 @@ def _tokenize(
                     [texts[i] for i in todo],
                     batch_size=cfg.recommender.eval_batch_size,
                 )
-                chosen = choose_ids(beams, scores, [ids[i] for i in todo], state)
+                owned = [base.get(ids[i]) for i in todo]
+                own = [None if o is None else o.codes for o in owned]
+                chosen = choose_ids(beams, scores, [ids[i] for i in todo], state, own)
                 codes[todo] = chosen
                 counts["generated"] += len(todo)
+                counts["reassigned"] += sum(
+                    1
+                    for o, row in zip(own, chosen.tolist(), strict=True)
+                    if o is not None and tuple(row) != o
+                )
             writer.write_table(_rows(ids, codes, hashes, methods, [True] * len(ids), bits))
             bundle.builder.clear_text_cache()
             bar.update(len(ids))
@@ -287,12 +328,15 @@ def _tokenize(
         writer.close()
         writer_open = False
         seconds = time.perf_counter() - started
+        id_space = state.report()
+        if id_space.pressure:
+            logger.warning("semantic-ID space: %s", id_space.describe())
         unchanged_catalogue = mode == "keep" and not (
-            counts["new"] or counts["changed"] or counts["removed"]
+            counts["new"] or counts["changed"] or counts["restored"] or counts["removed"]
         )
         if unchanged_catalogue and base_version is not None:
             logger.info("catalogue unchanged: no new semantic-ID version written")
-            return CatalogueOutcome(None, counts, total / max(seconds, 1e-9), seconds)
+            return CatalogueOutcome(None, counts, total / max(seconds, 1e-9), seconds, id_space)
         codebook_row = _codebook_row(bundle, extra_codebook_fields)
         version = storage.write_semantic_id_version(
             db,
@@ -309,7 +353,7 @@ def _tokenize(
             os.remove(tmp_path)
     seconds = time.perf_counter() - started
     logger.info("semantic-ID version %d written: %s", version, counts)
-    return CatalogueOutcome(version, counts, total / max(seconds, 1e-9), seconds)
+    return CatalogueOutcome(version, counts, total / max(seconds, 1e-9), seconds, id_space)
 
 
 def _rows(

@@ -6,12 +6,24 @@ unique against every ID already issued under the codebook: a new item takes the 
 free last code of its prefix. Among the beams (best first) the first whose next free
 code has a token in the vocabulary wins; Phase B reserves spare disambiguation tokens so
 this practically always holds on the first beam. Existing items keep their IDs.
+
+An item's own ID is not a collision with itself: an item that already holds an ID under
+the codebook (a changed item, a restored one, or any item under ``--mode regenerate``)
+and whose generated prefix is its own ID's prefix keeps its own ID, so regenerating an
+unchanged catalogue with the same model moves no ID and uses no disambiguation code.
+
+The ID space never runs out silently: :class:`DisambiguationState` counts the items that
+had to take a lower beam because their best prefix was full, and :meth:`~DisambiguationState.
+report` says how many prefixes are full or low (at most :data:`LOW_SPARE_FRACTION` of the
+codes left); :mod:`store_core.catalogue` logs a warning with these counts, and an item
+with no prefix left is a StoreError naming it.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -46,6 +58,37 @@ def generate_ids(
     return result.codes, result.scores
 
 
+#: A prefix with at most this fraction of its disambiguation codes left is "low".
+LOW_SPARE_FRACTION = 0.25
+
+
+@dataclass(frozen=True)
+class IdSpaceReport:
+    """How much of the disambiguation level is left, after a run's assignments."""
+
+    codes_per_prefix: int  # disambiguation codes per cluster prefix (K of the last level)
+    prefixes: int  # cluster prefixes holding at least one issued ID
+    full_prefixes: int  # prefixes with no code left: a new item there must take another
+    low_prefixes: int  # prefixes with 1..LOW_SPARE_FRACTION of their codes left
+    taken: int  # codes this run took (new IDs issued)
+    own_kept: int  # items that generated their own ID's prefix and kept their ID
+    fallbacks: int  # new IDs issued on a lower beam because a better prefix was full
+
+    @property
+    def pressure(self) -> bool:
+        """True when a warning is due: some prefix full or low, or an item fell back."""
+        return bool(self.full_prefixes or self.low_prefixes or self.fallbacks)
+
+    def describe(self) -> str:
+        return (
+            f"{self.full_prefixes} of {self.prefixes} cluster prefixes have used all "
+            f"{self.codes_per_prefix} disambiguation codes, {self.low_prefixes} more have "
+            f"<= {LOW_SPARE_FRACTION:.0%} left; {self.fallbacks} new IDs took a lower beam "
+            f"because a better prefix was full; {self.taken} codes taken this run, "
+            f"{self.own_kept} items kept their own ID"
+        )
+
+
 class DisambiguationState:
     """Next free disambiguation code per cluster prefix, seeded from every issued ID.
 
@@ -60,6 +103,9 @@ class DisambiguationState:
         for row in np.asarray(issued, dtype=np.int64).tolist():
             prefix = tuple(row[:-1])
             self.next_free[prefix] = max(self.next_free.get(prefix, 0), row[-1] + 1)
+        self.taken = 0
+        self.own_kept = 0
+        self.fallbacks = 0
 
     def peek(self, prefix: Sequence[int]) -> int:
         return self.next_free.get(tuple(int(c) for c in prefix), 0)
@@ -68,30 +114,60 @@ class DisambiguationState:
         key = tuple(int(c) for c in prefix)
         code = self.next_free.get(key, 0)
         self.next_free[key] = code + 1
+        self.taken += 1
         return [*key, code]
+
+    def report(self) -> IdSpaceReport:
+        low_limit = self.last_size * LOW_SPARE_FRACTION
+        spare = [self.last_size - used for used in self.next_free.values()]
+        return IdSpaceReport(
+            codes_per_prefix=self.last_size,
+            prefixes=len(spare),
+            full_prefixes=sum(1 for s in spare if s <= 0),
+            low_prefixes=sum(1 for s in spare if 0 < s <= low_limit),
+            taken=self.taken,
+            own_kept=self.own_kept,
+            fallbacks=self.fallbacks,
+        )
 
 
 def choose_ids(
-    beams: np.ndarray, scores: np.ndarray, item_ids: Sequence[str], state: DisambiguationState
+    beams: np.ndarray,
+    scores: np.ndarray,
+    item_ids: Sequence[str],
+    state: DisambiguationState,
+    own: Sequence[Sequence[int] | None] | None = None,
 ) -> np.ndarray:
     """Pick each item's ID from its beams (best first) and reserve it in ``state``.
 
-    beams: [P, B, L] generated prefixes; scores: [P, B]. Items are processed in item_id
-    order so the result does not depend on batch composition within a call.
+    beams: [P, B, L] generated prefixes; scores: [P, B]. ``own[i]``: item i's current ID
+    (L+1 codes) under the codebook, or None: a beam equal to its prefix gives the item its
+    own ID back (no code taken). Otherwise the first beam whose prefix has a free code
+    takes it. Items are processed in item_id order so the result does not depend on batch
+    composition within a call. StoreError naming the item when no beam has a code left.
     """
     out = np.empty((len(item_ids), beams.shape[2] + 1), dtype=np.int64)
     for index in sorted(range(len(item_ids)), key=lambda i: item_ids[i]):
+        held = None if own is None else own[index]
+        mine = None if held is None else [int(c) for c in held]
         chosen = None
         for beam in range(beams.shape[1]):
             if not np.isfinite(scores[index, beam]):
                 break
-            if state.peek(beams[index, beam]) < state.last_size:
-                chosen = state.take(beams[index, beam])
+            prefix = [int(c) for c in beams[index, beam]]
+            if mine is not None and prefix == mine[:-1]:
+                chosen = mine
+                state.own_kept += 1
+                break
+            if state.peek(prefix) < state.last_size:
+                chosen = state.take(prefix)
+                state.fallbacks += int(beam > 0)
                 break
         if chosen is None:
             raise StoreError(
                 f"item {item_ids[index]}: every generated prefix has used all "
-                f"{state.last_size} disambiguation codes; retrain (store train) to re-cluster"
+                f"{state.last_size} disambiguation codes ({state.report().describe()}); "
+                "retrain (store train) to re-cluster"
             )
         out[index] = chosen
     return out

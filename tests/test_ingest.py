@@ -84,7 +84,13 @@ def test_small_lcrec_ingest_writes_every_output(workspace: Path, tmp_path: Path)
     assert "source position" in manifest["rules"]["order"]
     assert set(manifest["outputs"]) == {"items.parquet", "interactions.parquet", "splits.parquet"}
     assert len(manifest["inputs"]) == 2
-    assert result.catalog_changes == {"new": 4, "changed": 0, "unchanged": 0, "removed": 0}
+    assert result.catalog_changes == {
+        "new": 4,
+        "changed": 0,
+        "restored": 0,
+        "unchanged": 0,
+        "removed": 0,
+    }
 
 
 def test_memory_filesystem_source(workspace: Path, clean_memory_fs: None) -> None:
@@ -115,7 +121,13 @@ def test_reingest_is_idempotent_and_tracks_changes(workspace: Path, tmp_path: Pa
     before = query(db, "SELECT * FROM items ORDER BY item_id")[1]
     second = run_ingest(cfg)
     assert second.manifest["outputs"] == first.manifest["outputs"]
-    assert second.catalog_changes == {"new": 0, "changed": 0, "unchanged": 4, "removed": 0}
+    assert second.catalog_changes == {
+        "new": 0,
+        "changed": 0,
+        "restored": 0,
+        "unchanged": 4,
+        "removed": 0,
+    }
     assert query(db, "SELECT * FROM items ORDER BY item_id")[1] == before
 
     changed = dict(ITEMS)
@@ -124,7 +136,13 @@ def test_reingest_is_idempotent_and_tracks_changes(workspace: Path, tmp_path: Pa
     changed["5"] = {"title": "Funnel"}
     lcrec_dir(src, changed, {"10": ["1", "2", "3", "5"], "11": ["2", "3"]})
     third = run_ingest(cfg)
-    assert third.catalog_changes == {"new": 1, "changed": 1, "unchanged": 2, "removed": 1}
+    assert third.catalog_changes == {
+        "new": 1,
+        "changed": 1,
+        "restored": 0,
+        "unchanged": 2,
+        "removed": 1,
+    }
     rows = dict(query(db, "SELECT item_id, title FROM items WHERE active")[1])
     assert rows == {"1": "Beaker", "2": "Gloves XL", "3": "Multimeter", "5": "Funnel"}
     inactive = query(db, "SELECT item_id FROM items WHERE NOT active")[1]

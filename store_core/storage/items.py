@@ -19,7 +19,11 @@ def upsert_items(path: str, items: pa.Table) -> dict[str, int]:
 
     New ids are inserted, rows whose ``content_hash`` changed are updated, ids missing from
     ``items`` are marked inactive (never deleted), and unchanged rows are not touched, so
-    re-ingesting the same source changes nothing. Returns the counts of each case.
+    re-ingesting the same source changes nothing. Returns the counts of each case:
+    ``new``, ``changed`` (another ``content_hash``, active or not), ``restored`` (inactive
+    and back with the same ``content_hash``), ``unchanged`` and ``removed`` (active and
+    gone) - the categories and rule tokenize-catalogue counts a version by
+    (:func:`store_core.catalogue.change_category`), so the two stages agree.
     """
     with _connect_writer(path, DEFAULT_LOCK_TIMEOUT_S) as con:
         con.register("incoming", items)
@@ -63,9 +67,11 @@ def _counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
         SELECT
           count(*) FILTER (WHERE t.item_id IS NULL),
           count(*) FILTER (WHERE t.item_id IS NOT NULL
-                           AND (t.content_hash <> i.content_hash OR NOT t.active)),
+                           AND t.content_hash IS DISTINCT FROM i.content_hash),
           count(*) FILTER (WHERE t.item_id IS NOT NULL
-                           AND t.content_hash = i.content_hash AND t.active)
+                           AND t.content_hash = i.content_hash AND t.active),
+          count(*) FILTER (WHERE t.item_id IS NOT NULL
+                           AND t.content_hash = i.content_hash AND NOT t.active)
         FROM incoming i LEFT JOIN items t ON t.item_id = i.item_id
         """
         )
@@ -80,6 +86,7 @@ def _counts(con: duckdb.DuckDBPyConnection) -> dict[str, int]:
     return {
         "new": int(row[0]),
         "changed": int(row[1]),
+        "restored": int(row[3]),
         "unchanged": int(row[2]),
         "removed": int(removed[0]),
     }
