@@ -41,7 +41,8 @@ Schema
 ``semantic_id_versions`` (:data:`SEMANTIC_ID_VERSIONS_DDL`)
     One row per *complete* version: ``version``, ``codebook_version``, ``created_at``,
     ``item_count`` (active items), ``row_count`` (all rows), ``counts`` (JSON:
-    new/changed/removed/unchanged), ``note``. It is inserted last in the writing
+    new/changed/restored/unchanged/removed, as :func:`upsert_items` counts the ``items``
+    table, plus generated/reassigned), ``note``. It is inserted last in the writing
     transaction, so a version exists for readers only once all its rows do.
 
 ``eval_results`` (:data:`EVAL_RESULTS_DDL`)
