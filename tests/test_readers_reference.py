@@ -432,3 +432,41 @@ def test_symlink_loop_as_data_path(fmt: str, tmp_path: Path) -> None:
         read(fmt, loop, name="Shop")
     assert str(loop) in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_lcrec_reads_as_json_load(tmp_path: Path) -> None:
+    items = '{"1": {"title": "Caf\\u00e9 \\"Pro\\" mug", "sales": 12, "tags": ["a", ["b"]]}}'
+    src = _lcrec(tmp_path / "src", '{"u": ["1", 1]}', items)
+    catalog = read("lcrec", src)
+    reference = json.loads(items)["1"]
+    # strings as json gives them, lists flattened, numbers are not text
+    assert fields_of(catalog)["1"] == {"title": reference["title"], "tags": "a, b"}
+    assert catalog.interactions.column("item_id").to_pylist() == ["1", "1"]
+
+
+def test_movielens_reads_as_pandas_reads_grouplens_files(tmp_path: Path) -> None:
+    flags = "|0" * 18 + "|1"
+    item = 'Caf\xe9 "Noir" (1995)|01-Jan-1995||http://x' + flags
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "u.item").write_bytes(f"7|{item}\n".encode("latin-1"))
+    (src / "u.data").write_text("196\t7\t3\t881250949\n")
+    catalog = read("movielens", src)
+    pd = pytest.importorskip("pandas")
+    items = pd.read_csv(src / "u.item", sep="|", header=None, encoding="latin-1", dtype=str)
+    data = pd.read_csv(src / "u.data", sep="\t", header=None, dtype=str)
+    assert fields_of(catalog)["7"]["title"] == items.iloc[0, 1] == 'Café "Noir" (1995)'
+    assert fields_of(catalog)["7"]["genres"] == "Western"
+    row = catalog.interactions.to_pylist()[0]
+    assert [row["user_id"], row["item_id"]] == data.iloc[0, :2].tolist()
+    assert row["timestamp"] == float(data.iloc[0, 3])
+
+
+def test_p5_sequences_split_on_whitespace(tmp_path: Path) -> None:
+    src = _p5(tmp_path / "src", "u1 1 1\tx\n\nu2 1\n")
+    write(
+        src / "item_meta.json", '{"item_id": "1", "title": "a"}\n{"item_id": "x", "title": "b"}\n'
+    )
+    catalog = read("p5", src)
+    pairs = [(r["user_id"], r["item_id"]) for r in catalog.interactions.to_pylist()]
+    assert pairs == [("u1", "1"), ("u1", "1"), ("u1", "x"), ("u2", "1")]
