@@ -118,8 +118,9 @@ def _entry() -> None:
 
 
 def _guard(fn: Callable[[], T]) -> T:
-    """Run ``fn``; print user errors (StoreError) cleanly and exit 1; after SIGTERM or
-    Ctrl-C (once ``fn`` has cleaned up) exit 143 or 130."""
+    """Run ``fn``; print user errors (StoreError, and errors of the MLflow tracking
+    backend) as one line and exit 1; after SIGTERM or Ctrl-C (once ``fn`` has cleaned
+    up) exit 143 or 130."""
     try:
         return fn()
     except StoreError as exc:
@@ -128,6 +129,15 @@ def _guard(fn: Callable[[], T]) -> T:
     except KeyboardInterrupt as exc:
         err.print(f"[bold red]stopped:[/] {exc or 'interrupted'}", highlight=False)
         raise typer.Exit(code=signals.exit_status(exc)) from None
+    except Exception as exc:
+        if not type(exc).__module__.startswith("mlflow"):
+            raise
+        # The tracking backend (unreachable server, refused URI, broken store) is the
+        # environment, not a bug here: one line; --verbose logs the traceback.
+        logging.getLogger(__name__).debug("MLflow error", exc_info=True)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        err.print(f"[bold red]error:[/] MLflow tracking: {escape(redact(first))}", highlight=False)
+        raise typer.Exit(code=1) from None
 
 
 def _load(config: str | None, overrides: list[str] | None) -> StoreConfig:
@@ -341,14 +351,22 @@ def serve(
     ] = False,
     prefect_port: Annotated[
         int | None,
-        typer.Option(help="Prefect server port on 127.0.0.1 (default 4200, else a free one)."),
+        typer.Option(
+            min=1,
+            max=65535,
+            help="Prefect server port on 127.0.0.1 (default 4200, else a free one).",
+        ),
     ] = None,
     mlflow: Annotated[
         bool, typer.Option("--mlflow", help="Also serve the MLflow UI on the workspace store.")
     ] = False,
     mlflow_port: Annotated[
         int | None,
-        typer.Option(help="MLflow server port on 127.0.0.1 (default 5000, else a free one)."),
+        typer.Option(
+            min=1,
+            max=65535,
+            help="MLflow server port on 127.0.0.1 (default 5000, else a free one).",
+        ),
     ] = None,
     schedule: Annotated[
         bool, typer.Option(help="Schedule nightly-retokenize (service.nightly_cron).")

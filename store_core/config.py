@@ -105,6 +105,67 @@ def _refuse_repeats(values: list[Any], what: str) -> None:
         seen.add(value)
 
 
+#: MLflow tracking-store URI schemes (mlflow's tracking store registry); a plain path or
+#: ``file:`` is MLflow's file store, which it refuses unless MLFLOW_ALLOW_FILE_STORE is set.
+_TRACKING_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql", "http", "https", "databricks")
+_TRACKING_NAMES = ("databricks", "databricks-uc", "uc")
+
+
+def check_tracking_uri(uri: str) -> None:
+    """Raise ValueError unless MLflow can open a tracking store at ``uri``."""
+    if uri in _TRACKING_NAMES:
+        return
+    scheme = uri.split("://", 1)[0].split("+", 1)[0].lower() if "://" in uri else ""
+    if scheme in ("", "file"):
+        if os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() in ("1", "true"):
+            return
+        raise ValueError(
+            f"{uri!r} is MLflow's file store, which this MLflow refuses; use a database "
+            "URI such as sqlite:///path/to/mlflow.db, or an http(s):// tracking server"
+        )
+    if scheme not in _TRACKING_SCHEMES and not scheme.startswith("databricks"):
+        raise ValueError(
+            f"{uri!r}: MLflow has no tracking store for scheme '{scheme}' (use one of "
+            + ", ".join(_TRACKING_SCHEMES)
+            + ")"
+        )
+
+
+#: (name, lowest, highest) of the five cron fields; day-of-week 7 is Sunday like 0.
+_CRON_FIELDS = (
+    ("minute", 0, 59),
+    ("hour", 0, 23),
+    ("day-of-month", 1, 31),
+    ("month", 1, 12),
+    ("day-of-week", 0, 7),
+)
+_CRON_NAMES = {
+    "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
+    "sun", "mon", "tue", "wed", "thu", "fri", "sat",
+}  # fmt: skip
+
+
+def _cron_field_problem(field: str, low: int, high: int) -> str | None:
+    """Why one cron field is not a list of ``*``, ``N``, ``N-M`` or names, each with an
+    optional ``/step``, numbers within ``low..high``; None when it is. A light check
+    (Prefect parses the schedule when ``store serve`` deploys it): it catches typos and
+    out-of-range numbers at load time."""
+    for item in field.split(","):
+        base, _, step = item.partition("/")
+        if step and not (step.isdigit() and int(step) >= 1):
+            return f"step {step!r} is not a positive number"
+        if base in ("*", "?"):
+            continue
+        for bound in base.split("-", 1):
+            if bound.lower() in _CRON_NAMES or any(c in bound.upper() for c in "LW#"):
+                continue  # month/day names; croniter's L (last), W (weekday), # (nth)
+            if not bound.isdigit():
+                return f"{bound!r} is not a number, a name or *"
+            if not low <= int(bound) <= high:
+                return f"{bound} is outside {low}..{high}"
+    return None
+
+
 class StrictModel(BaseModel):
     """Frozen model that rejects unknown keys and non-finite floats (``.inf``, ``.nan``)."""
 
@@ -122,6 +183,18 @@ class ColumnMapping(StrictModel):
     text_fields: list[str] | None = Field(
         None, description="Items columns kept as text fields; default: every other column."
     )
+
+    @model_validator(mode="after")
+    def _distinct_columns(self) -> ColumnMapping:
+        named = {"user_id": self.user_id, "item_id": self.item_id}
+        if self.timestamp is not None:
+            named["timestamp"] = self.timestamp
+        for key, column in named.items():
+            if not column:
+                raise ValueError(f"{key} names no column (empty)")
+        if len(set(named.values())) < len(named):
+            raise ValueError(f"user_id, item_id and timestamp must be different columns: {named}")
+        return self
 
 
 class DataConfig(StrictModel):
@@ -210,6 +283,20 @@ class TrackingConfig(StrictModel):
         description="MLflow model-registry name the trained recommender is registered under "
         "(a new version per training run). Default: '<experiment>-recommender'.",
     )
+
+    @model_validator(mode="after")
+    def _usable_store(self) -> TrackingConfig:
+        if self.enabled and self.uri is not None:
+            check_tracking_uri(self.uri)
+        if self.enabled and self.artifact_location is not None:
+            location = self.artifact_location.removeprefix("file://")
+            if "://" not in location:
+                from store_core.workspace import local_directory_problem
+
+                problem = local_directory_problem(os.path.expanduser(location))
+                if problem is not None:
+                    raise ValueError(f"artifact_location must be a directory: {problem}")
+        return self
 
 
 class ModelConfig(StrictModel):
@@ -599,8 +686,13 @@ class ServiceConfig(StrictModel):
     @field_validator("nightly_cron")
     @classmethod
     def _five_fields(cls, value: str) -> str:
-        if len(value.split()) != 5:
+        fields = value.split()
+        if len(fields) != 5:
             raise ValueError(f"expected a 5-field cron expression, got {value!r}")
+        for field, (name, low, high) in zip(fields, _CRON_FIELDS, strict=True):
+            problem = _cron_field_problem(field, low, high)
+            if problem is not None:
+                raise ValueError(f"cron {value!r}: {name} field {field!r}: {problem}")
         return value
 
     @field_validator("timezone")
@@ -925,12 +1017,14 @@ def validate_config(
 
 
 def _override_for(loc: list[str], overrides: list[str]) -> str | None:
-    """The key of the last override that set the value at ``loc``, a value inside it, or
-    the section holding it (``--set model={...}``); None when the value came from the
-    file. The value is left out: it may be a credential."""
-    for item in reversed(overrides):
+    """The keys of the overrides that set the value at ``loc``, a value inside it, or a
+    value of the section ``loc`` names (a rule across its fields), joined by ``, --set``;
+    None when the value came from the file. Values are left out: one may be a credential."""
+    keys: list[str] = []
+    for item in overrides:
         parts = [p for p in item.split("=", 1)[0].strip().split(".") if p]
         n = min(len(parts), len(loc))
-        if parts and parts[:n] == loc[:n]:
-            return ".".join(parts)
-    return None
+        key = ".".join(parts)
+        if parts and parts[:n] == loc[:n] and key not in keys:
+            keys.append(key)
+    return ", --set ".join(keys) if keys else None

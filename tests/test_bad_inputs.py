@@ -37,6 +37,7 @@ class Case:
     build: Callable[[Path], list[str]]
     expect: str
     exit_code: int | None = None  # None: any non-zero status
+    env: tuple[tuple[str, str], ...] = ()  # environment variables set for the run
 
 
 def tiny(*args: str) -> Callable[[Path], list[str]]:
@@ -127,6 +128,31 @@ def config_file(text: str) -> Callable[[Path], list[str]]:
         path = tmp / "bad.yaml"
         path.write_text(text)
         return ["config", "show", "-c", str(path)]
+
+    return build
+
+
+def config_directory(tmp: Path) -> list[str]:
+    (tmp / "conf.yaml").mkdir()
+    return ["config", "show", "-c", str(tmp / "conf.yaml")]
+
+
+def config_not_utf8(tmp: Path) -> list[str]:
+    (tmp / "latin.yaml").write_bytes("workspace: caf\xe9\n".encode("latin-1"))
+    return ["config", "show", "-c", str(tmp / "latin.yaml")]
+
+
+def artifacts_under_a_file(tmp: Path) -> list[str]:
+    (tmp / "file").write_text("x\n")
+    return with_tracking("config", "show", "--set", f"tracking.artifact_location={tmp}/file/a")(tmp)
+
+
+def with_tracking(*args: str) -> Callable[[Path], list[str]]:
+    """Like :func:`tiny` with tracking left on."""
+
+    def build(tmp: Path) -> list[str]:
+        argv = tiny(*args)(tmp)
+        return argv[: argv.index("tracking.enabled=false") - 1]
 
     return build
 
@@ -232,6 +258,21 @@ CASES: dict[str, Case] = {
     "empty-experiment": Case(show("tracking.experiment="), "tracking.experiment"),
     "cold-start-one": Case(show("data.cold_start_fraction=1.0"), "data.cold_start_fraction"),
     "bad-cron": Case(show("service.nightly_cron=0 3 * *"), "5-field cron"),
+    "cron-hour-25": Case(show("service.nightly_cron=0 25 * * *"), "25 is outside 0..23"),
+    "cron-words": Case(show("service.nightly_cron=a b c d e"), "minute field 'a'"),
+    "cron-step-zero": Case(show("service.nightly_cron=*/0 3 * * *"), "not a positive number"),
+    "tracking-uri-unknown-scheme": Case(
+        with_tracking("config", "show", "--set", "tracking.uri=foo://x"), "no tracking store"
+    ),
+    "tracking-uri-file-store": Case(
+        with_tracking("config", "show", "--set", "tracking.uri=/tmp/mlruns"), "file store"
+    ),
+    "artifacts-under-a-file": Case(artifacts_under_a_file, "not a directory"),
+    "env-tracking-uri-unknown": Case(
+        with_tracking("ingest"), "MLflow tracking", env=(("MLFLOW_TRACKING_URI", "foo://x"),)
+    ),
+    "columns-the-same": Case(show("data.columns.item_id=user_id"), "different columns"),
+    "column-empty": Case(show("data.columns.user_id="), "names no column"),
     "bad-timezone": Case(show("service.timezone=Mars/Olympus"), "unknown time zone"),
     "unknown-key": Case(show("data.kcorr=5"), "unknown key 'data.kcorr'"),
     # A bad --set names the --set; a bad file value names the file.
@@ -244,6 +285,8 @@ CASES: dict[str, Case] = {
     ),
     "file-not-a-mapping": Case(config_file("- a\n- b\n"), "top level must be a mapping"),
     "invalid-yaml": Case(config_file("data: [\n"), "invalid YAML"),
+    "config-is-a-directory": Case(config_directory, "cannot read it"),
+    "config-not-utf8": Case(config_not_utf8, "not UTF-8"),
     "missing-config": Case(
         lambda tmp: ["config", "show", "-c", str(tmp / "nope.yaml")], "does not exist"
     ),
@@ -272,6 +315,8 @@ CASES: dict[str, Case] = {
     ),
     "unknown-option": Case(tiny("ingest", "--bogus"), "No such option: --bogus", 2),
     "unknown-verb": Case(lambda tmp: ["nosuchverb"], "No such command", 2),
+    "serve-port-out-of-range": Case(tiny("serve", "--prefect-port", "70000"), "--prefect-port", 2),
+    "query-missing-sql": Case(tiny("query"), "Missing argument", 2),
     "train-before-ingest": Case(tiny("train", "--phase", "tokenizer"), "run `store ingest` first"),
     "recommender-before-tokenizer": Case(tiny("train", "--phase", "recommender"), "first"),
     "tokenize-before-train": Case(tiny("tokenize-catalogue"), "run `store train` first"),
@@ -322,7 +367,10 @@ def test_bad_input_is_one_error_line(
     case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     monkeypatch.setenv("COLUMNS", "400")
+    for name, value in case.env:
+        monkeypatch.setenv(name, value)
     argv = case.build(tmp_path)
     result = runner.invoke(app, argv)
     output = result.output
