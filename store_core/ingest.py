@@ -182,6 +182,7 @@ def build_interactions(
 
 def check_usable(
     split_cols: dict[str, list[Any]],
+    ordered: dict[str, list[Interaction]],
     num_items: int,
     cold_items: set[str],
     data: DataConfig,
@@ -207,15 +208,13 @@ def check_usable(
             field="data.cold_start_fraction",
         )
     train_per_user: dict[str, int] = {}
-    before_holdout: dict[str, int] = {}
     for user, label in zip(split_cols["user_id"], split_cols["split"], strict=True):
         if label == SPLIT_TRAIN:
             train_per_user[user] = train_per_user.get(user, 0) + 1
-        if label in (SPLIT_TRAIN, SPLIT_EXCLUDED):
-            before_holdout[user] = before_holdout.get(user, 0) + 1
     if max(train_per_user.values(), default=0) >= 2:
         return
-    if max(before_holdout.values(), default=0) < 2:
+    longest = max((len(seq) for seq in ordered.values()), default=0)
+    if split_rules.split_labels(longest).count(SPLIT_TRAIN) < 2:  # none even without holdout
         logger.warning(
             "no user has two train interactions (leave-one-out keeps the last two for "
             "valid and test), so %s has no training target; fine for evaluation only",
@@ -338,7 +337,7 @@ def run_ingest(cfg: StoreConfig, source: ResolvedSource | None = None) -> Ingest
         label: split_cols["split"].count(label)
         for label in (SPLIT_TRAIN, SPLIT_VALID, SPLIT_TEST, SPLIT_EXCLUDED)
     }
-    check_usable(split_cols, len(kept_items), cold_items, data, raw.interactions_file)
+    check_usable(split_cols, ordered, len(kept_items), cold_items, data, raw.interactions_file)
     tied = split_rules.count_tied(ordered)
     if tied:
         logger.info(
