@@ -123,6 +123,22 @@ def truncated_database(tmp: Path) -> bytes:
     return data[: len(data) // 2]
 
 
+def database_is_a_directory(tmp: Path) -> list[str]:
+    (tmp / "ws" / "store.duckdb").mkdir(parents=True)
+    return tiny("ingest")(tmp)
+
+
+def foreign_database(tmp: Path) -> bytes:
+    """A valid DuckDB file of another application with a table named like ours."""
+    import duckdb
+
+    path = tmp / "foreign.duckdb"
+    con = duckdb.connect(str(path))
+    con.execute("CREATE TABLE codebooks (y VARCHAR)")
+    con.close()
+    return path.read_bytes()
+
+
 def config_file(text: str) -> Callable[[Path], list[str]]:
     def build(tmp: Path) -> list[str]:
         path = tmp / "bad.yaml"
@@ -302,6 +318,10 @@ CASES: dict[str, Case] = {
     ),
     "database-truncated": Case(
         database(truncated_database, "query", "SELECT 1"), "damaged or not a DuckDB"
+    ),
+    "database-is-a-directory": Case(database_is_a_directory, "is a directory"),
+    "database-of-another-application": Case(
+        database(foreign_database, "ingest"), "not a STORE workspace database"
     ),
     "query-before-ingest": Case(tiny("query", "SELECT 1"), "run `store ingest` first"),
     # Command lines.

@@ -70,6 +70,8 @@ def _open(
     if read_only and not os.path.exists(local):
         raise StoreError(f"DuckDB database {local} does not exist: run `store ingest` first")
     os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+    if os.path.isdir(local):
+        raise StoreError(f"DuckDB database {local} is a directory, not a database file")
     try:
         if config is None:
             return duckdb.connect(local, read_only=read_only)
@@ -159,7 +161,14 @@ def connect_read_only_with_retry(
 def _connect_writer(path: str, timeout_s: float) -> Iterator[duckdb.DuckDBPyConnection]:
     """A read-write connection with every table, view and macro in place."""
     with _connect_with_retry(path, read_only=False, timeout_s=timeout_s) as con:
-        ensure_schema(con)
+        try:
+            ensure_schema(con)
+        except duckdb.Error as exc:  # tables of the same name with another layout
+            raise StoreError(
+                f"DuckDB database {path} is not a STORE workspace database, or one this "
+                f"version cannot migrate ({_one_line(exc)}): point `workspace` elsewhere, "
+                "or move the file aside and run `store ingest` to start a new one"
+            ) from None
         yield con
 
 
