@@ -11,7 +11,7 @@ import json
 import os
 import string
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import (
@@ -27,6 +27,13 @@ from store_core.errors import ConfigError
 
 #: Directory holding the shipped YAML configs (``infra/configs`` in a source checkout).
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "infra" / "configs"
+
+#: The largest seed accepted: numpy's generators refuse negative seeds and scikit-learn's
+#: k-means a ``random_state`` past 2**32 - 1 (level l clusters with ``seed + l``).
+MAX_SEED = 2**31 - 1
+
+#: A random seed (0 .. :data:`MAX_SEED`).
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED)]
 
 DataFormat = Literal["movielens", "lcrec", "recbole", "p5", "amazon", "tabular"]
 
@@ -252,7 +259,7 @@ class DataConfig(StrictModel):
         description="Fraction of items held out of all training (train/valid rows removed) "
         "to measure cold-start recommendation.",
     )
-    seed: int = Field(0, description="Seed for the cold-start item sample.")
+    seed: Seed = Field(0, description="Seed for the cold-start item sample.")
 
     @field_validator("text_template")
     @classmethod
@@ -410,7 +417,7 @@ class TrainConfig(StrictModel):
     bf16: Literal["auto", "on", "off"] = Field(
         "auto", description="bf16 mixed precision: auto = on where a GPU supports it."
     )
-    seed: int = Field(0, description="Seed for init, data order and clustering.")
+    seed: Seed = Field(0, description="Seed for init, data order and clustering.")
     checkpoint_every: int = Field(
         200, gt=0, description="Save a resumable checkpoint every N optimizer steps."
     )
@@ -432,6 +439,9 @@ class TrainConfig(StrictModel):
         default_factory=DeepSpeedSettings, description="DeepSpeed ZeRO settings."
     )
 
+
+#: The cutoff of the validation metric (NDCG@10) that picks the best epoch.
+VALIDATION_CUTOFF = 10
 
 TaskName = Literal["recommendation", "alignment", "reconstruction", "title_history"]
 LossNormalization = Literal["token", "target"]
@@ -514,7 +524,13 @@ class RecommenderConfig(StrictModel):
         description="Phase B training only: dropout on the attention weights.",
     )
     history_len: int = Field(20, gt=0, description="N: most recent history items in a prompt.")
-    beam_size: int = Field(20, gt=0, description="Constrained beam width for validation/eval.")
+    beam_size: int = Field(
+        20,
+        ge=VALIDATION_CUTOFF,
+        description="Constrained beam width for validation/eval; at least 10, the cutoff of "
+        "the validation NDCG@10 that early stopping reads (metrics at cutoffs past the beam, "
+        "such as @20 with a beam of 10, only count the beam's items).",
+    )
     val_max_users: int | None = Field(
         1000, gt=0, description="Validate on at most this many users (seeded sample)."
     )
@@ -603,7 +619,7 @@ class EvaluationConfig(StrictModel):
         description="store = this pipeline; tiger = RQ-KMeans IDs + recommendation task only "
         "(trained on demand); sasrec = SASRec with cross-entropy over all items; popularity.",
     )
-    sasrec_seeds: list[int] = Field(
+    sasrec_seeds: list[Seed] = Field(
         default_factory=lambda: [2020], description="SASRec is trained once per seed."
     )
     sasrec: SASRecConfig = Field(

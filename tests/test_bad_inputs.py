@@ -254,6 +254,12 @@ CASES: dict[str, Case] = {
     "lora-dropout-one": Case(show("recommender.lora.dropout=1.0"), "recommender.lora.dropout"),
     "history-len-zero": Case(show("recommender.history_len=0"), "recommender.history_len"),
     "beam-size-zero": Case(show("recommender.beam_size=0"), "recommender.beam_size"),
+    "beam-below-validation-cutoff": Case(
+        show("recommender.beam_size=5"), "greater than or equal to 10"
+    ),
+    "negative-seed": Case(show("data.seed=-1"), "data.seed"),
+    "seed-past-kmeans-range": Case(show("tokenizer_train.seed=4294967296"), "less than or equal"),
+    "negative-sasrec-seed": Case(show("evaluation.sasrec_seeds=[-3]"), "sasrec_seeds.0"),
     "no-systems": Case(show("evaluation.systems=[]"), "no system to evaluate"),
     "system-twice": Case(show("evaluation.systems=[store, store]"), "listed twice"),
     "sasrec-without-seeds": Case(show("evaluation.sasrec_seeds=[]"), "sasrec_seeds is empty"),
