@@ -85,7 +85,7 @@ def check_text_template(template: str) -> None:
 
 def check_json_object_file(path: str, what: str) -> None:
     """Raise ValueError unless ``path`` is a readable file holding one JSON object."""
-    file = Path(os.path.expanduser(path))
+    file = Path(path)  # as store_core.trainer opens it
     try:
         if not file.is_file():
             raise ValueError(f"{what} {path} does not exist or is not a file")
@@ -674,17 +674,33 @@ class LauncherConfig(StrictModel):
     )
 
     @model_validator(mode="after")
-    def _nodes_need_hostfile(self) -> LauncherConfig:
+    def _launchable(self) -> LauncherConfig:
         if self.num_nodes is not None and self.num_nodes > 1 and self.hostfile is None:
             raise ValueError(
                 f"num_nodes {self.num_nodes} needs a hostfile naming the nodes (launcher.hostfile)"
             )
-        if self.kind == "deepspeed" and self.hostfile is not None:
-            path = Path(os.path.expanduser(self.hostfile))
-            if not path.is_file():
-                raise ValueError(f"hostfile {self.hostfile} does not exist or is not a file")
+        hostfile = self.hostfile if self.kind == "deepspeed" else None
+        if hostfile is not None and not Path(hostfile).is_file():  # as launch opens it
+            raise ValueError(f"hostfile {self.hostfile} does not exist or is not a file")
+        for arg in self.extra_args:
+            option = arg.split("=", 1)[0]
+            if option in _LAUNCHER_OWN_OPTIONS:
+                field = _LAUNCHER_OWN_OPTIONS[option]
+                instead = f" (use launcher.{field})" if field else ""
+                raise ValueError(f"extra_args {arg!r}: STORE passes {option} itself{instead}")
         return self
 
+
+#: deepspeed launcher options that store_core.launch passes itself (the field that sets
+#: each, or "" when none does): repeating one in ``extra_args`` fails the launch.
+_LAUNCHER_OWN_OPTIONS = {
+    "--hostfile": "hostfile",
+    "--num_gpus": "num_gpus",
+    "--num_nodes": "num_nodes",
+    "--master_port": "master_port",
+    "--no_local_rank": "",
+    "--module": "",
+}
 
 #: A relative ``workspace`` is resolved against this directory when it is set (else the
 #: current directory): containers and pods set it to their data volume.

@@ -270,6 +270,9 @@ CASES: dict[str, Case] = {
     "missing-hostfile": Case(
         show("launcher.kind=deepspeed", "launcher.hostfile=/no/such/hostfile"), "does not exist"
     ),
+    "launcher-option-twice": Case(
+        show("launcher.extra_args=[--master_port=1234]"), "use launcher.master_port"
+    ),
     "master-port-out-of-range": Case(show("launcher.master_port=70000"), "launcher.master_port"),
     "missing-deepspeed-json": Case(deepspeed_file(None), "does not exist"),
     "deepspeed-json-not-object": Case(deepspeed_file("[1, 2]"), "JSON object"),

@@ -10,7 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from store_core import launch, tracking
 from store_core.config import load_config
-from store_core.errors import StoreError
+from store_core.errors import ConfigError, StoreError
 from store_core.ingest import run_ingest
 from store_core.stages import recommender_stage, tokenizer_stage
 
@@ -43,7 +43,12 @@ def test_command_and_child_config(tmp_path: Path) -> None:
     assert loaded.model_dump(exclude={"launcher", "tracking"}) == cfg.model_dump(
         exclude={"launcher", "tracking"}
     )
-    missing = load_config("tiny", ["launcher.kind=deepspeed", "launcher.hostfile=/nope/hosts"])
+    # A missing hostfile is refused when the config loads, and again at launch (it may
+    # have gone since).
+    with pytest.raises(ConfigError, match="/nope/hosts does not exist"):
+        load_config("tiny", ["launcher.kind=deepspeed", "launcher.hostfile=/nope/hosts"])
+    gone = cfg.launcher.model_copy(update={"hostfile": "/nope/hosts"})
+    missing = cfg.model_copy(update={"launcher": gone})
     with pytest.raises(StoreError, match="/nope/hosts does not exist"):
         launch.launch_command(missing, "tokenizer", child, 29500)
 
