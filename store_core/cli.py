@@ -98,9 +98,33 @@ VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging
 T = TypeVar("T")
 
 
+class _NoUserErrorTracebacks(logging.Filter):
+    """Drops the traceback from a record that carries a user error (a StoreError, which
+    Prefect's engine logs with its traceback when a flow of `store run` fails): the
+    ``error:`` line says what is wrong. Not installed under ``--verbose``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], StoreError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+#: Loggers whose records bypass the root handler: Prefect's run loggers (its own console
+#: and API handlers).
+_PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
+
+
 def _setup_logging(verbose: bool) -> None:
     handler = RichHandler(console=err, show_path=False, rich_tracebacks=False)
     handler.addFilter(RedactingFilter())  # credentials in URIs never reach the terminal
+    if not verbose:
+        quiet = _NoUserErrorTracebacks()
+        handler.addFilter(quiet)
+        for name in _PREFECT_RUN_LOGGERS:
+            run_logger = logging.getLogger(name)
+            for old in [f for f in run_logger.filters if isinstance(f, _NoUserErrorTracebacks)]:
+                run_logger.removeFilter(old)
+            run_logger.addFilter(quiet)
     logging.basicConfig(
         level=logging.DEBUG if verbose else logging.INFO,
         format="%(message)s",

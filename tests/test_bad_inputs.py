@@ -438,3 +438,27 @@ def test_real_process_prints_one_line(tmp_path: Path) -> None:
         assert "Traceback" not in proc.stderr
         assert len(error_lines(proc.stderr)) == 1, proc.stderr
         assert proc.stdout == ""
+
+
+def test_store_run_prints_no_traceback_for_a_user_error(tmp_path: Path) -> None:
+    """``store run``: Prefect's engine logs a failed flow run's exception with its
+    traceback; for a user error (a StoreError) the terminal shows the log line without
+    it, then the one ``error:`` line."""
+    env = dict(os.environ, COLUMNS="400", OMP_NUM_THREADS="1")
+    env.pop("MLFLOW_TRACKING_URI", None)
+    env.pop("PREFECT_API_URL", None)
+    sets = [f"workspace={tmp_path / 'ws'}", "tracking.enabled=false"]
+    sets.append(f"data.path={tmp_path / 'missing'}")
+    proc = subprocess.run(
+        [sys.executable, "-m", "store_core.cli", "run", "-c", "tiny", "--no-evaluate"]
+        + [x for s in sets for x in ("--set", s)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 1, output
+    assert "Traceback" not in output, output
+    (line,) = error_lines(proc.stderr)
+    assert "missing" in line and "file not found" in line
