@@ -148,7 +148,7 @@ def _guard(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except StoreError as exc:
-        err.print(f"[bold red]error:[/] {escape(redact(str(exc)))}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(redact(_one_line(exc)))}", highlight=False)
         raise typer.Exit(code=1) from None
     except KeyboardInterrupt as exc:
         err.print(f"[bold red]stopped:[/] {exc or 'interrupted'}", highlight=False)
@@ -162,6 +162,12 @@ def _guard(fn: Callable[[], T]) -> T:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         err.print(f"[bold red]error:[/] MLflow tracking: {escape(redact(first))}", highlight=False)
         raise typer.Exit(code=1) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    """The error's text on one line (continuation lines joined with spaces)."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
+    return text or type(exc).__name__
 
 
 def _load(config: str | None, overrides: list[str] | None) -> StoreConfig:

@@ -984,6 +984,17 @@ def _read_config_text(path: Path) -> str:
         ) from None
 
 
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """A one-line account of a YAML error: where, then what (PyYAML's own text spans
+    several lines and quotes the source)."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return f": {' '.join(str(exc).split())}"
+    mark = exc.problem_mark or exc.context_mark
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    what = "; ".join(part for part in (exc.context, exc.problem) if part)
+    return f"{where}: {what}" if what else where
+
+
 def load_config(
     path: str | os.PathLike[str] | None = None, overrides: list[str] | None = None
 ) -> StoreConfig:
@@ -1001,7 +1012,7 @@ def load_config(
     try:
         raw = load_yaml(_read_config_text(config_path), source) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{source}: invalid YAML: {exc}") from exc
+        raise ConfigError(f"{source}: invalid YAML{_yaml_problem(exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {config_path}: top level must be a mapping")
     data_section = raw.get("data")

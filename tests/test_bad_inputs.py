@@ -189,6 +189,14 @@ def lcrec_huge_integer_id(root: Path) -> None:
     (root / "Bad.inter.json").write_text('{"u1": ["1", "2", ' + huge + "]}")
 
 
+def amazon_huge_integer_id(root: Path) -> None:
+    (root / "meta_Bad.json").write_text('{"asin": "P1", "title": "A"}\n')
+    (root / "reviews_Bad.json").write_text(
+        '{"reviewerID": "A1", "asin": "P1", "unixReviewTime": 1400000000}\n'
+        '{"reviewerID": ' + "9" * 5000 + ', "asin": "P1", "unixReviewTime": 1400000001}\n'
+    )
+
+
 def movielens_huge_timestamp(root: Path) -> None:
     (root / "u.data").write_text("1\t10\t5\t881250949\n1\t20\t4\t99999999999999999999\n")
     flags = "|".join(["0"] * 19)
@@ -218,9 +226,6 @@ def data_path_symlink_loop(tmp: Path) -> list[str]:
     os.symlink(tmp / "loop-b", tmp / "loop-a")
     os.symlink(tmp / "loop-a", tmp / "loop-b")
     return tiny("ingest", "--set", f"data.path={tmp}/loop-a")(tmp)
-
-
-READERS = "store_core/readers guards (issue 15 item 4, another engineer's part)"
 
 
 # --------------------------------------------------------------------------- the table
@@ -309,7 +314,7 @@ CASES: dict[str, Case] = {
         config_file("semantic_id:\n  pca_dim: -1\n"), "bad.yaml: 'semantic_id.pca_dim'"
     ),
     "file-not-a-mapping": Case(config_file("- a\n- b\n"), "top level must be a mapping"),
-    "invalid-yaml": Case(config_file("data: [\n"), "invalid YAML"),
+    "invalid-yaml": Case(config_file("data: [\n"), "invalid YAML at line 2, column 1"),
     "config-is-a-directory": Case(config_directory, "cannot read it"),
     "config-not-utf8": Case(config_not_utf8, "not UTF-8"),
     "missing-config": Case(
@@ -353,28 +358,26 @@ CASES: dict[str, Case] = {
     "evaluate-popularity-before-ingest": Case(
         tiny("evaluate", "--set", "evaluation.systems=[popularity]"), "ingest"
     ),
+    # Readers (guarded in store_core/readers): the message names the file.
+    "lcrec-5000-digit-id": Case(
+        on_source("lcrec", lcrec_huge_integer_id, name="Bad"), "Bad.inter.json"
+    ),
+    "amazon-5000-digit-id": Case(on_source("amazon", amazon_huge_integer_id), "reviews_Bad.json"),
+    "movielens-timestamp-beyond-int64": Case(
+        on_source("movielens", movielens_huge_timestamp), "u.data"
+    ),
+    "recbole-float-timestamp-1e30": Case(
+        on_source("recbole", recbole_huge_float_timestamp, name="Bad"), "Bad.inter"
+    ),
+    "tabular-uint64-timestamp": Case(
+        on_source("tabular", tabular_uint64_timestamp), "interactions.parquet"
+    ),
+    "data-path-symlink-loop": Case(data_path_symlink_loop, "loop-a"),
 }
 
-#: Rows whose fix belongs to another part of issue 15 (the readers, `store recommend`),
-#: xfail (not strict) while that fix is not in.
+#: Rows whose fix belongs to another part of issue 15 (`store recommend`), xfail (not
+#: strict) while that fix is not in.
 OTHERS: dict[str, tuple[Case, str]] = {
-    "lcrec-5000-digit-id": (
-        Case(on_source("lcrec", lcrec_huge_integer_id, name="Bad"), "Bad.inter.json"),
-        READERS,
-    ),
-    "movielens-timestamp-beyond-int64": (
-        Case(on_source("movielens", movielens_huge_timestamp), "u.data"),
-        READERS,
-    ),
-    "recbole-float-timestamp-1e30": (
-        Case(on_source("recbole", recbole_huge_float_timestamp, name="Bad"), "Bad.inter"),
-        READERS,
-    ),
-    "tabular-uint64-timestamp": (
-        Case(on_source("tabular", tabular_uint64_timestamp), "interactions.parquet"),
-        READERS,
-    ),
-    "data-path-symlink-loop": (Case(data_path_symlink_loop, "loop-a"), READERS),
     "recommend-before-ingest": (
         Case(tiny("recommend", "--user", "0"), "ingest"),
         "store_core/recommend.py: user_history reads interactions.parquet unguarded",
@@ -413,6 +416,8 @@ def test_bad_input_is_one_error_line(
     lines = error_lines(output)
     assert len(lines) == 1, output
     assert case.expect in lines[0], lines[0]
+    # One line: nothing after it (a multi-line message would continue below it).
+    assert output.rstrip("\n").splitlines()[-1] == lines[0], output
 
 
 def test_real_process_prints_one_line(tmp_path: Path) -> None:
