@@ -173,6 +173,12 @@ def _cron_field_problem(field: str, low: int, high: int) -> str | None:
     return None
 
 
+def _local_problem(path: str) -> str | None:
+    from store_core.workspace import local_directory_problem
+
+    return local_directory_problem(path)
+
+
 class StrictModel(BaseModel):
     """Frozen model that rejects unknown keys and non-finite floats (``.inf``, ``.nan``)."""
 
@@ -298,9 +304,7 @@ class TrackingConfig(StrictModel):
         if self.enabled and self.artifact_location is not None:
             location = self.artifact_location.removeprefix("file://")
             if "://" not in location:
-                from store_core.workspace import local_directory_problem
-
-                problem = local_directory_problem(os.path.expanduser(location))
+                problem = _local_problem(os.path.expanduser(location))
                 if problem is not None:
                     raise ValueError(f"artifact_location must be a directory: {problem}")
         return self
@@ -744,8 +748,8 @@ class StoreConfig(StrictModel):
 
     workspace: str = Field(
         "./workspace",
-        description="Directory where data/, models/, store.duckdb and the MLflow store live. "
-        "A relative path is resolved against $STORE_WORKSPACE_ROOT when set, else the "
+        description="Local directory where data/, models/, store.duckdb and the MLflow store "
+        "live. A relative path is resolved against $STORE_WORKSPACE_ROOT when set, else the "
         "current directory.",
     )
     data: DataConfig = Field(default_factory=DataConfig, description="Ingestion.")
@@ -778,7 +782,16 @@ class StoreConfig(StrictModel):
     @field_validator("workspace")
     @classmethod
     def _expand_workspace(cls, value: str) -> str:
-        if "://" in value:
+        if "://" in value and not value.startswith("file://"):
+            raise ValueError(
+                f"{value!r} is not on the local filesystem; the workspace must be a local "
+                "directory (a mounted volume): it holds store.duckdb, which DuckDB opens only "
+                "locally, and the writer lock (data.path may be a remote URI)"
+            )
+        if "://" in value:  # file://
+            problem = _local_problem(value.removeprefix("file://"))
+            if problem is not None:
+                raise ValueError(f"the workspace must be a directory: {problem}")
             return value
         path = Path(os.path.expanduser(value))
         root = os.environ.get(WORKSPACE_ROOT_ENV)
@@ -788,9 +801,7 @@ class StoreConfig(StrictModel):
             resolved = str(path.resolve())
         except (OSError, RuntimeError) as exc:  # e.g. a symlink loop
             raise ValueError(f"cannot resolve {value!r}: {exc}") from None
-        from store_core.workspace import local_directory_problem
-
-        problem = local_directory_problem(resolved)
+        problem = _local_problem(resolved)
         if problem is not None:
             raise ValueError(f"the workspace must be a directory: {problem}")
         return resolved

@@ -324,6 +324,9 @@ CASES: dict[str, Case] = {
     "workspace-is-a-file": Case(workspace_is_a_file, "not a directory"),
     "workspace-parent-is-a-file": Case(workspace_parent_is_a_file, "not a directory"),
     "workspace-symlink-loop": Case(workspace_symlink_loop, "cannot resolve"),
+    "workspace-on-s3": Case(
+        lambda tmp: [*show()(tmp), "--set", "workspace=s3://bucket/ws"], "not on the local"
+    ),
     "database-random-bytes-query": Case(
         database(random_bytes, "query", "SELECT 1"), "damaged or not a DuckDB"
     ),
