@@ -83,6 +83,24 @@ def check_text_template(template: str) -> None:
         raise ValueError(f"not a usable format template {template!r}: {exc}") from None
 
 
+def check_fsspec_protocols(uri: str) -> None:
+    """Raise ValueError unless fsspec knows every protocol of ``uri`` (``s3://``,
+    ``simplecache::s3://``...) and the package implementing it is installed. The message
+    names the protocol, not the URI (which may hold credentials)."""
+    import fsspec
+
+    if "://" not in uri:
+        return
+    for part in uri.split("::"):
+        protocol = part.split("://", 1)[0] if "://" in part else part
+        try:
+            fsspec.get_filesystem_class(protocol)
+        except ValueError:
+            raise ValueError(f"fsspec knows no protocol {protocol!r}") from None
+        except ImportError as exc:
+            raise ValueError(f"protocol {protocol!r} needs a package: {exc}") from None
+
+
 def check_json_object_file(path: str, what: str) -> None:
     """Raise ValueError unless ``path`` is a readable file holding one JSON object."""
     file = Path(path)  # as store_core.trainer opens it
@@ -266,6 +284,13 @@ class DataConfig(StrictModel):
         "to measure cold-start recommendation.",
     )
     seed: Seed = Field(0, description="Seed for the cold-start item sample.")
+
+    @field_validator("path")
+    @classmethod
+    def _readable_protocol(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_fsspec_protocols(value)
+        return value
 
     @field_validator("text_template")
     @classmethod

@@ -324,6 +324,8 @@ CASES: dict[str, Case] = {
     "workspace-is-a-file": Case(workspace_is_a_file, "not a directory"),
     "workspace-parent-is-a-file": Case(workspace_parent_is_a_file, "not a directory"),
     "workspace-symlink-loop": Case(workspace_symlink_loop, "cannot resolve"),
+    "data-path-unknown-protocol": Case(show("data.path=nosuch://x"), "no protocol 'nosuch'"),
+    "data-path-backend-missing": Case(show("data.path=oci://KEY:SECRET@b/x"), "needs a package"),
     "workspace-on-s3": Case(
         lambda tmp: [*show()(tmp), "--set", "workspace=s3://bucket/ws"], "not on the local"
     ),
