@@ -768,6 +768,19 @@ class ServiceConfig(StrictModel):
         return value
 
 
+#: The linear layers of the Llama built from ``model`` (store_core.model) that LoRA can
+#: adapt; the embedding and output matrices train their semantic-ID rows instead.
+BUILT_MODEL_LORA_TARGETS = (
+    "q_proj",
+    "k_proj",
+    "v_proj",
+    "o_proj",
+    "gate_proj",
+    "up_proj",
+    "down_proj",
+)
+
+
 class StoreConfig(StrictModel):
     """The whole pipeline's configuration (one YAML file)."""
 
@@ -803,6 +816,20 @@ class StoreConfig(StrictModel):
     launcher: LauncherConfig = Field(
         default_factory=LauncherConfig, description="How the training phases are launched."
     )
+
+    @model_validator(mode="after")
+    def _lora_targets_exist(self) -> StoreConfig:
+        targets = self.recommender.lora.target_modules
+        if self.recommender.finetune != "lora" or self.model.name_or_path or targets is None:
+            return self
+        unknown = [t for t in targets if t not in BUILT_MODEL_LORA_TARGETS]
+        if unknown:
+            raise ValueError(
+                f"recommender.lora.target_modules {unknown}: the model built here "
+                "(model.name_or_path null) has no such linear layer; choose from "
+                + ", ".join(BUILT_MODEL_LORA_TARGETS)
+            )
+        return self
 
     @field_validator("workspace")
     @classmethod
@@ -1081,7 +1108,7 @@ def validate_config(
             else:
                 message = str(err["msg"]).removeprefix("Value error, ")
                 line = f"'{key}': {message}" if key else message
-            override = _override_for(loc, overrides or [])
+            override = _override_for(loc, overrides or [], line)
             if override is None:
                 from_file.append(line)
             elif override == key and err["type"] != "extra_forbidden":
@@ -1095,15 +1122,17 @@ def validate_config(
         ) from None
 
 
-def _override_for(loc: list[str], overrides: list[str]) -> str | None:
+def _override_for(loc: list[str], overrides: list[str], line: str) -> str | None:
     """The keys of the overrides that set the value at ``loc``, a value inside it, or a
     value of the section ``loc`` names (a rule across its fields), joined by ``, --set``;
+    for a rule across sections (``loc`` empty) the overrides whose key ``line`` names.
     None when the value came from the file. Values are left out: one may be a credential."""
     keys: list[str] = []
     for item in overrides:
         parts = [p for p in item.split("=", 1)[0].strip().split(".") if p]
         n = min(len(parts), len(loc))
         key = ".".join(parts)
-        if parts and parts[:n] == loc[:n] and key not in keys:
+        related = parts[:n] == loc[:n] if loc else key in line
+        if parts and related and key not in keys:
             keys.append(key)
     return ", --set ".join(keys) if keys else None

@@ -256,6 +256,14 @@ CASES: dict[str, Case] = {
         show("recommender.mixture=[{task: ranking}]"), "recommender.mixture.0.task"
     ),
     "lora-no-target-modules": Case(show("recommender.lora.target_modules=[]"), "target_modules"),
+    "lora-unknown-target": Case(
+        show("recommender.finetune=lora", "recommender.lora.target_modules=[nope]"),
+        "--set recommender.lora.target_modules: recommender.lora.target_modules ['nope']",
+    ),
+    "lora-embedding-target": Case(
+        show("recommender.finetune=lora", "recommender.lora.target_modules=[embed_tokens]"),
+        "no such linear layer",
+    ),
     "lora-dropout-one": Case(show("recommender.lora.dropout=1.0"), "recommender.lora.dropout"),
     "history-len-zero": Case(show("recommender.history_len=0"), "recommender.history_len"),
     "beam-size-zero": Case(show("recommender.beam_size=0"), "recommender.beam_size"),
