@@ -468,6 +468,12 @@ class TrainConfig(StrictModel):
         default_factory=DeepSpeedSettings, description="DeepSpeed ZeRO settings."
     )
 
+    @field_validator("bf16", mode="before")
+    @classmethod
+    def _yaml_on_off(cls, value: Any) -> Any:
+        # YAML 1.1 reads a bare on/off as true/false: `bf16: on` means "on".
+        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+
 
 #: The cutoff of the validation metric (NDCG@10) that picks the best epoch.
 VALIDATION_CUTOFF = 10

@@ -480,3 +480,15 @@ def test_store_run_prints_no_traceback_for_a_user_error(tmp_path: Path) -> None:
     assert "Traceback" not in output, output
     (line,) = error_lines(proc.stderr)
     assert "missing" in line and "file not found" in line
+
+
+def test_yaml_on_off_reads_as_the_bf16_setting(tmp_path: Path) -> None:
+    """YAML 1.1 reads a bare ``on``/``off`` as a boolean; ``bf16: on`` (file or --set)
+    means "on", where it used to be refused as "should be 'auto', 'on' or 'off'"."""
+    from store_core.config import load_config
+
+    path = tmp_path / "bf16.yaml"
+    path.write_text("tokenizer_train:\n  bf16: on\nrecommender_train:\n  bf16: off\n")
+    cfg = load_config(path, ["recommender_train.bf16=on"])
+    assert (cfg.tokenizer_train.bf16, cfg.recommender_train.bf16) == ("on", "on")
+    assert load_config(path).recommender_train.bf16 == "off"
