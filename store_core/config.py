@@ -198,9 +198,13 @@ def _local_problem(path: str) -> str | None:
 
 
 class StrictModel(BaseModel):
-    """Frozen model that rejects unknown keys and non-finite floats (``.inf``, ``.nan``)."""
+    """Frozen model that rejects unknown keys and non-finite floats (``.inf``, ``.nan``).
+    A number given for a text field is read as text (YAML reads ``name: 2023`` as an
+    int)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, allow_inf_nan=False, coerce_numbers_to_str=True
+    )
 
 
 class ColumnMapping(StrictModel):

@@ -492,3 +492,12 @@ def test_yaml_on_off_reads_as_the_bf16_setting(tmp_path: Path) -> None:
     cfg = load_config(path, ["recommender_train.bf16=on"])
     assert (cfg.tokenizer_train.bf16, cfg.recommender_train.bf16) == ("on", "on")
     assert load_config(path).recommender_train.bf16 == "off"
+
+
+def test_a_number_for_a_text_field_is_text() -> None:
+    """YAML reads ``2023`` as an int; a text field takes it as "2023" (it was refused as
+    "Input should be a valid string")."""
+    from store_core.config import load_config
+
+    cfg = load_config("tiny", ["data.name=2023", "tracking.experiment=2024"])
+    assert (cfg.data.name, cfg.tracking.experiment) == ("2023", "2024")
