@@ -142,9 +142,9 @@ def _entry() -> None:
 
 
 def _guard(fn: Callable[[], T]) -> T:
-    """Run ``fn``; print user errors (StoreError, and errors of the MLflow tracking
-    backend) as one line and exit 1; after SIGTERM or Ctrl-C (once ``fn`` has cleaned
-    up) exit 143 or 130."""
+    """Run ``fn``; print user errors (StoreError, OSError from the machine's files, disk
+    or network, and errors of the MLflow tracking backend) as one line and exit 1; after
+    SIGTERM or Ctrl-C (once ``fn`` has cleaned up) exit 143 or 130."""
     try:
         return fn()
     except StoreError as exc:
@@ -153,6 +153,13 @@ def _guard(fn: Callable[[], T]) -> T:
     except KeyboardInterrupt as exc:
         err.print(f"[bold red]stopped:[/] {exc or 'interrupted'}", highlight=False)
         raise typer.Exit(code=signals.exit_status(exc)) from None
+    except OSError as exc:
+        # The machine's files, disk or network (missing, not permitted, full, read-only,
+        # unreachable), not a bug here: one line naming the path; --verbose logs the
+        # traceback.
+        logging.getLogger(__name__).debug("OS error", exc_info=True)
+        err.print(f"[bold red]error:[/] {escape(redact(_os_error(exc)))}", highlight=False)
+        raise typer.Exit(code=1) from None
     except Exception as exc:
         if not type(exc).__module__.startswith("mlflow"):
             raise
@@ -168,6 +175,14 @@ def _one_line(exc: BaseException) -> str:
     """The error's text on one line (continuation lines joined with spaces)."""
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     return text or type(exc).__name__
+
+
+def _os_error(exc: OSError) -> str:
+    """``<what went wrong>: <path>`` on one line."""
+    if exc.strerror:
+        paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
+        return f"{exc.strerror}: {' -> '.join(paths)}" if paths else exc.strerror
+    return f"{type(exc).__name__}: {_one_line(exc)}"
 
 
 def _load(config: str | None, overrides: list[str] | None) -> StoreConfig:
