@@ -2,7 +2,14 @@
 
 Precedence: code defaults < YAML file < ``--set a.b=c`` overrides (CLI or deployment
 parameters). Every model is frozen and rejects unknown keys; load errors name the file
-and the offending key.
+and the offending key, or the ``--set`` that gave the value.
+
+Everything a config can say is checked when it loads, so an impossible value or
+combination fails in one line before any stage starts, not inside training or
+evaluation: ranges, rules across the fields of a section (heads vs hidden size, codebook
+size vs the packed-ID bits, launcher options) and across sections (LoRA targets vs the
+built model), and the things a config points at that must already exist (DeepSpeed JSON,
+hostfile, fsspec protocols, a local workspace directory).
 """
 
 from __future__ import annotations
@@ -353,7 +360,12 @@ class ModelConfig(StrictModel):
     )
     hidden_size: int = Field(128, gt=0, description="Hidden size of the built model.")
     num_layers: int = Field(4, gt=0, description="Transformer layers of the built model.")
-    num_heads: int = Field(4, gt=0, description="Attention heads of the built model.")
+    num_heads: int = Field(
+        4,
+        gt=0,
+        description="Attention heads of the built model; must split hidden_size into heads "
+        "of an even width (rotary position embeddings).",
+    )
     intermediate_size: int = Field(384, gt=0, description="MLP width of the built model.")
     max_text_tokens: int = Field(
         96, gt=4, description="Item text is truncated to this many tokens for the LLM."
@@ -371,7 +383,10 @@ class SemanticIdConfig(StrictModel):
 
     num_levels: int = Field(3, ge=1, le=8, description="L: dense tokens / codes per item.")
     codebook_size: int = Field(
-        256, ge=2, description="K: codes per level (capped for small catalogues)."
+        256,
+        ge=2,
+        description="K: codes per level (capped for small catalogues); at most "
+        "2^min(16, 63 // (num_levels + 1)), the bits each code gets in the packed ID column.",
     )
     quantizer: Literal["store", "rqkmeans"] = Field(
         "store",
@@ -475,8 +490,9 @@ class TrainConfig(StrictModel):
     @field_validator("bf16", mode="before")
     @classmethod
     def _yaml_on_off(cls, value: Any) -> Any:
-        # YAML 1.1 reads a bare on/off as true/false: `bf16: on` means "on".
-        return {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+        if isinstance(value, bool):  # YAML 1.1 reads a bare on/off as true/false
+            return "on" if value else "off"
+        return value
 
 
 #: The cutoff of the validation metric (NDCG@10) that picks the best epoch.
