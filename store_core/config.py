@@ -213,6 +213,16 @@ class StrictModel(BaseModel):
         extra="forbid", frozen=True, allow_inf_nan=False, coerce_numbers_to_str=True
     )
 
+    @field_validator("*", mode="after")
+    @classmethod
+    def _int64(cls, value: Any) -> Any:
+        """Integers (alone or in a list) must fit in 64 bits: every one ends up in a C
+        library (tokenizers, torch, numpy, scikit-learn) that overflows past that."""
+        for number in value if isinstance(value, list) else [value]:
+            if isinstance(number, int) and not -(2**63) <= number < 2**63:
+                raise ValueError(f"{number} does not fit in a 64-bit integer")
+        return value
+
 
 class ColumnMapping(StrictModel):
     """Column names of a generic Parquet/CSV source (format ``tabular``)."""
@@ -346,6 +356,10 @@ class TrackingConfig(StrictModel):
         return self
 
 
+#: The most tokens of one item's text: the built model sizes its position table from it.
+MAX_TEXT_TOKENS = 1 << 16
+
+
 class ModelConfig(StrictModel):
     """The backbone causal LM: a local/hub pretrained model, or a small one built here."""
 
@@ -368,7 +382,11 @@ class ModelConfig(StrictModel):
     )
     intermediate_size: int = Field(384, gt=0, description="MLP width of the built model.")
     max_text_tokens: int = Field(
-        96, gt=4, description="Item text is truncated to this many tokens for the LLM."
+        96,
+        gt=4,
+        le=MAX_TEXT_TOKENS,
+        description="Item text is truncated to this many tokens for the LLM (at most 65536; "
+        "the text itself is cut at data.max_text_chars first).",
     )
 
     @model_validator(mode="after")

@@ -290,6 +290,10 @@ CASES: dict[str, Case] = {
     "missing-deepspeed-json": Case(deepspeed_file(None), "does not exist"),
     "deepspeed-json-not-object": Case(deepspeed_file("[1, 2]"), "JSON object"),
     "deepspeed-json-invalid": Case(deepspeed_file("{nope"), "not valid JSON"),
+    "int-beyond-int64": Case(
+        show("tokenizer_train.batch_size=100000000000000000000"), "does not fit in a 64-bit"
+    ),
+    "text-tokens-too-many": Case(show("model.max_text_tokens=100000"), "less than or equal"),
     "infinite-lr": Case(show("tokenizer_train.lr=.inf"), "finite number"),
     "nan-epochs": Case(show("recommender_train.epochs=.nan"), "finite number"),
     "infinite-min-rating": Case(show("data.min_rating=.inf"), "finite number"),
