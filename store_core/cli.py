@@ -143,8 +143,8 @@ def _entry() -> None:
 
 def _guard(fn: Callable[[], T]) -> T:
     """Run ``fn``; print user errors (StoreError, OSError from the machine's files, disk
-    or network, and errors of the MLflow tracking backend) as one line and exit 1; after
-    SIGTERM or Ctrl-C (once ``fn`` has cleaned up) exit 143 or 130."""
+    or network, running out of memory, errors of the MLflow tracking backend) as one line
+    and exit 1; after SIGTERM or Ctrl-C (once ``fn`` has cleaned up) exit 143 or 130."""
     try:
         return fn()
     except StoreError as exc:
@@ -161,6 +161,11 @@ def _guard(fn: Callable[[], T]) -> T:
         err.print(f"[bold red]error:[/] {escape(redact(_os_error(exc)))}", highlight=False)
         raise typer.Exit(code=1) from None
     except Exception as exc:
+        if _out_of_memory(exc):
+            logging.getLogger(__name__).debug("out of memory", exc_info=True)
+            message = f"out of memory: {_one_line(exc)} (lower the batch size or model size)"
+            err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+            raise typer.Exit(code=1) from None
         if not type(exc).__module__.startswith("mlflow"):
             raise
         # The tracking backend (unreachable server, refused URI, broken store) is the
@@ -175,6 +180,14 @@ def _one_line(exc: BaseException) -> str:
     """The error's text on one line (continuation lines joined with spaces)."""
     text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     return text or type(exc).__name__
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    """A failed allocation: torch's OutOfMemoryError (GPU), its CPU allocator's
+    RuntimeError, or MemoryError. What fits is the machine's, not a bug here."""
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
+        return True
+    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 
 def _os_error(exc: OSError) -> str:

@@ -498,3 +498,43 @@ def test_a_number_for_a_text_field_is_text() -> None:
 
     cfg = load_config("tiny", ["data.name=2023", "tracking.experiment=2024"])
     assert (cfg.data.name, cfg.tracking.experiment) == ("2023", "2024")
+
+
+@pytest.mark.parametrize(
+    ("error", "expect"),
+    [
+        (MemoryError(), "out of memory"),
+        (RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried 4 TB"), "4 TB"),
+        (PermissionError(13, "Permission denied", "/srv/ws"), "Permission denied: /srv/ws"),
+        (OSError(28, "No space left on device", "/srv/ws/data"), "No space left on device"),
+    ],
+)
+def test_machine_errors_are_one_line(
+    error: BaseException, expect: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """What the machine refuses (memory, permissions, a full disk) is one error line from
+    any verb, not a traceback (the real allocation is not attempted here: with memory
+    overcommit a huge one can succeed and the kernel kill the test later)."""
+    import typer
+
+    from store_core.cli import _guard
+
+    def fail() -> None:
+        raise error
+
+    with pytest.raises(typer.Exit) as info:
+        _guard(fail)
+    assert info.value.exit_code == 1
+    (line,) = error_lines(capsys.readouterr().err)
+    assert expect in line
+
+
+def test_bugs_still_raise() -> None:
+    """Anything else is a bug and keeps its traceback."""
+    from store_core.cli import _guard
+
+    def fail() -> None:
+        raise ValueError("a bug")
+
+    with pytest.raises(ValueError, match="a bug"):
+        _guard(fail)
