@@ -159,8 +159,8 @@ def _child(spec_path: str) -> None:
         wide = 1 << bits
         load = catalogue.load_bundle
 
-        def load_widened(directory: str) -> RecommenderBundle:
-            bundle = load(directory)
+        def load_widened(directory: str, device: Any = None) -> RecommenderBundle:
+            bundle = load(directory, device)
             last = list(bundle.level_ids[-1])
             # Only len() of the last level matters to tokenize_catalogue (the capacity of
             # a prefix); generation never emits disambiguation tokens.
