@@ -3,7 +3,8 @@
 Config values are URIs the user may have written credentials into: a ``tracking.uri`` of
 ``https://user:token@mlflow.example``, a ``data.path`` of ``s3://KEY:SECRET@bucket/x``, a
 database DSN ``postgresql://user:pw@host/db`` or a signed URL ``...?X-Amz-Signature=...``.
-:func:`redact` replaces the user-info part of every URI (``scheme://***@host/...``) and
+:func:`redact` replaces the user-info part of every URI (``scheme://***@host/...``, also
+with the scheme stripped, ``/***@bucket/x``, as fsspec logs paths) and
 the value of every secret-looking key=value pair (``password=***``, ``token=***``,
 ``sig=***``) in a text; :func:`redact_value` does it through nested dicts and lists.
 MLflow params, tags and text artifacts go through it (:mod:`store_core.tracking`), and
@@ -33,6 +34,14 @@ _USERINFO = re.compile(
     rf"(?:[^{_END}/?#@]*:[^{_END}?#]*|[^{_END}/?#]+)@"
 )
 
+# user:password@ with the scheme already stripped, as fsspec logs paths (the password
+# may hold '/' and '@', as in the URI form; 'scheme://' itself is not user info)
+# ("info: /KEY:SECRET@bucket/x"): after a '/', whitespace, a quote or the start.
+_BARE_USERINFO = re.compile(
+    rf"(?<=[/\s\"'=(\[])[^{_END}/?#@:]+:(?!/)[^{_END}?#]*@"
+    rf"|^[^{_END}/?#@:]+:(?!/)[^{_END}?#]*@"
+)
+
 # key=value pairs whose key names a secret: in query strings (?a=1&token=x), DSNs
 # ("host=h password=x") and command lines (--db-password=x).
 _SECRET_NAME = (
@@ -53,6 +62,7 @@ def redact(text: str) -> str:
     ``https://h/p?a=1&token=abc`` -> ``https://h/p?a=1&token=***``. Raises nothing.
     """
     text = _USERINFO.sub(lambda m: f"{m['scheme']}{MASK}@", text)
+    text = _BARE_USERINFO.sub(f"{MASK}@", text)
     return _SECRET_PAIR.sub(lambda m: f"{m['name']}{m['eq']}{MASK}", text)
 
 

@@ -243,3 +243,17 @@ def test_cli_never_prints_credentials_of_a_failing_source(tmp_path: Path) -> Non
     output = result.output + (result.stderr if result.stderr_bytes is not None else "")
     assert "error:" in output
     assert "topsecretvalue" not in output and "AKIAKEY" not in output
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("info: /KEY:SECRET@bucket/tiny", "info: /***@bucket/tiny"),  # fsspec's DEBUG line
+        ("KEY:SECRET@bucket/x", "***@bucket/x"),
+        ("open '/u:p@host/db'", "open '/***@host/db'"),
+        ("time 12:30 at x@y", "time 12:30 at x@y"),
+        ("mail john@example.com", "mail john@example.com"),
+    ],
+)
+def test_redact_userinfo_with_the_scheme_stripped(text: str, expected: str) -> None:
+    assert redact(text) == expected
