@@ -8,6 +8,7 @@ builder, the checkpoint metadata and the item -> semantic ID table it was traine
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,8 @@ from store_core.errors import StoreError
 from store_core.item_tokenizer import METADATA_FILE, load_semantic_ids
 from store_core.model import default_device, load_checkpoint
 from store_core.prompts import PROMPT_FORMAT, PromptBuilder, lookup_sid_tokens
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,6 +48,27 @@ class RecommenderBundle:
     @property
     def pack_bits(self) -> int:
         return int(self.metadata["pack_bits"])
+
+    def history_len(self, configured: int) -> int:
+        """N the model was trained with (``metadata.json``), which every consumer uses.
+
+        ``configured`` is the config's ``recommender.history_len``; when it differs from
+        the trained value a warning says it is overridden by the checkpoint (prompts of
+        another length are not what the model learned). Checkpoints without the field
+        (none written since Phase B records it) fall back to ``configured``.
+        """
+        trained = self.metadata.get("history_len")
+        if trained is None:
+            return configured
+        if int(trained) != configured:
+            logger.warning(
+                "recommender.history_len=%d in the config differs from the %d this "
+                "checkpoint was trained with: prompts use the checkpoint's %d",
+                configured,
+                int(trained),
+                int(trained),
+            )
+        return int(trained)
 
     def codes(self) -> np.ndarray:
         """[N, L+1] training-time IDs in the order of :attr:`semantic_ids`."""

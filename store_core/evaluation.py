@@ -97,11 +97,13 @@ def decode_split(
     progress: bool = True,
 ) -> DecodedSplit:
     """Constrained beam search for every user of ``split`` (a seeded sample of
-    ``max_users`` when set), prompted with their last ``history_len`` items."""
+    ``max_users`` when set), prompted with their last ``history_len`` items: the N the
+    checkpoint was trained with (:meth:`RecommenderBundle.history_len`)."""
     codes = bundle.codes()
     item_ids: list[str] = bundle.semantic_ids.column("item_id").to_pylist()
     data = load_task_data(cfg.data_dir, dict(zip(item_ids, codes.tolist(), strict=True)))
-    users, prompts, targets = eval_prompts(data, bundle.builder, cfg.recommender.history_len, split)
+    history_len = bundle.history_len(cfg.recommender.history_len)
+    users, prompts, targets = eval_prompts(data, bundle.builder, history_len, split)
     if max_users is not None and len(users) > max_users:
         keep = sorted(
             np.random.default_rng(0).choice(len(users), size=max_users, replace=False).tolist()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from store_core import storage
 from store_core.bundle import load_bundle
@@ -99,3 +100,24 @@ def test_store_label_follows_the_checkpoint_it_evaluates() -> None:
     text = markdown_report(results, "t")
     assert "| STORE (recommendation only, STORE quantizer) | 1 |" in text
     assert "multi-task" not in text and "| Popularity | 1 |" in text
+
+
+def test_evaluation_prompts_use_the_trained_history_len(
+    tiny_pipeline: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """`store evaluate --set recommender.history_len=1` must not prompt a model trained on
+    N-item histories with 1 item: the checkpoint's N is used and the override is named."""
+    from store_core.evaluation import decode_split
+
+    cfg = load_config("tiny", [f"workspace={tiny_pipeline}", "tracking.enabled=false"])
+    bundle = load_bundle(recommender_dir(cfg))
+    trained = int(bundle.metadata["history_len"])
+    assert trained != 1
+    overrides = [f"workspace={tiny_pipeline}", "tracking.enabled=false"]
+    other = load_config("tiny", [*overrides, "recommender.history_len=1"])
+    with caplog.at_level("WARNING", logger="store_core.bundle"):
+        overridden = decode_split(bundle, other, "test", progress=False)
+    assert f"differs from the {trained} this checkpoint was trained with" in caplog.text
+    same = decode_split(bundle, cfg, "test", progress=False)
+    np.testing.assert_array_equal(overridden.result.items, same.result.items)
+    np.testing.assert_allclose(overridden.result.scores, same.result.scores)
