@@ -59,7 +59,7 @@ import torch
 
 from store_core.distributed import barrier, rank
 from store_core.errors import StoreError
-from store_core.workspace import atomic_write_bytes, atomic_write_text
+from store_core.workspace import atomic_write_bytes, atomic_write_text, fsync_path
 
 logger = logging.getLogger(__name__)
 
@@ -276,14 +276,6 @@ def _prune(root: Path) -> None:
 # --------------------------------------------------------------------------------------
 # save
 # --------------------------------------------------------------------------------------
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _rng_file(rank_: int) -> str:
     return f"rng-rank{rank_}.safetensors"
 
@@ -301,16 +293,16 @@ def _publish(partial: Path, final: Path) -> None:
         str(p.relative_to(partial)): p.stat().st_size for p in partial.rglob("*") if p.is_file()
     }
     for name in files:
-        _fsync(partial / name)
+        fsync_path(partial / name)
     manifest = {"format": FORMAT, "step": step_of(final.name), "files": files}
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
-    _fsync(partial / MANIFEST)
-    _fsync(partial)
+    fsync_path(partial / MANIFEST)
+    fsync_path(partial)
     aside = final.with_name(f"{ASIDE_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}")
     if final.exists():  # an incomplete or superseded directory of the same step
         final.rename(aside)
     partial.rename(final)
-    _fsync(final.parent)
+    fsync_path(final.parent)
     shutil.rmtree(aside, ignore_errors=True)
 
 

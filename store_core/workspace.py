@@ -126,7 +126,7 @@ def recover_directory(target: str) -> list[str]:
     if olds and not fs.exists(target_path):
         fs.mv(olds[0], target_path, recursive=True)
         if isinstance(fs, LocalFileSystem):
-            _fsync_dir(parent)
+            fsync_path(parent)
         done.append(f"restored {target_path} from {olds[0]} (an interrupted publish)")
         olds = olds[1:]
     for leftover in [*olds, *fs.glob(f"{parent}/.{name}{STAGING_INFIX}*")]:
@@ -169,13 +169,13 @@ def _swap_local(staging: str, target: str) -> None:
             os.rename(old, target)
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _fsync_dir(os.path.dirname(target) or ".")
+    fsync_path(os.path.dirname(target) or ".")
     if moved:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _fsync_dir(path: str) -> None:
-    """fsync a directory, so renames and new entries in it survive a crash."""
+def fsync_path(path: str | os.PathLike[str]) -> None:
+    """fsync a file, or a directory so renames and new entries in it survive a crash."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -192,7 +192,7 @@ def _fsync_tree(root: str) -> None:
                 os.fsync(fd)
             finally:
                 os.close(fd)
-        _fsync_dir(directory)
+        fsync_path(directory)
 
 
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
@@ -214,7 +214,7 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
-    _fsync_dir(str(target.parent))
+    fsync_path(str(target.parent))
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
