@@ -14,6 +14,8 @@ functions, the two training phases here (rank 0, for the whole phase).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -75,21 +77,12 @@ def tokenizer_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> Stage
     if rank() != 0:
         with signals.handle_sigterm():
             return StageOutcome(None, train_semantic_tokenizer(cfg))
-    with (
-        signals.handle_sigterm(),
-        workspace_writer(cfg.workspace, "train-tokenizer"),
-        tracking.stage_run(cfg, "train_tokenizer", parent_run_id) as run,
-    ):
-        recover_outputs(cfg)
-        run.log_params(
-            tracking.flatten(
-                {
-                    "model": cfg.model.model_dump(mode="json"),
-                    "semantic_id": cfg.semantic_id.model_dump(mode="json"),
-                    "train": cfg.tokenizer_train.model_dump(mode="json"),
-                }
-            )
-        )
+    params = {
+        "model": cfg.model.model_dump(mode="json"),
+        "semantic_id": cfg.semantic_id.model_dump(mode="json"),
+        "train": cfg.tokenizer_train.model_dump(mode="json"),
+    }
+    with _training_run(cfg, "train_tokenizer", parent_run_id, params) as run:
         if launch.launched(cfg):
             outcome = _launched(cfg, "tokenizer", f"{checkpoint_dir(cfg)}/{STATS_FILE}")
         else:
@@ -106,6 +99,23 @@ def tokenizer_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> Stage
             run.log_artifact(f"{directory}/{name}")
         run.log_artifacts(directory, "checkpoint")
         return StageOutcome(run.run_id, outcome)
+
+
+@contextmanager
+def _training_run(
+    cfg: StoreConfig, stage: str, parent_run_id: str | None, params: dict[str, Any]
+) -> Iterator[tracking.Run]:
+    """Rank 0's frame around a training phase: SIGTERM unwinds like Ctrl-C, the
+    workspace's writer lock is held, the stage run is open, a killed run's leftovers are
+    repaired, and ``params`` are logged (flattened)."""
+    with (
+        signals.handle_sigterm(),
+        workspace_writer(cfg.workspace, stage.replace("_", "-")),
+        tracking.stage_run(cfg, stage, parent_run_id) as run,
+    ):
+        recover_outputs(cfg)
+        run.log_params(tracking.flatten(params))
+        yield run
 
 
 def _launched(cfg: StoreConfig, phase: str, marker: str) -> Any:
@@ -144,21 +154,12 @@ def recommender_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> Sta
     if rank() != 0:
         with signals.handle_sigterm():
             return StageOutcome(None, train_recommender(cfg))
-    with (
-        signals.handle_sigterm(),
-        workspace_writer(cfg.workspace, "train-recommender"),
-        tracking.stage_run(cfg, "train_recommender", parent_run_id) as run,
-    ):
-        recover_outputs(cfg)
-        run.log_params(
-            tracking.flatten(
-                {
-                    "recommender": cfg.recommender.model_dump(mode="json"),
-                    "train": cfg.recommender_train.model_dump(mode="json"),
-                    "quantizer": cfg.semantic_id.quantizer,
-                }
-            )
-        )
+    params = {
+        "recommender": cfg.recommender.model_dump(mode="json"),
+        "train": cfg.recommender_train.model_dump(mode="json"),
+        "quantizer": cfg.semantic_id.quantizer,
+    }
+    with _training_run(cfg, "train_recommender", parent_run_id, params) as run:
         if launch.launched(cfg):
             outcome = _launched(cfg, "recommender", f"{recommender_dir(cfg)}/{METRICS_FILE}")
         else:
