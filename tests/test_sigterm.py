@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from mlflow.tracking import MlflowClient
@@ -62,15 +63,20 @@ def terminate_after(proc: subprocess.Popen[bytes], marker: str, ws: Path, log: P
             proc.kill()
 
 
-def assert_stopped_cleanly(ws: Path, log: Path, status: int, checkpoints: str) -> None:
-    output = log.read_text()
-    assert status == signals.EXIT_TERMINATED, output[-3000:]
-    assert "stopped: terminated by SIGTERM" in output
+def mlflow_runs(ws: Path) -> list[Any]:
+    """Every MLflow run of the workspace's experiment (tiny config, local store)."""
     cfg = load_config("tiny", [f"workspace={ws}"])
     client = MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     assert experiment is not None
-    runs = client.search_runs([experiment.experiment_id])
+    return list(client.search_runs([experiment.experiment_id]))
+
+
+def assert_stopped_cleanly(ws: Path, log: Path, status: int, checkpoints: str) -> None:
+    output = log.read_text()
+    assert status == signals.EXIT_TERMINATED, output[-3000:]
+    assert "stopped: terminated by SIGTERM" in output
+    runs = mlflow_runs(ws)
     assert runs and all(r.info.status != "RUNNING" for r in runs), [
         (r.info.run_name, r.info.status) for r in runs
     ]
@@ -103,11 +109,7 @@ def test_sigterm_during_tracked_training_marks_the_run_and_exits_143(
     proc = start(argv, log)
     status = terminate_after(proc, f"{checkpoints}/step-*", ws, log)
     assert_stopped_cleanly(ws, log, status, checkpoints)
-    cfg = load_config("tiny", [f"workspace={ws}"])
-    client = MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    assert experiment is not None
-    (run,) = client.search_runs([experiment.experiment_id])
+    (run,) = mlflow_runs(ws)
     assert run.info.run_name == f"train_{phase}" and run.info.status == "KILLED"
 
 
@@ -123,11 +125,7 @@ def test_sigterm_during_the_pipeline_marks_the_parent_and_stage_runs(tmp_path: P
     checkpoints = "models/tokenizer-checkpoints/*"
     status = terminate_after(proc, f"{checkpoints}/step-*", ws, log)
     assert_stopped_cleanly(ws, log, status, checkpoints)
-    cfg = load_config("tiny", [f"workspace={ws}"])
-    client = MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    assert experiment is not None
-    runs = {r.info.run_name: r.info.status for r in client.search_runs([experiment.experiment_id])}
+    runs = {r.info.run_name: r.info.status for r in mlflow_runs(ws)}
     parent = next(name for name in runs if name.startswith("store-full-"))
     assert runs == {parent: "KILLED", "ingest": "FINISHED", "train_tokenizer": "KILLED"}
     assert "Crashed" in log.read_text()  # what the Prefect UI shows for the flow runs
@@ -150,11 +148,7 @@ def test_sigterm_inside_a_tracked_write_marks_the_run_and_writes_nothing(
     env = {**clean_environ(), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(argv, env=env, cwd=REPO, capture_output=True, text=True)
     assert proc.returncode == signals.EXIT_TERMINATED, proc.stderr[-3000:]
-    cfg = load_config("tiny", [f"workspace={ws}"])
-    client = MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
-    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
-    assert experiment is not None
-    (run,) = client.search_runs([experiment.experiment_id])
+    (run,) = mlflow_runs(ws)
     assert run.info.status == "KILLED"
     assert storage.latest_version(db) is None  # the catalogue's version 1 rolled back
     assert storage.query(db, "SELECT count(*) FROM items")[1] == items_before
