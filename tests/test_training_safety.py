@@ -24,7 +24,7 @@ from store_core.errors import StoreError
 from store_core.serve import clean_environ, free_port
 from store_core.trainer import latest_step, train
 from tests.conftest import REPO
-from tests.test_trainer import collate, config, dataset, lm_loss, params
+from tests.test_trainer import Crash, collate, config, dataset, lm_loss, params
 
 BIN = Path(sys.executable).parent
 
@@ -128,10 +128,6 @@ def test_a_malformed_trainer_state_is_one_clear_error(tmp_path: Path) -> None:
     assert "\n" not in str(raised.value)
 
 
-class Crash(RuntimeError):
-    pass
-
-
 @pytest.mark.parametrize("stage", [None, 2, 3], ids=["plain", "zero2", "zero3"])
 def test_resume_continues_bit_for_bit(stage: int | None, tmp_path: Path) -> None:
     cfg = config(stage, max_steps=6, checkpoint_every=3)
@@ -147,6 +143,7 @@ def test_resume_continues_bit_for_bit(stage: int | None, tmp_path: Path) -> None
 
     with pytest.raises(Crash):
         train(dropout_model(), dataset(), collate, crashing_loss, cfg, str(tmp_path / "b"))
+    assert latest_step(str(tmp_path / "b")) == 3
     torch.manual_seed(1234)  # whatever the RNG holds now, resume restores the saved one
     resumed = train(dropout_model(seed=5), dataset(), collate, lm_loss, cfg, str(tmp_path / "b"))
     assert resumed.resumed_from == 3
