@@ -37,10 +37,7 @@ _USERINFO = re.compile(
 # user:password@ with the scheme already stripped, as fsspec logs paths (the password
 # may hold '/' and '@', as in the URI form; 'scheme://' itself is not user info)
 # ("info: /KEY:SECRET@bucket/x"): after a '/', whitespace, a quote or the start.
-_BARE_USERINFO = re.compile(
-    rf"(?<=[/\s\"'=(\[])[^{_END}/?#@:]+:(?!/)[^{_END}?#]*@"
-    rf"|^[^{_END}/?#@:]+:(?!/)[^{_END}?#]*@"
-)
+_BARE_USERINFO = re.compile(rf"(?:(?<=[/\s\"'=(\[])|^)[^{_END}/?#@:]+:(?!/)[^{_END}?#]*@")
 
 # key=value pairs whose key names a secret: in query strings (?a=1&token=x), DSNs
 # ("host=h password=x") and command lines (--db-password=x).
