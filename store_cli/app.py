@@ -1,5 +1,8 @@
 """The ``store`` command line: one verb per stage plus the whole pipeline.
 
+It lives outside the library: ``store_core`` never imports it, nor ``flows`` (Prefect);
+only the ``run`` verb imports ``flows.pipeline``, when it runs.
+
 Every verb takes ``--config`` (a YAML path or a shipped config name such as ``tiny``) and
 repeatable ``--set key.path=value`` overrides. User errors are printed without a
 traceback and exit with status 1. SIGTERM (Prefect cancellation, Kubernetes eviction,
@@ -510,7 +513,3 @@ def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Print the resolved config (defaults < YAML < --set) as JSON."""
     cfg = _load(config, set_)
     sys.stdout.write(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    app()

@@ -33,7 +33,7 @@ def test_command_and_child_config(tmp_path: Path) -> None:
     assert argv[1:] == [
         *("--hostfile", str(hostfile), "--master_port", "29500"),
         *("--include", "localhost:0,1", "--no_local_rank"),
-        *("--module", "store_core.cli", "train", "--phase", "tokenizer"),
+        *("--module", "store_cli", "train", "--phase", "tokenizer"),
         *("--config", str(child)),
     ]
     # The ranks get the same config, except that they train in-process and do not track.

@@ -22,7 +22,7 @@ import pytest
 from typer.testing import CliRunner
 
 from store_core import storage
-from store_core.cli import app
+from store_cli.app import app
 from store_core.errors import StoreError
 from tests.conftest import REPO
 from tests.test_storage import codebook, sid_rows
@@ -271,7 +271,7 @@ def test_refusal_in_a_real_process_is_one_line(spaces: Workspaces) -> None:
     target = spaces.out / "sub.csv"
     args = ["query", f"COPY items TO '{target}'", "-c", "tiny", "--set", f"workspace={spaces.mine}"]
     proc = subprocess.run(
-        [sys.executable, "-m", "store_core.cli", *args],
+        [sys.executable, "-m", "store_cli", *args],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -39,7 +39,7 @@ def start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
     env["PREFECT_HOME"] = str(log.parent / "prefect-home")
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "store_core.cli", *argv],
+            [sys.executable, "-m", "store_cli", *argv],
             env=env,
             cwd=REPO,
             stdout=out,
