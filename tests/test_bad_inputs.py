@@ -455,6 +455,7 @@ def test_real_process_prints_one_line(tmp_path: Path) -> None:
         assert proc.stdout == ""
 
 
+@pytest.mark.service
 def test_store_run_prints_no_traceback_for_a_user_error(tmp_path: Path) -> None:
     """``store run``: Prefect's engine logs a failed flow run's exception with its
     traceback; for a user error (a StoreError) the terminal shows the log line without

@@ -29,6 +29,8 @@ from store_core.serve import clean_environ
 from store_core.trainer import latest_step
 from tests.conftest import REPO, copy_workspace
 
+pytestmark = pytest.mark.service  # starts servers or CLI processes
+
 #: What a cleanly stopped run may not leave anywhere in the workspace.
 LEFTOVER_MARKERS = ("-journal", ".tmp", "staging", ".old-", HOLDER_FILE, ".wal")
 

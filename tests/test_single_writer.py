@@ -24,6 +24,8 @@ from store_core.locking import HOLDER_FILE, LOCK_FILE, WorkspaceLocked, workspac
 from store_core.recommender import recommender_dir
 from tests.conftest import REPO, TINY_DATA, copy_workspace, write_changed_catalogue
 
+pytestmark = pytest.mark.service  # starts servers or CLI processes
+
 
 def config(ws: Path, data: Path = TINY_DATA) -> StoreConfig:
     return load_config("tiny", [f"workspace={ws}", f"data.path={data}", "tracking.enabled=false"])

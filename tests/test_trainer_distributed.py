@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.pipeline  # trains the tiny models
+
 REPO = Path(__file__).resolve().parents[1]
 
 
