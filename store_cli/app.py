@@ -12,8 +12,10 @@ are marked, partial outputs removed, and the exit status is 143 (130 after Ctrl-
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -193,11 +195,24 @@ def _out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
 
 
+#: The words of an OSError raised without an errno (pyarrow, fsspec: ``FileNotFoundError(path)``).
+_OS_ERROR_WORDS: dict[type[OSError], int] = {
+    FileNotFoundError: errno.ENOENT,
+    PermissionError: errno.EACCES,
+    IsADirectoryError: errno.EISDIR,
+    NotADirectoryError: errno.ENOTDIR,
+    FileExistsError: errno.EEXIST,
+}
+
+
 def _os_error(exc: OSError) -> str:
     """``<what went wrong>: <path>`` on one line."""
     if exc.strerror:
         paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
         return f"{exc.strerror}: {' -> '.join(paths)}" if paths else exc.strerror
+    for kind, code in _OS_ERROR_WORDS.items():
+        if isinstance(exc, kind):
+            return f"{os.strerror(code)}: {_one_line(exc)}"
     return f"{type(exc).__name__}: {_one_line(exc)}"
 
 
