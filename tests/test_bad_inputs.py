@@ -518,13 +518,13 @@ def test_machine_errors_are_one_line(
     overcommit a huge one can succeed and the kernel kill the test later)."""
     import typer
 
-    from store_cli.app import _guard
+    from store_cli.guard import guard
 
     def fail() -> None:
         raise error
 
     with pytest.raises(typer.Exit) as info:
-        _guard(fail)
+        guard(fail)
     assert info.value.exit_code == 1
     (line,) = error_lines(capsys.readouterr().err)
     assert expect in line
@@ -532,10 +532,10 @@ def test_machine_errors_are_one_line(
 
 def test_bugs_still_raise() -> None:
     """Anything else is a bug and keeps its traceback."""
-    from store_cli.app import _guard
+    from store_cli.guard import guard
 
     def fail() -> None:
         raise ValueError("a bug")
 
     with pytest.raises(ValueError, match="a bug"):
-        _guard(fail)
+        guard(fail)

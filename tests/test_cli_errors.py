@@ -23,7 +23,8 @@ import pytest
 import typer
 from typer.testing import CliRunner
 
-from store_cli.app import _guard, app
+from store_cli.app import app
+from store_cli.guard import guard
 from store_core.ingest import run_ingest
 from tests.conftest import REPO
 
@@ -277,7 +278,7 @@ def test_os_errors_without_errno_read_as_words(
         raise error
 
     with pytest.raises(typer.Exit):
-        _guard(fail)
+        guard(fail)
     (line,) = error_lines(capsys.readouterr().err)
     assert expect in line and "FileNotFoundError" not in line, line
 
