@@ -1,7 +1,12 @@
 # STORE — the two commands a fresh machine needs:
 #   make run    create .venv, install (pinned CPU torch first), run the pipeline on MovieLens 100K
-#   make test   create/update .venv with dev extras, run the test suite
-# Others: make test-slow (slow tests), make lint (ruff + mypy), make clean.
+#   make test   create/update .venv with dev extras, run the test suite (what CI runs)
+# Test tiers (pytest markers, registered in pyproject.toml):
+#   make test       every test not marked `slow` (CI's suite: .ci/run, .github/workflows)
+#   make test-fast  the inner loop: also leaves out `pipeline` (trains the tiny models) and
+#                   `service` (starts servers or CLI processes); under 3 min on 2 cores
+#   make test-slow  only the `slow` tests (the 1M-row DuckDB lookups, kill-at-every-point)
+# Others: make lint (ruff + mypy), make clean.
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -19,7 +24,7 @@ export DO_NOT_TRACK := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 90
 
-.PHONY: run test test-slow lint format clean install install-dev
+.PHONY: run test test-fast test-slow lint format clean install install-dev
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +50,9 @@ run: install
 
 test: install-dev
 	$(BIN)/pytest -q
+
+test-fast: install-dev
+	$(BIN)/pytest -q -m "not slow and not pipeline and not service"
 
 test-slow: install-dev
 	$(BIN)/pytest -q -m slow

@@ -730,7 +730,7 @@ class LauncherConfig(StrictModel):
     kind: Literal["inprocess", "deepspeed"] = Field(
         "inprocess",
         description="'deepspeed': each training phase runs `deepspeed ... --module "
-        "store_core.cli train --phase <phase>` and the stage reads its outputs.",
+        "store_cli train --phase <phase>` and the stage reads its outputs.",
     )
     hostfile: str | None = Field(
         None, description="DeepSpeed hostfile ('<host> slots=<gpus>' per line)."

@@ -27,7 +27,6 @@ paths without the network.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -45,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from store_core.errors import DataError
+from store_core.workspace import sha256_of
 
 logger = logging.getLogger(__name__)
 
@@ -323,7 +323,7 @@ def _fetch_recbole(download: PipDownload, staging: Path, timeout: float) -> Acqu
     download_dir = staging / "download"
     download_dir.mkdir()
     wheel = Path(download(download_dir, timeout))
-    actual = sha256_file(wheel)
+    actual = sha256_of(str(wheel))
     if actual != RECBOLE_WHEEL_SHA256:
         raise DataError(
             f"checksum mismatch for {wheel.name}: expected sha256 {RECBOLE_WHEEL_SHA256}, "
@@ -399,15 +399,6 @@ def pip_download_recbole(
 # --------------------------------------------------------------------------- helpers
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _mismatches(directory: Path, expected: Mapping[str, str]) -> list[str]:
     problems = []
     for file_name, want in expected.items():
@@ -415,7 +406,7 @@ def _mismatches(directory: Path, expected: Mapping[str, str]) -> list[str]:
         if not path.is_file():
             problems.append(f"{file_name} is missing")
             continue
-        got = sha256_file(path)
+        got = sha256_of(str(path))
         if got != want:
             problems.append(f"checksum mismatch for {file_name}: expected sha256 {want}, got {got}")
     return problems

@@ -38,3 +38,16 @@ class DataError(StoreError):
             where.append(f"field '{field}'")
         prefix = ", ".join(where)
         super().__init__(f"{prefix}: {message}" if prefix else message)
+
+
+class MissingInputError(DataError):
+    """An input a verb needs does not exist yet because the verb that writes it has not
+    run (``store evaluate`` before ``store train``, ``store query`` before ``store
+    ingest``). The message names what is missing (a path, or words and a path) and the
+    verb to run first: ``<what> not found: run `store <verb>` first``."""
+
+    def __init__(self, what: str, verb: str, *, problem: str = "not found") -> None:
+        StoreError.__init__(self, f"{what} {problem}: run `store {verb}` first")
+        self.file, self.record, self.field = what, None, None
+        self.what = what
+        self.verb = verb

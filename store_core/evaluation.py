@@ -227,16 +227,19 @@ def run_systems(cfg: StoreConfig, *, train_missing: bool = True) -> list[SystemR
 
     results: list[SystemResult] = []
     ev = cfg.evaluation
+    for system in ev.systems:  # a missing model is refused before any system spends time
+        if system == "store" or (system == "tiger" and not train_missing):
+            directory = recommender_dir(cfg if system == "store" else tiger_config(cfg))
+            if not Path(directory, "metadata.json").exists():
+                raise StoreError(
+                    f"no trained {system} recommender in {directory}: run `store train` "
+                    "first (or leave that system out of evaluation.systems)"
+                )
     for system in ev.systems:
         if system in ("store", "tiger"):
             sys_cfg = cfg if system == "store" else tiger_config(cfg)
             directory = recommender_dir(sys_cfg)
-            if not Path(directory, "metadata.json").exists():
-                if system == "store" or not train_missing:
-                    raise StoreError(
-                        f"no trained {system} recommender in {directory}: run `store train` "
-                        "first (or leave that system out of evaluation.systems)"
-                    )
+            if not Path(directory, "metadata.json").exists():  # TIGER-style (checked above)
                 logger.info("training the TIGER-style variant into %s", directory)
                 train_semantic_tokenizer(sys_cfg)
                 train_recommender(sys_cfg)

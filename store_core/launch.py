@@ -5,7 +5,7 @@ train in their own process: they write the resolved config to
 ``<workspace>/launch/<phase>.yaml`` and run
 
     deepspeed [--hostfile H] [--num_gpus N] [--num_nodes M] --master_port P --no_local_rank \\
-        --module store_core.cli train --phase <phase> --config <workspace>/launch/<phase>.yaml
+        --module store_cli train --phase <phase> --config <workspace>/launch/<phase>.yaml
 
 The ranks train with DeepSpeed ZeRO; rank 0 writes the phase's outputs to the workspace
 (which must be shared by every node), and the stage then reads them back and tracks them.
@@ -79,7 +79,7 @@ def launch_command(cfg: StoreConfig, phase: str, config_path: Path, port: int) -
     if launcher.num_gpus:
         argv += ["--num_gpus", str(launcher.num_gpus)]
     argv += ["--master_port", str(port), *launcher.extra_args, "--no_local_rank"]
-    argv += ["--module", "store_core.cli", "train", "--phase", phase]
+    argv += ["--module", "store_cli", "train", "--phase", phase]
     return [*argv, "--config", str(config_path)]
 
 

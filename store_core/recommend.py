@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from store_core import storage
 from store_core.bundle import RecommenderBundle
 from store_core.config import StoreConfig
-from store_core.errors import StoreError
+from store_core.errors import MissingInputError, StoreError
 from store_core.generate import SemanticIdTrie, constrained_beam_search
 from store_core.ingest import INTERACTIONS_FILE, ITEMS_FILE
 from store_core.semantic_ids import format_sid
@@ -47,10 +47,14 @@ class Recommendation:
 
 
 def user_history(cfg: StoreConfig, user_id: str) -> list[str]:
-    """All of a user's interactions in chronological order."""
-    table = pq.read_table(
-        Path(cfg.data_dir) / INTERACTIONS_FILE, filters=[("user_id", "=", user_id)]
-    )
+    """All of a user's interactions in chronological order.
+
+    Raises :class:`MissingInputError` before ``store ingest`` and :class:`StoreError` for
+    a user without interactions."""
+    path = Path(cfg.data_dir) / INTERACTIONS_FILE
+    if not path.exists():
+        raise MissingInputError(str(path), "ingest")
+    table = pq.read_table(path, filters=[("user_id", "=", user_id)])
     if table.num_rows == 0:
         raise StoreError(f"user '{user_id}' has no interactions in {cfg.data_dir}")
     order = np.argsort(np.asarray(table.column("position").to_pylist()))

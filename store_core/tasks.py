@@ -85,7 +85,7 @@ import torch
 import torch.nn.functional as F
 
 from store_core.config import LossNormalization, RecSamples, TaskName, TaskSpec
-from store_core.errors import DataError, StoreError
+from store_core.errors import DataError, MissingInputError, StoreError
 from store_core.model import model_device
 from store_core.prompts import PromptBuilder
 from store_core.splits import group_splits
@@ -184,7 +184,7 @@ def _read_table(uri: str, columns: list[str]) -> dict[str, list[Any]]:
         with fsspec.open(uri, "rb") as handle:
             table = pq.read_table(handle, columns=columns)
     except FileNotFoundError:
-        raise DataError("not found: run the ingest stage first", file=uri) from None
+        raise MissingInputError(uri, "ingest") from None
     except (KeyError, ValueError) as exc:  # missing column, not Parquet
         raise DataError(f"cannot read columns {columns}: {exc}", file=uri) from exc
     return {name: table.column(name).to_pylist() for name in columns}

@@ -147,7 +147,7 @@ def main(argv: list[str]) -> None:
         _hold(Path(rest[0]))
     else:
         POINTS[point](SIGNALS[sig_name])
-    from store_core.cli import app
+    from store_cli.app import app
 
     app(argv[split + 1 :], prog_name="store")
 

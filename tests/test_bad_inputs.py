@@ -2,7 +2,7 @@
 never a traceback (issue 15, item 4).
 
 One table, run through the real CLI (typer's CliRunner, in process; one subprocess test
-below shows the same for a real ``python -m store_core.cli``). Each row builds its input
+below shows the same for a real ``python -m store_cli``). Each row builds its input
 in ``tmp_path`` and names the command line to run and a piece of text the error line must
 hold. Config rows are refused at load time, before any stage starts: values that used to
 be accepted and fail only inside training or evaluation (``semantic_id.pca_dim=-1``,
@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from store_core.cli import app
+from store_cli.app import app
 
 runner = CliRunner()
 
@@ -431,7 +431,7 @@ def test_bad_input_is_one_error_line(
 
 
 def test_real_process_prints_one_line(tmp_path: Path) -> None:
-    """The same through a real ``python -m store_core.cli``: a corrupt database and an
+    """The same through a real ``python -m store_cli``: a corrupt database and an
     impossible config, each one ``error:`` line on stderr, no traceback, exit 1."""
     (tmp_path / "ws").mkdir()
     (tmp_path / "ws" / "store.duckdb").write_bytes(os.urandom(4096))
@@ -443,7 +443,7 @@ def test_real_process_prints_one_line(tmp_path: Path) -> None:
         ["train", "--set", "semantic_id.pca_dim=-1"],
     ):
         proc = subprocess.run(
-            [sys.executable, "-m", "store_core.cli", *args, "-c", "tiny", *settings],
+            [sys.executable, "-m", "store_cli", *args, "-c", "tiny", *settings],
             capture_output=True,
             text=True,
             env=env,
@@ -455,6 +455,7 @@ def test_real_process_prints_one_line(tmp_path: Path) -> None:
         assert proc.stdout == ""
 
 
+@pytest.mark.service
 def test_store_run_prints_no_traceback_for_a_user_error(tmp_path: Path) -> None:
     """``store run``: Prefect's engine logs a failed flow run's exception with its
     traceback; for a user error (a StoreError) the terminal shows the log line without
@@ -465,7 +466,7 @@ def test_store_run_prints_no_traceback_for_a_user_error(tmp_path: Path) -> None:
     sets = [f"workspace={tmp_path / 'ws'}", "tracking.enabled=false"]
     sets.append(f"data.path={tmp_path / 'missing'}")
     proc = subprocess.run(
-        [sys.executable, "-m", "store_core.cli", "run", "-c", "tiny", "--no-evaluate"]
+        [sys.executable, "-m", "store_cli", "run", "-c", "tiny", "--no-evaluate"]
         + [x for s in sets for x in ("--set", s)],
         capture_output=True,
         text=True,
@@ -517,13 +518,13 @@ def test_machine_errors_are_one_line(
     overcommit a huge one can succeed and the kernel kill the test later)."""
     import typer
 
-    from store_core.cli import _guard
+    from store_cli.guard import guard
 
     def fail() -> None:
         raise error
 
     with pytest.raises(typer.Exit) as info:
-        _guard(fail)
+        guard(fail)
     assert info.value.exit_code == 1
     (line,) = error_lines(capsys.readouterr().err)
     assert expect in line
@@ -531,10 +532,10 @@ def test_machine_errors_are_one_line(
 
 def test_bugs_still_raise() -> None:
     """Anything else is a bug and keeps its traceback."""
-    from store_core.cli import _guard
+    from store_cli.guard import guard
 
     def fail() -> None:
         raise ValueError("a bug")
 
     with pytest.raises(ValueError, match="a bug"):
-        _guard(fail)
+        guard(fail)

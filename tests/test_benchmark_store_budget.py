@@ -34,6 +34,7 @@ def test_plan_fits_the_time_budget() -> None:
         plan_phase_b(2, 1000, 32, 1, seconds_left=10)
 
 
+@pytest.mark.pipeline
 def test_runs_phase_b_for_the_planned_epochs_and_ranks_the_test_split(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

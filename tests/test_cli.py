@@ -8,7 +8,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from store_core.cli import app
+from store_cli.app import app
 
 runner = CliRunner()
 
@@ -61,7 +61,7 @@ def test_bad_input_exits_nonzero_without_traceback(tmp_path: Path) -> None:
         [
             sys.executable,
             "-m",
-            "store_core.cli",
+            "store_cli",
             "ingest",
             "-c",
             "tiny",

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from store_core.cli import app
+from store_cli.app import app
 from store_core.config import (
     MAX_CONFIG_BYTES,
     MAX_OVERRIDE_BYTES,

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow.parquet as pq
+import pytest
 import torch
 
 from store_core import storage
@@ -34,6 +35,8 @@ from store_core.recommender import recommender_dir
 from store_core.storage import connect
 from tests.conftest import REPO, TINY_DATA, copy_workspace, write_changed_catalogue
 from tests.crash_child import POINTS
+
+pytestmark = pytest.mark.service  # starts servers or CLI processes
 
 SIGNALS = {"KILL": -9, "TERM": 143}
 

@@ -22,9 +22,9 @@ from store_core.datasets import (
     RECBOLE_SHA256,
     AcquiredDataset,
     acquire_movielens_100k,
-    sha256_file,
 )
 from store_core.errors import DataError
+from store_core.workspace import sha256_of
 
 SHARED_ML100K = Path(__file__).resolve().parents[1].parent / "shared" / "datasets" / "ml-100k"
 GROUPLENS_FILES = ("u.data", "u.item", "u.genre", "u.info", "README")
@@ -116,14 +116,14 @@ def _assert_movielens(result: AcquiredDataset, cache: Path, source: str) -> None
         assert (Path(result.path) / name).is_file(), name
     assert not (Path(result.path) / "u.user").exists()  # only the files we use
     for name, digest in MOVIELENS_SHA256.items():
-        assert sha256_file(Path(result.path) / name) == digest
+        assert sha256_of(str(Path(result.path) / name)) == digest
     assert (Path(result.path) / "source.json").is_file()
     assert _cache_entries(cache) == ["ml-100k"]  # no staging leftovers
 
 
 def test_constants_match_shared_copy(shared_ml100k: Path) -> None:
     for name, digest in MOVIELENS_SHA256.items():
-        assert hashlib.sha256((shared_ml100k / name).read_bytes()).hexdigest() == digest
+        assert sha256_of(str(shared_ml100k / name)) == digest
     assert "Harper" in MOVIELENS_TERMS and "redistribute" in MOVIELENS_TERMS
 
 
@@ -156,7 +156,7 @@ def test_grouplens_checksum_mismatch_falls_back_to_recbole(
             name: hashlib.sha256(zf.read(member)).hexdigest()
             for name, member in datasets.RECBOLE_MEMBERS.items()
         }
-    monkeypatch.setattr(datasets, "RECBOLE_WHEEL_SHA256", sha256_file(fake_wheel))
+    monkeypatch.setattr(datasets, "RECBOLE_WHEEL_SHA256", sha256_of(str(fake_wheel)))
     monkeypatch.setattr(datasets, "RECBOLE_SHA256", fake_sums)
     calls: list[Path] = []
 
@@ -300,7 +300,7 @@ def test_real_recbole_fallback_via_pip(tmp_path: Path) -> None:
     assert result.name == "ml-100k"
     assert result.checksums == dict(RECBOLE_SHA256)
     for name, digest in RECBOLE_SHA256.items():
-        assert sha256_file(Path(result.path) / name) == digest
+        assert sha256_of(str(Path(result.path) / name)) == digest
     inter_header = (Path(result.path) / "ml-100k.inter").open(encoding="utf-8").readline()
     assert inter_header.rstrip("\n").split("\t") == [
         "user_id:token",

@@ -272,6 +272,7 @@ def test_dockerignore_drops_local_state_and_keeps_the_source() -> None:
         "README.md",
         "prefect.yaml",
         "store_core/workspace.py",
+        "store_cli/app.py",
         "flows/pipeline.py",
         "infra/configs/ml-100k.yaml",
         "infra/deepspeed/zero2.json",

@@ -25,6 +25,8 @@ from store_core.model import load_checkpoint, train_bpe_tokenizer
 from store_core.quantizer import disambiguate, load_codebook
 from store_core.semantic_ids import parse_sid
 
+pytestmark = pytest.mark.pipeline  # trains the tiny models
+
 
 def tiny(ws: Path, *overrides: str) -> StoreConfig:
     cfg = load_config("tiny", [f"workspace={ws}", "tracking.enabled=false", *overrides])

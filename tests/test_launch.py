@@ -33,7 +33,7 @@ def test_command_and_child_config(tmp_path: Path) -> None:
     assert argv[1:] == [
         *("--hostfile", str(hostfile), "--master_port", "29500"),
         *("--include", "localhost:0,1", "--no_local_rank"),
-        *("--module", "store_core.cli", "train", "--phase", "tokenizer"),
+        *("--module", "store_cli", "train", "--phase", "tokenizer"),
         *("--config", str(child)),
     ]
     # The ranks get the same config, except that they train in-process and do not track.
@@ -53,6 +53,7 @@ def test_command_and_child_config(tmp_path: Path) -> None:
         launch.launch_command(missing, "tokenizer", child, 29500)
 
 
+@pytest.mark.pipeline
 def test_both_phases_train_as_two_ranks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     cfg = load_config(
@@ -81,6 +82,7 @@ def test_both_phases_train_as_two_ranks(tmp_path: Path, monkeypatch: pytest.Monk
     assert client.get_run(phase_a.run_id).data.metrics["train_world_size"] == 2.0
 
 
+@pytest.mark.service
 def test_failed_launch_names_the_phase(tmp_path: Path) -> None:
     cfg = load_config("tiny", [f"workspace={tmp_path / 'ws'}", "launcher.kind=deepspeed"])
     # Nothing ingested: every rank fails, the stage reports the launcher's failure.

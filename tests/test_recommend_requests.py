@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from store_cli.app import app
 from store_core.bundle import RecommenderBundle, load_bundle
-from store_core.cli import app
 from store_core.config import StoreConfig, load_config
 from store_core.errors import StoreError
 from store_core.recommend import MAX_K, recommend, user_history

@@ -31,6 +31,8 @@ from store_core.semantic_ids import level_token
 from store_core.tasks import TASKS, RenderSettings, load_task_data
 from tests.conftest import copy_workspace
 
+pytestmark = pytest.mark.pipeline  # trains the tiny models
+
 
 def prepared(ws: Path, *overrides: str) -> StoreConfig:
     cfg = load_config("tiny", [f"workspace={ws}", "tracking.enabled=false", *overrides])

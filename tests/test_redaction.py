@@ -223,7 +223,7 @@ def test_cli_never_prints_credentials_of_a_failing_source(tmp_path: Path) -> Non
     secret that cannot be read fails with one line and neither value in the output."""
     from typer.testing import CliRunner
 
-    from store_core.cli import app
+    from store_cli.app import app
 
     result = CliRunner().invoke(
         app,

@@ -9,7 +9,6 @@ macros users query keep working through the same path.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -21,9 +20,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from store_cli.app import app
 from store_core import storage
-from store_core.cli import app
 from store_core.errors import StoreError
+from store_core.workspace import sha256_of
 from tests.conftest import REPO
 from tests.test_storage import codebook, sid_rows
 
@@ -74,7 +74,7 @@ def spaces(tmp_path_factory: pytest.TempPathFactory) -> Workspaces:
 def snapshot(root: Path) -> dict[str, tuple[int, str]]:
     """Every file under ``root``: size and sha256."""
     return {
-        str(p.relative_to(root)): (p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+        str(p.relative_to(root)): (p.stat().st_size, sha256_of(str(p)))
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
@@ -271,7 +271,7 @@ def test_refusal_in_a_real_process_is_one_line(spaces: Workspaces) -> None:
     target = spaces.out / "sub.csv"
     args = ["query", f"COPY items TO '{target}'", "-c", "tiny", "--set", f"workspace={spaces.mine}"]
     proc = subprocess.run(
-        [sys.executable, "-m", "store_core.cli", *args],
+        [sys.executable, "-m", "store_cli", *args],
         capture_output=True,
         text=True,
         cwd=REPO,

@@ -17,6 +17,8 @@ from store_core import serve
 from store_core.config import load_config
 from store_core.errors import StoreError
 
+pytestmark = pytest.mark.service  # starts servers or CLI processes
+
 
 def cfg_for(tmp_path: Path, *extra: str) -> object:
     return load_config("tiny", [f"workspace={tmp_path / 'ws'}", *extra])

@@ -29,6 +29,8 @@ from store_core.serve import clean_environ
 from store_core.trainer import latest_step
 from tests.conftest import REPO, copy_workspace
 
+pytestmark = pytest.mark.service  # starts servers or CLI processes
+
 #: What a cleanly stopped run may not leave anywhere in the workspace.
 LEFTOVER_MARKERS = ("-journal", ".tmp", "staging", ".old-", HOLDER_FILE, ".wal")
 
@@ -39,7 +41,7 @@ def start(argv: list[str], log: Path) -> subprocess.Popen[bytes]:
     env["PREFECT_HOME"] = str(log.parent / "prefect-home")
     with log.open("wb") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "store_core.cli", *argv],
+            [sys.executable, "-m", "store_cli", *argv],
             env=env,
             cwd=REPO,
             stdout=out,

@@ -24,6 +24,8 @@ from store_core.locking import HOLDER_FILE, LOCK_FILE, WorkspaceLocked, workspac
 from store_core.recommender import recommender_dir
 from tests.conftest import REPO, TINY_DATA, copy_workspace, write_changed_catalogue
 
+pytestmark = pytest.mark.service  # starts servers or CLI processes
+
 
 def config(ws: Path, data: Path = TINY_DATA) -> StoreConfig:
     return load_config("tiny", [f"workspace={ws}", f"data.path={data}", "tracking.enabled=false"])
@@ -166,7 +168,7 @@ def test_two_concurrent_catalogue_runs_write_one_version(
     second_log = tmp_path / "second.log"
     with second_log.open("wb") as log:
         second = subprocess.Popen(
-            [sys.executable, "-m", "store_core.cli", *catalogue_argv(ws, changed)],
+            [sys.executable, "-m", "store_cli", *catalogue_argv(ws, changed)],
             env=env(STORE_WRITER_LOCK_TIMEOUT_S="300"),
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -196,7 +198,7 @@ def test_second_writer_verbs_fail_with_one_line_naming_the_holder(
     ws = tmp_path / "ws"
     run_ingest(config(ws))
     with holder_process(ws, tmp_path) as proc:
-        argv = [sys.executable, "-m", "store_core.cli", "ingest", "-c", "tiny"]
+        argv = [sys.executable, "-m", "store_cli", "ingest", "-c", "tiny"]
         argv += ["--set", f"workspace={ws}", "--set", "tracking.enabled=false"]
         out = subprocess.run(
             argv,

@@ -547,9 +547,17 @@ def _median_ms(con: Any, sql: str, params: Sequence[Any], reps: int = 50) -> flo
     return float(np.median(times) * 1e3)
 
 
+#: The README's "~2-5 ms on 1M rows", with room for a loaded 2-core machine. The LIKE row
+#: is the string scan the packed column avoids (~40 ms there): it has no limit.
+LOOKUP_MS_LIMIT = 25.0
+
+
 @pytest.mark.slow
-def test_lookup_latency_1m_rows(tmp_path: Path) -> None:
-    """Not a speed assertion: prints lookup latencies on 1M items (run with -s -m slow)."""
+def test_lookups_on_1m_rows_are_exact_and_fast(tmp_path: Path) -> None:
+    """On 1M items every lookup (packed code, prefix ranges, LIKE, the macros) returns
+    exactly the items numpy finds with the same codes; each but the LIKE scan takes under
+    LOOKUP_MS_LIMIT (median of 50), and a packed prefix range beats the LIKE scan. ``-s``
+    prints the latencies."""
     path = db_path(tmp_path)
     rng = np.random.default_rng(0)
     sizes = [256, 256, 256, 64]
@@ -582,24 +590,39 @@ def test_lookup_latency_1m_rows(tmp_path: Path) -> None:
     lo1, hi1 = prefix_range(full[:1], 4, bits)
     lo2, hi2 = prefix_range(full[:2], 4, bits)
     lo3, hi3 = prefix_range(full[:3], 4, bits)
+
+    def sharing(levels: int) -> set[str]:  # the items whose first `levels` codes are item's
+        same = np.all(codes[:, :levels] == codes[k, :levels], axis=1)
+        return {f"item{i}" for i in np.flatnonzero(same)}
+
     view = "SELECT item_id FROM current_semantic_ids WHERE"
-    report = {"rows": n, "write_version_s": round(write_seconds, 2)}
+    report: dict[str, float] = {"rows": n, "write_version_s": round(write_seconds, 2)}
     with connect_read_only_with_retry(path, 30) as con:
-        cases: list[tuple[str, str, list[Any]]] = [
-            ("packed = code (view)", f"{view} packed = ?", [packed]),
-            ("prefix 1 BETWEEN (view)", f"{view} packed BETWEEN ? AND ?", [lo1, hi1]),
-            ("prefix 2 BETWEEN (view)", f"{view} packed BETWEEN ? AND ?", [lo2, hi2]),
-            ("prefix 3 BETWEEN (view)", f"{view} packed BETWEEN ? AND ?", [lo3, hi3]),
-            ("prefix 2 LIKE (view)", f"{view} sid LIKE ? || '%'", [format_sid(full[:2])]),
-            ("sid_of(item)", "SELECT sid_of(?)", [item]),
-            ("item_of(sid)", "SELECT item_of(?)", [format_sid(full)]),
-            ("neighbours(item, 2)", "SELECT item_id FROM neighbours(?, 2)", [item]),
-            ("neighbours(item, 1)", "SELECT item_id FROM neighbours(?, 1)", [item]),
-            ("items_with_codes(2)", "SELECT item_id FROM items_with_codes(?)", [full[:2]]),
+        cases: list[tuple[str, str, list[Any], set[str]]] = [
+            ("packed = code (view)", f"{view} packed = ?", [packed], {item}),
+            ("prefix 1 BETWEEN (view)", f"{view} packed BETWEEN ? AND ?", [lo1, hi1], sharing(1)),
+            ("prefix 2 BETWEEN (view)", f"{view} packed BETWEEN ? AND ?", [lo2, hi2], sharing(2)),
+            ("prefix 3 BETWEEN (view)", f"{view} packed BETWEEN ? AND ?", [lo3, hi3], sharing(3)),
+            ("prefix 2 LIKE (view)", f"{view} sid LIKE ? || '%'", [format_sid(full[:2])],
+             sharing(2)),
+            ("sid_of(item)", "SELECT sid_of(?)", [item], {format_sid(full)}),
+            ("item_of(sid)", "SELECT item_of(?)", [format_sid(full)], {item}),
+            ("neighbours(item, 2)", "SELECT item_id FROM neighbours(?, 2)", [item],
+             sharing(2) - {item}),
+            ("neighbours(item, 1)", "SELECT item_id FROM neighbours(?, 1)", [item],
+             sharing(1) - {item}),
+            ("items_with_codes(2)", "SELECT item_id FROM items_with_codes(?)", [full[:2]],
+             sharing(2)),
             ("items_with_prefix(2)", "SELECT item_id FROM items_with_prefix(?)",
-             [format_sid(full[:2])]),
+             [format_sid(full[:2])], sharing(2)),
         ]  # fmt: skip
-        for label, sql, params in cases:
-            hits = len(con.execute(sql, params).fetchall())
-            report[f"{label} ms [{hits} rows]"] = round(_median_ms(con, sql, params), 2)
+        for label, sql, params, expected in cases:
+            found = [row[0] for row in con.execute(sql, params).fetchall()]
+            assert len(found) == len(expected) and set(found) == expected, label
+            report[f"{label} ms [{len(found)} rows]"] = round(_median_ms(con, sql, params), 2)
     print("\n" + json.dumps(report, indent=2))
+    assert len(sharing(1)) > len(sharing(2)) > 1  # the prefixes select different sets
+    ms = {label.split(" ms [")[0]: v for label, v in report.items() if " ms [" in label}
+    assert ms["prefix 2 BETWEEN (view)"] < ms["prefix 2 LIKE (view)"], ms
+    bounded = {label: v for label, v in ms.items() if "LIKE" not in label}
+    assert max(bounded.values()) < LOOKUP_MS_LIMIT, bounded

@@ -116,6 +116,7 @@ def _sigkilled_run(workspace: Path, *tracking_uri: str) -> str:
     return proc.stdout.split()[0]
 
 
+@pytest.mark.service
 def test_runs_of_sigkilled_processes_are_reaped_on_the_next_run(tmp_path: Path) -> None:
     ws, other = tmp_path / "ws", tmp_path / "other"
     cfg = load_config("tiny", [f"workspace={ws}"])

@@ -32,6 +32,8 @@ from safetensors.torch import load_file
 from store_core.serve import clean_environ
 from tests.conftest import REPO
 
+pytestmark = pytest.mark.pipeline  # trains the tiny models
+
 BIN = Path(sys.executable).parent
 CHILD = REPO / "tests" / "training_crash_child.py"
 TOKENIZER_OUT = "models/tokenizer-store"

@@ -270,6 +270,7 @@ def environ(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.service
 def test_store_train_listens_on_loopback_only(tmp_path: Path) -> None:
     from store_core.config import load_config
     from store_core.ingest import run_ingest

@@ -78,7 +78,7 @@ def main(argv: list[str]) -> None:
     split = argv.index("--")
     point, n = argv[:split]
     POINTS[point](int(n))
-    from store_core.cli import app
+    from store_cli.app import app
 
     app(argv[split + 1 :], prog_name="store")
 

@@ -33,7 +33,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from store_core.errors import DataError
+from store_core.errors import DataError, MissingInputError
 from store_core.ingest import ITEMS_FILE, SPLITS_FILE
 from store_core.splits import group_splits
 
@@ -49,7 +49,7 @@ def _read(uri: str, columns: list[str]) -> pa.Table:
         with fsspec.open(uri, "rb") as handle:
             return pq.read_table(handle, columns=columns)
     except FileNotFoundError:
-        raise DataError("not found: run the ingest stage first", file=uri) from None
+        raise MissingInputError(uri, "ingest") from None
     except (KeyError, ValueError) as exc:  # missing column, not Parquet
         raise DataError(f"cannot read columns {columns}: {exc}", file=uri) from exc
 

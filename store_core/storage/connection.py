@@ -21,7 +21,7 @@ from typing import Any
 
 import duckdb
 
-from store_core.errors import StoreError
+from store_core.errors import MissingInputError, StoreError
 from store_core.storage.schema import ensure_schema
 
 #: The logger of the whole package (the name it had as one module).
@@ -68,7 +68,7 @@ def _open(
 ) -> duckdb.DuckDBPyConnection:
     local = _local_path(path)
     if read_only and not os.path.exists(local):
-        raise StoreError(f"DuckDB database {local} does not exist: run `store ingest` first")
+        raise MissingInputError(f"DuckDB database {local}", "ingest", problem="does not exist")
     os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
     if os.path.isdir(local):
         raise StoreError(f"DuckDB database {local} is a directory, not a database file")

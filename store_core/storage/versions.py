@@ -13,7 +13,7 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
-from store_core.errors import StoreError
+from store_core.errors import MissingInputError, StoreError
 from store_core.storage.checks import RowsInput, _check_codebook_row, _check_rows, _incoming
 from store_core.storage.connection import (
     DEFAULT_LOCK_TIMEOUT_S,
@@ -229,9 +229,7 @@ def current_ids(path: str, *, timeout_s: float = QUERY_LOCK_TIMEOUT_S) -> pa.Tab
     """
     with connect_read_only_with_retry(path, timeout_s) as con:
         if not _has_table(con, "current_semantic_ids"):
-            raise StoreError(
-                f"{path} has no semantic IDs yet: run `store tokenize_catalogue` first"
-            )
+            raise MissingInputError(path, "tokenize-catalogue", problem="has no semantic IDs yet")
         return con.sql("SELECT * FROM current_semantic_ids ORDER BY packed").to_arrow_table()
 
 

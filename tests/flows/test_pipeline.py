@@ -18,6 +18,8 @@ from store_core.config import load_config
 from store_core.storage import query
 from tests.conftest import copy_workspace
 
+pytestmark = pytest.mark.pipeline  # trains the tiny models
+
 
 @pytest.fixture(scope="module", autouse=True)
 def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:

@@ -33,6 +33,8 @@ from tests.conftest import (
     write_changed_catalogue,
 )
 
+pytestmark = pytest.mark.service  # starts servers or CLI processes
+
 BIN = Path(sys.executable).parent
 EXPERIMENT = "store-tiny"
 MODEL_NAME = "store-tiny-recommender"

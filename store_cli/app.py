@@ -1,5 +1,8 @@
 """The ``store`` command line: one verb per stage plus the whole pipeline.
 
+It lives outside the library: ``store_core`` never imports it, nor ``flows`` (Prefect);
+only the ``run`` verb imports ``flows.pipeline``, when it runs.
+
 Every verb takes ``--config`` (a YAML path or a shipped config name such as ``tiny``) and
 repeatable ``--set key.path=value`` overrides. User errors are printed without a
 traceback and exit with status 1. SIGTERM (Prefect cancellation, Kubernetes eviction,
@@ -10,72 +13,31 @@ are marked, partial outputs removed, and the exit status is 143 (130 after Ctrl-
 from __future__ import annotations
 
 import json
-import logging
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.logging import RichHandler
-from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
-from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer vendors click
-from typer.core import TyperGroup
 
+from store_cli.guard import OneLineErrorsGroup, err
+from store_cli.guard import guard as _guard  # the names the verbs call them by
+from store_cli.guard import setup_logging as _setup_logging
 from store_core import signals
 from store_core.config import StoreConfig, load_config
-from store_core.errors import StoreError
-from store_core.redaction import RedactingFilter, redact
+from store_core.redaction import redact
 from store_core.telemetry import disable_telemetry
 
 disable_telemetry()
 
-err = Console(stderr=True, soft_wrap=True)
 out = Console()
-
-
-@contextmanager
-def _one_line_usage_errors() -> Iterator[None]:
-    """Print a command-line usage error (unknown option, invalid choice, bad number) as
-    one ``error:`` line, exit status 2, instead of click's usage box."""
-    try:
-        yield
-    except NoArgsIsHelpError:
-        raise  # `store` alone prints the help
-    except UsageError as exc:
-        message = " ".join(exc.format_message().split()).replace("Value error, ", "")
-        if exc.ctx is not None and exc.ctx.command_path:
-            message = f"{exc.ctx.command_path}: {message}"
-        err.print(f"[bold red]error:[/] {escape(redact(message))}", highlight=False)
-        raise typer.Exit(exc.exit_code) from None
-
-
-class _OneLineErrorsGroup(TyperGroup):
-    """The ``store`` group: usage errors of the group and of every verb are one line."""
-
-    def make_context(
-        self,
-        info_name: str | None,
-        args: list[str],
-        parent: Any = None,
-        **extra: Any,
-    ) -> Any:
-        with _one_line_usage_errors():
-            return super().make_context(info_name, args, parent, **extra)
-
-    def invoke(self, ctx: Any) -> Any:
-        with _one_line_usage_errors():
-            return super().invoke(ctx)
-
 
 app = typer.Typer(
     name="store",
-    cls=_OneLineErrorsGroup,
+    cls=OneLineErrorsGroup,
     help="STORE: one LLM for semantic tokenization and generative recommendation.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -95,107 +57,11 @@ SetOpt = Annotated[
 ]
 VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")]
 
-T = TypeVar("T")
-
-
-class _NoUserErrorTracebacks(logging.Filter):
-    """Drops the traceback from a record that carries a user error (a StoreError, which
-    Prefect's engine logs with its traceback when a flow of `store run` fails): the
-    ``error:`` line says what is wrong. Not installed under ``--verbose``."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.exc_info and isinstance(record.exc_info[1], StoreError):
-            record.exc_info, record.exc_text = None, None
-        return True
-
-
-#: Loggers whose records bypass the root handler: Prefect's run loggers (its own console
-#: and API handlers).
-_PREFECT_RUN_LOGGERS = ("prefect.flow_runs", "prefect.task_runs")
-
-
-def _setup_logging(verbose: bool) -> None:
-    handler = RichHandler(console=err, show_path=False, rich_tracebacks=False)
-    handler.addFilter(RedactingFilter())  # credentials in URIs never reach the terminal
-    if not verbose:
-        quiet = _NoUserErrorTracebacks()
-        handler.addFilter(quiet)
-        for name in _PREFECT_RUN_LOGGERS:
-            run_logger = logging.getLogger(name)
-            for old in [f for f in run_logger.filters if isinstance(f, _NoUserErrorTracebacks)]:
-                run_logger.removeFilter(old)
-            run_logger.addFilter(quiet)
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
-        format="%(message)s",
-        handlers=[handler],
-        force=True,
-    )
-    for noisy in ("httpx", "alembic", "urllib3", "mlflow"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
 
 @app.callback()
 def _entry() -> None:
     """STORE: one LLM for semantic tokenization and generative recommendation."""
     signals.install()  # SIGTERM unwinds like Ctrl-C in every verb
-
-
-def _guard(fn: Callable[[], T]) -> T:
-    """Run ``fn``; print user errors (StoreError, OSError from the machine's files, disk
-    or network, running out of memory, errors of the MLflow tracking backend) as one line
-    and exit 1; after SIGTERM or Ctrl-C (once ``fn`` has cleaned up) exit 143 or 130."""
-    try:
-        return fn()
-    except StoreError as exc:
-        err.print(f"[bold red]error:[/] {escape(redact(_one_line(exc)))}", highlight=False)
-        raise typer.Exit(code=1) from None
-    except KeyboardInterrupt as exc:
-        err.print(f"[bold red]stopped:[/] {exc or 'interrupted'}", highlight=False)
-        raise typer.Exit(code=signals.exit_status(exc)) from None
-    except OSError as exc:
-        # The machine's files, disk or network (missing, not permitted, full, read-only,
-        # unreachable), not a bug here: one line naming the path; --verbose logs the
-        # traceback.
-        logging.getLogger(__name__).debug("OS error", exc_info=True)
-        err.print(f"[bold red]error:[/] {escape(redact(_os_error(exc)))}", highlight=False)
-        raise typer.Exit(code=1) from None
-    except Exception as exc:
-        if _out_of_memory(exc):
-            logging.getLogger(__name__).debug("out of memory", exc_info=True)
-            message = f"out of memory: {_one_line(exc)} (lower the batch size or model size)"
-            err.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
-            raise typer.Exit(code=1) from None
-        if not type(exc).__module__.startswith("mlflow"):
-            raise
-        # The tracking backend (unreachable server, refused URI, broken store) is the
-        # environment, not a bug here: one line; --verbose logs the traceback.
-        logging.getLogger(__name__).debug("MLflow error", exc_info=True)
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        err.print(f"[bold red]error:[/] MLflow tracking: {escape(redact(first))}", highlight=False)
-        raise typer.Exit(code=1) from None
-
-
-def _one_line(exc: BaseException) -> str:
-    """The error's text on one line (continuation lines joined with spaces)."""
-    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    return text or type(exc).__name__
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    """A failed allocation: torch's OutOfMemoryError (GPU), its CPU allocator's
-    RuntimeError, or MemoryError. What fits is the machine's, not a bug here."""
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return True
-    return isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)
-
-
-def _os_error(exc: OSError) -> str:
-    """``<what went wrong>: <path>`` on one line."""
-    if exc.strerror:
-        paths = [str(p) for p in (exc.filename, exc.filename2) if p is not None]
-        return f"{exc.strerror}: {' -> '.join(paths)}" if paths else exc.strerror
-    return f"{type(exc).__name__}: {_one_line(exc)}"
 
 
 def _load(config: str | None, overrides: list[str] | None) -> StoreConfig:
@@ -510,7 +376,3 @@ def config_show(config: ConfigOpt = None, set_: SetOpt = None) -> None:
     """Print the resolved config (defaults < YAML < --set) as JSON."""
     cfg = _load(config, set_)
     sys.stdout.write(json.dumps(cfg.model_dump(mode="json"), indent=2) + "\n")
-
-
-if __name__ == "__main__":  # pragma: no cover
-    app()
