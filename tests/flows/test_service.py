@@ -6,6 +6,7 @@ the Prefect CLI, then ``store serve --stop``. Runs in the default test run (~3 m
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -107,6 +108,23 @@ class Served:
             "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
         )
         return {a["key"]: a["data"] for a in found if a.get("key")}
+
+    def subflow_runs(self, flow_run_id: str) -> dict[str, str]:
+        """Subflow name -> flow-run id of the stages run by ``flow_run_id``."""
+        found = self.api_post(
+            "/flow_runs/filter",
+            {"flow_runs": {"parent_flow_run_id": {"any_": [flow_run_id]}}},
+        )
+        flows = {f["id"]: f["name"] for f in self.api_post("/flows/filter", {})}
+        return {flows[r["flow_id"]]: r["id"] for r in found}
+
+    def run_logs(self, flow_run_ids: list[str]) -> list[str]:
+        """The messages of the flow runs' logs, as the Prefect UI shows them."""
+        found = self.api_post(
+            "/logs/filter",
+            {"logs": {"flow_run_id": {"any_": flow_run_ids}}, "sort": "TIMESTAMP_ASC"},
+        )
+        return [entry["message"] for entry in found]
 
     def mlflow(self) -> MlflowClient:
         return MlflowClient(tracking_uri=f"http://127.0.0.1:{self.mlflow_port}")
@@ -211,6 +229,19 @@ def test_serve_prints_urls_and_binds_loopback(served: Served) -> None:
     assert not any(port == served.prefect_port and ip != "127.0.0.1" for ip, port in listening)
     output = served.log.read_text()
     assert f"export PREFECT_API_URL={served.api}" in output
+    # The printed MLflow link opens the experiment's runs table: the URL asks for the
+    # classic-ML workflow, and the experiment is marked as one (the UI reads both).
+    experiment = served.mlflow().get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None
+    runs_view = (
+        f"http://127.0.0.1:{served.mlflow_port}/#/experiments/{experiment.experiment_id}"
+        "/runs?workflowType=machine_learning"
+    )
+    assert urls["mlflow_runs"] == runs_view
+    assert f"MLflow UI:    {runs_view}" in output
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    # This workspace's Prefect server keeps its runs in the workspace.
+    assert (served.workspace / "prefect" / "prefect.db").is_file()
     # The nightly deployment carries the configured cron and time zone.
     nightly = served.api_get("/deployments/name/store/nightly-retokenize")
     (schedule,) = nightly["schedules"]
@@ -252,11 +283,115 @@ def test_full_pipeline_deployment(served: Served, full_run: str) -> None:
     assert codebooks == [(version.tags["codebook_version"], model_uri)]
     assert client.list_artifacts(model_run, "checkpoint")  # the weights the version points at
 
-    # Prefect artifacts: run summary, catalogue summary, evaluation report.
+    # Prefect artifacts (keys scoped to the experiment): run summary, catalogue
+    # summary, evaluation report.
     artifacts = served.artifacts(full_run)
-    assert {"store-run-summary", "store-catalogue-summary", "store-evaluation"} <= set(artifacts)
-    assert "| unchanged | 48 |" in artifacts["store-catalogue-summary"]
-    assert "| STORE (multi-task, STORE quantizer) | 1 |" in artifacts["store-evaluation"]
+    assert {
+        "store-tiny-run-summary",
+        "store-tiny-catalogue-summary",
+        "store-tiny-evaluation",
+    } <= set(artifacts)
+    assert "| unchanged | 48 |" in artifacts["store-tiny-catalogue-summary"]
+    assert "| STORE (multi-task, STORE quantizer) | 1 |" in artifacts["store-tiny-evaluation"]
+
+
+def test_parent_run_carries_headline_metrics_and_links_prefect(
+    served: Served, full_run: str
+) -> None:
+    client, experiment_id, parent = served.parent_run(full_run)
+    metrics = parent.data.metrics
+    assert metrics["catalogue_items"] == 48.0
+    assert metrics["items_unchanged"] == 48.0 and metrics["items_new"] == 0.0
+    assert metrics["semantic_id_version"] == 1.0
+    assert 0.0 <= metrics["collision_rate"] <= 1.0
+    assert 0.0 <= metrics["best_val_ndcg_at_10"] <= 1.0
+    for system in ("store", "tiger", "sasrec", "popularity"):
+        assert 0.0 <= metrics[f"{system}/recall_at_10"] <= 1.0
+        assert 0.0 <= metrics[f"{system}/ndcg_at_10"] <= metrics[f"{system}/recall_at_10"]
+    stages = ("ingest", "train_tokenizer", "train_recommender", "tokenize_catalogue", "evaluate")
+    assert all(metrics[f"duration_s/{stage}"] > 0 for stage in stages)
+    # The description (rendered Markdown) links the Prefect flow run.
+    flow_run_url = f"http://127.0.0.1:{served.prefect_port}/runs/flow-run/{full_run}"
+    description = parent.data.tags[tracking.DESCRIPTION_TAG]
+    assert f"]({flow_run_url})" in description
+    assert "- evaluate: Recall@10 / NDCG@10" in description
+    # The evaluation as one table and one comparison figure, not one chart per number.
+    (evaluate,) = client.search_runs(
+        [experiment_id],
+        f"tags.`{tracking.PARENT_TAG}` = '{parent.info.run_id}' "
+        f"and tags.`{tracking.STAGE_TAG}` = 'evaluate'",
+    )
+    assert len(evaluate.data.metrics) <= 4 * 4
+    for run_id in (evaluate.info.run_id, parent.info.run_id):
+        files = {f.path for f in client.list_artifacts(run_id)}
+        assert {"evaluation_table.json", "evaluation_comparison.png"} <= files
+    table = json.loads(
+        Path(
+            client.download_artifacts(
+                evaluate.info.run_id, "evaluation_table.json", str(served.data.parent)
+            )
+        ).read_text()
+    )
+    assert table["columns"][:3] == ["system", "seeds", "recall_at_1"]
+    assert len(table["data"]) == 4
+    # The Prefect run summary links the MLflow run.
+    run_url = (
+        f"http://127.0.0.1:{served.mlflow_port}/#/experiments/{experiment_id}"
+        f"/runs/{parent.info.run_id}"
+    )
+    assert f"]({run_url})" in served.artifacts(full_run)["store-tiny-run-summary"]
+
+
+def test_flow_run_logs_show_library_warnings_and_stage_results(
+    served: Served, full_run: str
+) -> None:
+    subflows = served.subflow_runs(full_run)
+    assert set(subflows) == {
+        "ingest",
+        "train-tokenizer",
+        "train-recommender",
+        "tokenize-catalogue",
+        "evaluate",
+    }
+    logs = served.run_logs([full_run, *subflows.values()])
+    text = "\n".join(logs)
+    # The library's own records reach the run: its warning and training progress.
+    assert any(line.startswith("codebook collisions: ") for line in logs), text[-3000:]
+    assert any(" step " in line and "tokens/s" in line for line in logs), text[-3000:]
+    assert any(line.startswith("epoch 1 validation: ") for line in logs), text[-3000:]
+    # One result line per stage, rounded, without Python containers.
+    for stage in ("ingest", "train-tokenizer", "train-recommender", "tokenize-catalogue"):
+        (line,) = [m for m in logs if m.startswith(f"{stage}: ")]
+        assert "{" not in line and "[" not in line, line
+    assert any(
+        m.startswith("evaluate: Recall@10 / NDCG@10 on the test split: STORE ") for m in logs
+    )
+    assert (
+        "tokenize-catalogue: semantic-ID version 1 written (0 new, 0 changed, 0 restored, "
+        "0 removed, 48 unchanged against the IDs the tokenizer training assigned)"
+    ) in logs
+    assert "ingest: 48 items, 40 users" in text and "items table: 48 new" in text
+    results = [m for m in logs if m.split(":")[0] in (*subflows, "evaluate")]
+    assert len(results) == 5
+    for line in results:  # floats rounded for people
+        assert not any(len(n) > 4 for n in re.findall(r"\d+\.(\d+)", line)), line
+    # Each stage's artifact is on its own subflow run, published as the stage ended.
+    for name, run_id in subflows.items():
+        (key,) = served.artifacts(run_id)
+        assert key == f"store-tiny-stage-{name}"
+
+
+def test_full_pipeline_sets_the_production_alias(served: Served, full_run: str) -> None:
+    client, experiment_id, parent = served.parent_run(full_run)
+    version = client.get_model_version_by_alias(MODEL_NAME, "production")
+    assert version.version == "1"
+    assert version.tags["store.pipeline_run_id"] == parent.info.run_id
+    assert version.tags[tracking.FLOW_RUN_TAG] == full_run
+    pipeline_url = (
+        f"http://127.0.0.1:{served.mlflow_port}/#/experiments/{experiment_id}"
+        f"/runs/{parent.info.run_id}"
+    )
+    assert f"]({pipeline_url})" in version.description
 
 
 def _start_reader(served: Served, tmp: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
@@ -326,7 +461,17 @@ def test_nightly_deployment_semantics_with_a_reader_running(
     assert rows == [(False,)]  # marked inactive, not deleted
 
     # The run summary reached MLflow and the Prefect UI.
-    assert "| new | 3 |" in served.artifacts(nightly)["store-catalogue-summary"]
+    assert "| new | 3 |" in served.artifacts(nightly)["store-tiny-catalogue-summary"]
+    # The model came through the registry alias.
+    subflows = served.subflow_runs(nightly)
+    logs = served.run_logs([nightly, *subflows.values()])
+    resolved = f"model models:/{MODEL_NAME}@production resolves to version 1"
+    assert any(line.startswith(resolved) for line in logs), logs
+    assert (
+        "tokenize-catalogue: semantic-ID version 2 written (3 new, 2 changed, 0 restored, "
+        f"1 removed, 45 unchanged against version 1); model models:/{MODEL_NAME}@production "
+        "(version 1)"
+    ) in logs
     client, experiment_id, parent = served.parent_run(nightly)
     assert parent.data.tags[tracking.DEPLOYMENT_NAME_TAG] == "nightly-retokenize"
     (catalogue,) = client.search_runs(
@@ -337,9 +482,60 @@ def test_nightly_deployment_semantics_with_a_reader_running(
     assert catalogue.data.metrics["items_new"] == 3.0
     assert catalogue.data.metrics["items_removed"] == 1.0
 
-    # Nothing changed since: a second nightly run writes no version.
-    served.run_deployment("nightly-retokenize")
+    # Nothing changed since: a second nightly run writes no version, and says so.
+    unchanged = served.run_deployment("nightly-retokenize")
     assert storage.latest_version(served.db) == 2
+    artifacts = served.artifacts(unchanged)
+    assert "unchanged, current semantic-ID version 2" in artifacts["store-tiny-run-summary"]
+    assert artifacts["store-tiny-catalogue-summary"].startswith(
+        "**Catalogue unchanged, current semantic-ID version 2**"
+    )
+    assert "None" not in artifacts["store-tiny-run-summary"]
+
+
+def test_two_workspaces_runs_do_not_mix(served: Served, full_run: str, tmp_path: Path) -> None:
+    """A second ``store serve`` for another workspace shows none of the first one's runs
+    or artifacts (each workspace has its own Prefect database)."""
+    assert served.api_post("/flow_runs/filter", {})  # the first workspace has runs
+    port = free_port()
+    other = tmp_path / "other-ws"
+    args = ["--config", "tiny", "--set", f"workspace={other}", "--no-schedule"]
+    log = tmp_path / "other.log"
+    with log.open("w") as sink:
+        proc = subprocess.Popen(
+            [str(BIN / "store"), "serve", *args, "--prefect-port", str(port)],
+            env=served.env,
+            stdout=sink,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+    try:
+        deadline = time.monotonic() + 300
+        while not (other / "serve" / STATE_FILE).exists():
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(1)
+        api = f"http://127.0.0.1:{port}/api"
+        request = urllib.request.Request(
+            f"{api}/flow_runs/filter", data=b"{}", headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert json.loads(response.read()) == []
+        request = urllib.request.Request(
+            f"{api}/artifacts/filter", data=b"{}", headers={"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:
+            assert json.loads(response.read()) == []
+        assert (other / "prefect" / "prefect.db").is_file()
+    finally:
+        subprocess.run(
+            [str(BIN / "store"), "serve", "--stop", *args[:4]],
+            env=served.env,
+            cwd=REPO,
+            capture_output=True,
+            timeout=120,
+        )
+        proc.wait(timeout=90)
 
 
 def test_prefect_yaml_deploys_to_its_work_pools(served: Served, full_run: str) -> None:
