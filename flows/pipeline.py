@@ -40,6 +40,7 @@ from prefect.context import FlowRunContext, TaskRunContext  # noqa: E402
 from prefect.logging.handlers import APILogHandler  # noqa: E402
 from prefect.runtime import deployment, flow_run  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
+from prefect.utilities.urls import url_for  # noqa: E402
 
 from flows import reporting  # noqa: E402
 from flows.reporting import StageReport  # noqa: E402
@@ -270,7 +271,7 @@ def store_pipeline(
         tags[tracking.DEPLOYMENT_NAME_TAG] = str(deployment.name)
     stages: dict[str, Any] = {}
     name = f"store-{job}-{flow_run.name or 'local'}"
-    prefect_url = flow_run.ui_url
+    prefect_url = url_for("flow-run", obj_id=flow_run.id) if flow_run.id else None
     with (
         workspace_writer(cfg.workspace, f"pipeline ({job})"),
         tracking.pipeline_run(cfg, run_name=name, tags=tags) as run,

@@ -404,8 +404,30 @@ def register_model(
     version = client.create_model_version(
         name, source, run_id=run.run_id, tags=safe_tags, description=redact(description)
     )
+    _record_logged_model(client, run.run_id, artifact_path)
     logger.info("registered model %s version %s (run %s)", name, version.version, run.run_id)
     return ModelVersion(name, str(version.version), run.run_id, source)
+
+
+#: The run tag MLflow's runs table reads for its "Models" column (what ``mlflow.<flavor>.
+#: log_model`` records): one entry per model logged by the run.
+LOGGED_MODELS_TAG = "mlflow.log-model.history"
+
+
+def _record_logged_model(client: MlflowClient, run_id: str, artifact_path: str) -> None:
+    """Record ``<run>/<artifact_path>`` as a model the run logged, so the runs table's
+    Models column shows it (linked to its registered version)."""
+    import datetime
+    import uuid
+
+    entry = {
+        "run_id": run_id,
+        "artifact_path": artifact_path,
+        "utc_time_created": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S.%f"),
+        "flavors": {"store_checkpoint": {"format": "safetensors + tokenizer"}},
+        "model_uuid": uuid.uuid4().hex,
+    }
+    client.set_tag(run_id, LOGGED_MODELS_TAG, json.dumps([entry]))
 
 
 def set_alias(cfg: StoreConfig, version: ModelVersion, alias: str = PRODUCTION_ALIAS) -> None:

@@ -118,13 +118,23 @@ class Served:
         flows = {f["id"]: f["name"] for f in self.api_post("/flows/filter", {})}
         return {flows[r["flow_id"]]: r["id"] for r in found}
 
-    def run_logs(self, flow_run_ids: list[str]) -> list[str]:
-        """The messages of the flow runs' logs, as the Prefect UI shows them."""
-        found = self.api_post(
-            "/logs/filter",
-            {"logs": {"flow_run_id": {"any_": flow_run_ids}}, "sort": "TIMESTAMP_ASC"},
-        )
-        return [entry["message"] for entry in found]
+    def run_logs(self, flow_run_ids: list[str], min_level: int = 0) -> list[str]:
+        """The messages of the flow runs' logs (``min_level`` and up), as the Prefect UI
+        shows them."""
+        messages: list[str] = []
+        while True:  # the API pages by 200
+            found = self.api_post(
+                "/logs/filter",
+                {
+                    "logs": {"flow_run_id": {"any_": flow_run_ids}, "level": {"ge_": min_level}},
+                    "sort": "TIMESTAMP_ASC",
+                    "limit": 200,
+                    "offset": len(messages),
+                },
+            )
+            messages += [entry["message"] for entry in found]
+            if len(found) < 200:
+                return messages
 
     def mlflow(self) -> MlflowClient:
         return MlflowClient(tracking_uri=f"http://127.0.0.1:{self.mlflow_port}")
@@ -211,7 +221,23 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
 
 @pytest.fixture(scope="module")
 def full_run(served: Served) -> str:
-    """The flow-run id of one ``store/full-pipeline`` run on the served stack."""
+    """The flow-run id of one ``store/full-pipeline`` run on the served stack, after a
+    killed process left a RUNNING MLflow run behind (which the run's first MLflow run
+    reaps, with a warning: a library warning that every such run logs)."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    client = served.mlflow()
+    experiment = client.get_experiment_by_name(EXPERIMENT)
+    assert experiment is not None
+    client.create_run(
+        experiment.experiment_id,
+        run_name="killed-earlier",
+        tags={
+            tracking.WORKSPACE_TAG: str(served.workspace.resolve()),
+            tracking.HOST_TAG: socket.gethostname(),
+            tracking.PID_TAG: str(dead.pid),
+        },
+    )
     return served.run_deployment("full-pipeline")
 
 
@@ -355,8 +381,9 @@ def test_flow_run_logs_show_library_warnings_and_stage_results(
     }
     logs = served.run_logs([full_run, *subflows.values()])
     text = "\n".join(logs)
-    # The library's own records reach the run: its warning and training progress.
-    assert any(line.startswith("codebook collisions: ") for line in logs), text[-3000:]
+    # The library's own records reach the run: its warnings and training progress.
+    warnings = served.run_logs([full_run, *subflows.values()], min_level=30)
+    assert any(w.startswith("marked 1 MLflow run(s) KILLED whose process") for w in warnings)
     assert any(" step " in line and "tokens/s" in line for line in logs), text[-3000:]
     assert any(line.startswith("epoch 1 validation: ") for line in logs), text[-3000:]
     # One result line per stage, rounded, without Python containers.
@@ -391,7 +418,7 @@ def test_full_pipeline_sets_the_production_alias(served: Served, full_run: str) 
         f"http://127.0.0.1:{served.mlflow_port}/#/experiments/{experiment_id}"
         f"/runs/{parent.info.run_id}"
     )
-    assert f"]({pipeline_url})" in version.description
+    assert f"]({pipeline_url})" in str(version.description)
 
 
 def _start_reader(served: Served, tmp: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
@@ -491,6 +518,39 @@ def test_nightly_deployment_semantics_with_a_reader_running(
         "**Catalogue unchanged, current semantic-ID version 2**"
     )
     assert "None" not in artifacts["store-tiny-run-summary"]
+
+
+def test_nightly_refuses_a_checkpoint_that_is_not_the_production_version(
+    served: Served, full_run: str
+) -> None:
+    """Move ``@production`` to another version: the nightly job resolves it and fails
+    with one line naming both versions, writing nothing."""
+    client = served.mlflow()
+    first = client.get_model_version(MODEL_NAME, "1")
+    other = client.create_model_version(MODEL_NAME, str(first.source), run_id=first.run_id)
+    client.set_registered_model_alias(MODEL_NAME, "production", other.version)
+    latest = storage.latest_version(served.db)
+    try:
+        proc = subprocess.run(
+            [str(BIN / "prefect"), "deployment", "run", "store/nightly-retokenize", "--watch"],
+            env={**served.env, "PREFECT_API_URL": served.api},
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    finally:
+        client.set_registered_model_alias(MODEL_NAME, "production", "1")
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    flow_run_id = next(
+        line.split("UUID:")[1].strip() for line in proc.stdout.splitlines() if "UUID:" in line
+    )
+    state = served.api_get(f"/flow_runs/{flow_run_id}")["state"]
+    assert state["type"] == "FAILED"
+    assert (
+        f"models:/{MODEL_NAME}@production is version {other.version}, but the workspace's "
+        "checkpoint"
+    ) in state["message"]
+    assert storage.latest_version(served.db) == latest
 
 
 def test_two_workspaces_runs_do_not_mix(served: Served, full_run: str, tmp_path: Path) -> None:
