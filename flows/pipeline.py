@@ -240,17 +240,30 @@ def evaluate_flow(
     return publish_stage(cfg, reporting.evaluate_report(outcome))
 
 
-def _timed(
-    run: tracking.Run, stages: dict[str, Any], name: str, call: Callable[[], dict[str, Any]]
-) -> dict[str, Any]:
-    """Run one stage subflow; log its duration and headline metrics on the parent run as
-    soon as it ends (a later failure keeps them)."""
-    started = time.monotonic()
-    result = call()
-    elapsed = time.monotonic() - started
-    run.log_metrics({**result.get("headline", {}), f"duration_s/{name}": elapsed})
-    stages[name] = result
-    return result
+class _Stages:
+    """Runs the stage subflows of one pipeline run in order. As each starts and ends, the
+    parent flow run logs a progress line (what ``prefect deployment run --watch`` shows)
+    and the MLflow parent run gets the stage's duration and headline metrics (a later
+    failure keeps them)."""
+
+    def __init__(self, run: tracking.Run, planned: list[str]) -> None:
+        self.run = run
+        self.planned = planned
+        self.results: dict[str, Any] = {}
+
+    def __call__(self, name: str, call: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+        logger = get_run_logger()
+        position = f"{self.planned.index(name) + 1}/{len(self.planned)}"
+        label = name.replace("_", "-")
+        logger.info("stage %s %s started", position, label)
+        started = time.monotonic()
+        result = call()
+        elapsed = time.monotonic() - started
+        headline = {k: round(v, 4) for k, v in result.get("headline", {}).items()}
+        self.run.log_metrics({**headline, f"duration_s/{name}": round(elapsed, 1)})
+        self.results[name] = result
+        logger.info("stage %s done in %.0f s: %s", position, elapsed, result.get("line", label))
+        return result
 
 
 @flow(name="store")
@@ -269,45 +282,37 @@ def store_pipeline(
     if deployment.id:
         tags[tracking.DEPLOYMENT_ID_TAG] = str(deployment.id)
         tags[tracking.DEPLOYMENT_NAME_TAG] = str(deployment.name)
-    stages: dict[str, Any] = {}
     name = f"store-{job}-{flow_run.name or 'local'}"
     prefect_url = url_for("flow-run", obj_id=flow_run.id) if flow_run.id else None
+    planned = ["ingest"]
+    planned += ["train_tokenizer", "train_recommender"] if job == "full" else []
+    planned += ["tokenize_catalogue"] + (["evaluate"] if job == "full" and evaluate else [])
     with (
         workspace_writer(cfg.workspace, f"pipeline ({job})"),
         tracking.pipeline_run(cfg, run_name=name, tags=tags) as run,
     ):
-        run.set_description(parent_description(job, prefect_url, deployment.name, stages))
+        stage = _Stages(run, planned)
+        run.set_description(parent_description(job, prefect_url, deployment.name, stage.results))
         try:
-            _timed(run, stages, "ingest", lambda: ingest_flow(config, overrides, run.run_id))
+            stage("ingest", lambda: ingest_flow(config, overrides, run.run_id))
             if job == "full":
-                _timed(
-                    run,
-                    stages,
-                    "train_tokenizer",
-                    lambda: tokenizer_flow(config, overrides, run.run_id),
-                )
-                _timed(
-                    run,
-                    stages,
-                    "train_recommender",
-                    lambda: recommender_flow(config, overrides, run.run_id),
-                )
-            _timed(
-                run,
-                stages,
+                stage("train_tokenizer", lambda: tokenizer_flow(config, overrides, run.run_id))
+                stage("train_recommender", lambda: recommender_flow(config, overrides, run.run_id))
+            stage(
                 "tokenize_catalogue",
                 lambda: catalogue_flow(
                     config, overrides, run.run_id, use_alias=job == "retokenize"
                 ),
             )
             if job == "full":
-                promote(cfg, stages["train_recommender"], run, prefect_url)
+                promote(cfg, stage.results["train_recommender"], run, prefect_url)
             if job == "full" and evaluate:
-                _timed(
-                    run, stages, "evaluate", lambda: evaluate_flow(config, overrides, run.run_id)
-                )
+                stage("evaluate", lambda: evaluate_flow(config, overrides, run.run_id))
         finally:
-            run.set_description(parent_description(job, prefect_url, deployment.name, stages))
+            run.set_description(
+                parent_description(job, prefect_url, deployment.name, stage.results)
+            )
+    stages = stage.results
     summary = {
         "job": job,
         "workspace": cfg.workspace,
@@ -355,10 +360,7 @@ def promote(
         "\n".join(lines),
         {"store.pipeline_run_id": run.run_id, tracking.FLOW_RUN_TAG: str(flow_run.id or "")},
     )
-    tracking.set_alias(cfg, version, tracking.PRODUCTION_ALIAS)
-    get_run_logger().info(
-        "models:/%s@%s -> version %s", version.name, tracking.PRODUCTION_ALIAS, version.version
-    )
+    tracking.set_alias(cfg, version, tracking.PRODUCTION_ALIAS)  # logs the move
 
 
 def parent_description(
@@ -431,7 +433,10 @@ def run_summary_markdown(summary: dict[str, Any]) -> str:
         "",
         "| stage | result |",
         "|---|---|",
-        *(f"| {name} | {stage['line']} |" for name, stage in summary["stages"].items()),
+        *(
+            f"| {name} | {stage['line'].split(': ', 1)[-1]} |"
+            for name, stage in summary["stages"].items()
+        ),
         "",
         "| items | count |",
         "|---|---:|",

@@ -60,6 +60,14 @@ MLFLOW_SERVICE = "mlflow-server"
 PREFECT_DB_ENV = "PREFECT_API_DATABASE_CONNECTION_URL"
 
 
+#: Stream flow-run logs out of the server, so ``prefect deployment run --watch`` shows
+#: the run's log lines (stage progress), not only its state changes.
+LOG_STREAMING = {
+    "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
+    "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true",
+}
+
+
 def prefect_database(cfg: StoreConfig) -> dict[str, str]:
     """``{PREFECT_API_DATABASE_CONNECTION_URL: sqlite+aiosqlite:///<workspace>/prefect/
     prefect.db}`` for the Prefect server ``store serve`` starts; empty when the user set
@@ -239,7 +247,11 @@ class LocalStack:
                         f"{port}",
                     ],
                     f"{self.api_url}/health",
-                    env={"PREFECT_SERVER_ANALYTICS_ENABLED": "false", **prefect_database(cfg)},
+                    env={
+                        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                        **LOG_STREAMING,
+                        **prefect_database(cfg),
+                    },
                 )
             )
         deployments_env = {"PREFECT_API_URL": self.api_url, "PYTHONUNBUFFERED": "1"}

@@ -207,8 +207,8 @@ def experiment_url(base: str, experiment_id: str) -> str:
 
 
 def run_url(base: str, experiment_id: str, run_id: str) -> str:
-    """One run's page in the MLflow UI."""
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    """One run's page in the MLflow UI (in its classic-ML view)."""
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def model_version_url(base: str, name: str, version: str) -> str:

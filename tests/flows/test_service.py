@@ -14,7 +14,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,7 @@ class Served:
     prefect_port: int
     mlflow_port: int
     log: Path
+    watched: dict[str, str] = field(default_factory=dict)  # flow-run id -> --watch output
 
     @property
     def api(self) -> str:
@@ -86,9 +87,11 @@ class Served:
         output = proc.stdout + proc.stderr
         assert proc.returncode == 0, output[-4000:] + self.logs()
         assert "Completed" in output, output[-4000:]
-        return next(
+        flow_run_id = next(
             line.split("UUID:")[1].strip() for line in output.splitlines() if "UUID:" in line
         )
+        self.watched[flow_run_id] = output
+        return flow_run_id
 
     def api_post(self, path: str, body: dict[str, Any]) -> Any:
         request = urllib.request.Request(
@@ -363,7 +366,7 @@ def test_parent_run_carries_headline_metrics_and_links_prefect(
     # The Prefect run summary links the MLflow run.
     run_url = (
         f"http://127.0.0.1:{served.mlflow_port}/#/experiments/{experiment_id}"
-        f"/runs/{parent.info.run_id}"
+        f"/runs/{parent.info.run_id}?workflowType=machine_learning"
     )
     assert f"]({run_url})" in served.artifacts(full_run)["store-tiny-run-summary"]
 
@@ -379,6 +382,13 @@ def test_flow_run_logs_show_library_warnings_and_stage_results(
         "tokenize-catalogue",
         "evaluate",
     }
+    subflows_in_order = [
+        "ingest",
+        "train-tokenizer",
+        "train-recommender",
+        "tokenize-catalogue",
+        "evaluate",
+    ]
     logs = served.run_logs([full_run, *subflows.values()])
     text = "\n".join(logs)
     # The library's own records reach the run: its warnings and training progress.
@@ -402,6 +412,11 @@ def test_flow_run_logs_show_library_warnings_and_stage_results(
     assert len(results) == 5
     for line in results:  # floats rounded for people
         assert not any(len(n) > 4 for n in re.findall(r"\d+\.(\d+)", line)), line
+    # `prefect deployment run --watch` shows each stage starting and ending.
+    watched = served.watched[full_run]
+    for position, stage in enumerate(subflows_in_order, 1):
+        assert f"stage {position}/5 {stage} started" in watched, watched[-3000:]
+        assert f"stage {position}/5 done in " in watched, watched[-3000:]
     # Each stage's artifact is on its own subflow run, published as the stage ended.
     for name, run_id in subflows.items():
         (key,) = served.artifacts(run_id)
@@ -416,7 +431,7 @@ def test_full_pipeline_sets_the_production_alias(served: Served, full_run: str) 
     assert version.tags[tracking.FLOW_RUN_TAG] == full_run
     pipeline_url = (
         f"http://127.0.0.1:{served.mlflow_port}/#/experiments/{experiment_id}"
-        f"/runs/{parent.info.run_id}"
+        f"/runs/{parent.info.run_id}?workflowType=machine_learning"
     )
     assert f"]({pipeline_url})" in str(version.description)
 
