@@ -104,7 +104,7 @@ def tokenizer_report(outcome: StageOutcome) -> StageReport:
     rate = float(stats["collision_rate"])
     line = (
         f"train-tokenizer: collision rate {100 * rate:.1f}% before disambiguation "
-        f"(up to {stats.get('max_items_per_id', 'n/a')} items per ID), "
+        f"(at most {stats.get('max_items_per_id', 'n/a')} item(s) per ID), "
         f"codebook {result.codebook_version}"
     )
     markdown = "\n".join(
