@@ -1,7 +1,11 @@
 """The pipeline as a service, as a user runs it: ``store serve`` (a real Prefect server on
 a free loopback port, the deployments served, an MLflow server), then
 ``prefect deployment run store/full-pipeline`` and ``store/nightly-retokenize`` through
-the Prefect CLI, then ``store serve --stop``. Runs in the default test run (~3 min)."""
+the Prefect CLI, then ``store serve --stop``. Also what users see in the two UIs (issue
+18): the printed runs-table link, the parent run's headline metrics and links, library
+warnings and stage lines in the flow-run logs, per-stage artifacts, the ``@production``
+alias, and a second workspace's server that shows none of these runs. Runs in the
+default test run (~9 min on a busy 2-core machine: one full run, three nightly runs)."""
 
 from __future__ import annotations
 
