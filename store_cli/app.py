@@ -255,13 +255,15 @@ def run(
     out.print(f"DuckDB:    {summary['duckdb']}")
     out.print(f"Models:    {summary['models_dir']}")
     catalogue = summary["stages"]["tokenize_catalogue"]
-    out.print(f"Semantic IDs: DuckDB version {catalogue['version']} ({catalogue['counts']})")
+    out.print(f"Semantic IDs: {catalogue['line'].removeprefix('tokenize-catalogue: ')}")
     if summary["stages"].get("evaluate"):
         out.print(f"Report:    {summary['stages']['evaluate']['report']}")
     if summary.get("mlflow_run_id"):
         uri = redact(str(summary["mlflow_tracking_uri"]))
         out.print(
-            f"MLflow:    run {summary['mlflow_run_id']} at {uri}"
+            f"MLflow:    run {summary['mlflow_run_url']}"
+            if summary.get("mlflow_run_url")
+            else f"MLflow:    run {summary['mlflow_run_id']} at {uri}"
             f"  (UI: mlflow ui --backend-store-uri {uri})"
         )
 
@@ -323,7 +325,7 @@ def serve(
     out.print("[bold green]store is being served[/] (Ctrl-C or `store serve --stop` stops it)")
     out.print(f"Prefect UI:   {urls['prefect_ui']}")
     if "mlflow_ui" in urls:
-        out.print(f"MLflow UI:    {urls['mlflow_ui']}")
+        out.print(f"MLflow UI:    {urls['mlflow_runs']}")
     out.print(
         f"Deployments:  store/full-pipeline, store/nightly-retokenize "
         f"(cron '{cfg.service.nightly_cron}' {cfg.service.timezone}"

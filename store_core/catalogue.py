@@ -352,7 +352,11 @@ def _tokenize(
         if os.path.exists(tmp_path):
             os.remove(tmp_path)
     seconds = time.perf_counter() - started
-    logger.info("semantic-ID version %d written: %s", version, counts)
+    logger.info(
+        "semantic-ID version %d written: %s",
+        version,
+        ", ".join(f"{v} {k}" for k, v in counts.items()),
+    )
     return CatalogueOutcome(version, counts, total / max(seconds, 1e-9), seconds, id_space)
 
 

@@ -2,9 +2,13 @@
 
 Starts, bound to 127.0.0.1, in this order and each only once the previous one is healthy:
 
-1. a Prefect server (skipped when ``PREFECT_API_URL`` already points at one);
+1. a Prefect server (skipped when ``PREFECT_API_URL`` already points at one), with its
+   database in ``<workspace>/prefect/prefect.db`` unless
+   ``PREFECT_API_DATABASE_CONNECTION_URL`` is set: each workspace has its own runs;
 2. optionally a lean MLflow server (one worker, no job execution) on the workspace's
-   tracking store, for its UI;
+   tracking store, for its UI; the experiment is created through it and its runs-table
+   URL recorded (``urls["mlflow_runs"]``); the flow runs get the UI's URL
+   (``STORE_MLFLOW_UI_URL``) to link their MLflow runs;
 3. ``python -m flows.serve``: the ``full-pipeline`` and ``nightly-retokenize``
    deployments of the flow ``store``, served (flow runs execute as its subprocesses).
 
@@ -39,6 +43,7 @@ import psutil
 from store_core.config import StoreConfig
 from store_core.errors import StoreError
 from store_core.telemetry import disable_telemetry
+from store_core.tracking import UI_URL_ENV
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +54,29 @@ DEFAULT_MLFLOW_PORT = 5000
 STARTUP_TIMEOUT_S = 180.0
 STOP_GRACE_S = 20.0
 FULL_PIPELINE = "store/full-pipeline"
+MLFLOW_SERVICE = "mlflow-server"
+#: The Prefect server's database, per workspace (unless the user configures one): runs
+#: and artifact histories of two workspaces never mix in one UI.
+PREFECT_DB_ENV = "PREFECT_API_DATABASE_CONNECTION_URL"
+
+
+#: Stream flow-run logs out of the server, so ``prefect deployment run --watch`` shows
+#: the run's log lines (stage progress), not only its state changes.
+LOG_STREAMING = {
+    "PREFECT_SERVER_LOGS_STREAM_OUT_ENABLED": "true",
+    "PREFECT_SERVER_LOGS_STREAM_PUBLISHING_ENABLED": "true",
+}
+
+
+def prefect_database(cfg: StoreConfig) -> dict[str, str]:
+    """``{PREFECT_API_DATABASE_CONNECTION_URL: sqlite+aiosqlite:///<workspace>/prefect/
+    prefect.db}`` for the Prefect server ``store serve`` starts; empty when the user set
+    the variable (their database wins)."""
+    if os.environ.get(PREFECT_DB_ENV):
+        return {}
+    directory = Path(cfg.workspace).resolve() / "prefect"
+    directory.mkdir(parents=True, exist_ok=True)
+    return {PREFECT_DB_ENV: f"sqlite+aiosqlite:///{directory / 'prefect.db'}"}
 
 
 def serve_dir(cfg: StoreConfig) -> Path:
@@ -219,11 +247,17 @@ class LocalStack:
                         f"{port}",
                     ],
                     f"{self.api_url}/health",
-                    env={"PREFECT_SERVER_ANALYTICS_ENABLED": "false"},
+                    env={
+                        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                        **LOG_STREAMING,
+                        **prefect_database(cfg),
+                    },
                 )
             )
+        deployments_env = {"PREFECT_API_URL": self.api_url, "PYTHONUNBUFFERED": "1"}
         if mlflow:
             self.services.append(self._mlflow_service(python, mlflow_port))
+            deployments_env[UI_URL_ENV] = self.urls["mlflow_ui"]
         argv = [python, "-m", "flows.serve"]
         argv += ["--config", config] if config else []
         for item in overrides:
@@ -234,10 +268,18 @@ class LocalStack:
                 "deployments",
                 argv,
                 f"{self.api_url}/deployments/name/{FULL_PIPELINE}",
-                env={"PREFECT_API_URL": self.api_url, "PYTHONUNBUFFERED": "1"},
+                env=deployments_env,
                 cwd=repo_root,
             )
         )
+
+    def _link_runs_view(self) -> None:
+        """Create the experiment through the MLflow server (a classic ML experiment, see
+        :func:`store_core.tracking.ensure_experiment`) and record its runs-table URL."""
+        from store_core.tracking import ensure_experiment, experiment_url
+
+        base = self.urls["mlflow_ui"]
+        self.urls["mlflow_runs"] = experiment_url(base, ensure_experiment(self.cfg, base))
 
     def _mlflow_service(self, python: str, port: int | None) -> Service:
         from store_core.tracking import artifact_location, tracking_uri
@@ -253,7 +295,7 @@ class LocalStack:
             raise StoreError(f"port {port} on {HOST} is in use (--mlflow-port)")
         self.urls["mlflow_ui"] = f"http://{HOST}:{chosen}"
         return Service(
-            "mlflow-server",
+            MLFLOW_SERVICE,
             [
                 *(python, "-m", "mlflow", "server", "--host", HOST, "--port", str(chosen)),
                 *("--workers", "1", "--backend-store-uri", uri),
@@ -280,6 +322,8 @@ class LocalStack:
             for service in self.services:
                 service.start(self.dir)
                 service.wait_ready(timeout_s)
+                if service.name == MLFLOW_SERVICE:
+                    self._link_runs_view()
         except BaseException:
             self.stop()
             raise

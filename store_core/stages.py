@@ -282,6 +282,11 @@ def catalogue_stage(
         return StageOutcome(run.run_id, outcome)
 
 
+#: The evaluation metrics logged as MLflow metrics (one chart each); all of them go to
+#: the results table the flow logs (:func:`flows.reporting.evaluation_table`).
+_HEADLINE = ("recall_at_10", "ndcg_at_10", "mrr", "invalid_id_rate")
+
+
 @dataclass(frozen=True)
 class EvaluationOutcome:
     report_path: str
@@ -307,8 +312,10 @@ def evaluate_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> StageO
     with signals.handle_sigterm(), tracking.stage_run(cfg, "evaluate", parent_run_id) as run:
         run.log_params({"systems": ",".join(cfg.evaluation.systems)})
         results = run_systems(cfg)
-        for system, metrics in aggregate(results).items():
-            run.log_metrics({f"{system}/{k}": mean for k, (mean, _, _) in metrics.items()})
+        for system, metrics in aggregate(results).items():  # the rest: flows' table
+            run.log_metrics(
+                {f"{system}/{k}": mean for k, (mean, _, _) in metrics.items() if k in _HEADLINE}
+            )
         stamp = time.strftime("%Y%m%d-%H%M%S")
         reports = Path(cfg.workspace) / "reports"
         reports.mkdir(parents=True, exist_ok=True)

@@ -48,6 +48,17 @@ WORKSPACE_TAG = "store.workspace"
 HOST_TAG = "store.host"
 PID_TAG = "store.pid"
 ENDED_BY_TAG = "store.ended_by"
+#: MLflow renders this run tag as the run's Markdown description.
+DESCRIPTION_TAG = "mlflow.note.content"
+#: The experiment tag MLflow 3's UI reads to choose its view: with this value it opens
+#: the runs table (classic ML), not the GenAI view (traces, tokens, cost).
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"
+#: The registered-model alias the full pipeline moves to its new version and the nightly
+#: job resolves (``models:/<name>@production``).
+PRODUCTION_ALIAS = "production"
+#: Set by ``store serve --mlflow`` for the flow runs it serves: the MLflow UI's base URL.
+UI_URL_ENV = "STORE_MLFLOW_UI_URL"
 
 
 def tracking_uri(cfg: StoreConfig) -> str:
@@ -75,9 +86,35 @@ def artifact_location(cfg: StoreConfig) -> str | None:
 class Run:
     """A handle on one MLflow run; every method is a no-op when tracking is disabled."""
 
-    def __init__(self, client: MlflowClient | None, run_id: str | None) -> None:
+    def __init__(
+        self, client: MlflowClient | None, run_id: str | None, experiment_id: str | None = None
+    ) -> None:
         self.client = client
         self.run_id = run_id
+        self.experiment_id = experiment_id
+
+    def url(self, base: str | None) -> str | None:
+        """This run's page under the MLflow UI at ``base`` (None without a UI or run)."""
+        if base is None or self.run_id is None or self.experiment_id is None:
+            return None
+        return run_url(base, self.experiment_id, self.run_id)
+
+    def set_description(self, markdown: str) -> None:
+        """The run's description (Markdown, shown on its page; redacted)."""
+        self.set_tags({DESCRIPTION_TAG: markdown[:5000]})
+
+    def log_table(self, data: Mapping[str, list[Any]], file_name: str) -> None:
+        """A table (column -> values) as an MLflow table artifact (``*.json``), shown as
+        a table on the run's Artifacts tab."""
+        if self.client is None or self.run_id is None:
+            return
+        self.client.log_table(self.run_id, dict(data), file_name)
+
+    def log_figure(self, figure: Any, file_name: str) -> None:
+        """A matplotlib figure as an image artifact."""
+        if self.client is None or self.run_id is None:
+            return
+        self.client.log_figure(self.run_id, figure, file_name)
 
     def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
         if self.client is None or self.run_id is None:
@@ -129,18 +166,54 @@ class Run:
             self.client.set_tag(self.run_id, key, redact(str(value)))
 
 
-def _client(cfg: StoreConfig) -> tuple[MlflowClient, str]:
+def _client(cfg: StoreConfig, uri: str | None = None) -> tuple[MlflowClient, str]:
+    """A client on ``uri`` (default :func:`tracking_uri`) and the configured experiment's
+    id, creating the experiment (marked as a classic ML experiment) on first use."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    client = MlflowClient(tracking_uri=uri or tracking_uri(cfg))
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     if experiment is None:
         experiment_id = client.create_experiment(
-            cfg.tracking.experiment, artifact_location=artifact_location(cfg)
+            cfg.tracking.experiment,
+            artifact_location=artifact_location(cfg),
+            tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
         )
     else:
         experiment_id = experiment.experiment_id
+        if EXPERIMENT_KIND_TAG not in experiment.tags:  # created by an older STORE
+            client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
     return client, experiment_id
+
+
+def ensure_experiment(cfg: StoreConfig, uri: str | None = None) -> str:
+    """The configured experiment's id on ``uri`` (default :func:`tracking_uri`), created
+    when missing. Raises what MLflow raises for an unreachable or broken store."""
+    return _client(cfg, uri)[1]
+
+
+def ui_url(cfg: StoreConfig) -> str | None:
+    """The MLflow UI's base URL: ``$STORE_MLFLOW_UI_URL`` (``store serve --mlflow`` sets
+    it), else an http(s) tracking URI (a tracking server serves its UI), else None."""
+    if os.environ.get(UI_URL_ENV):
+        return redact(os.environ[UI_URL_ENV]).rstrip("/")
+    uri = tracking_uri(cfg)
+    return redact(uri).rstrip("/") if uri.startswith(("http://", "https://")) else None
+
+
+def experiment_url(base: str, experiment_id: str) -> str:
+    """The experiment's runs table in the MLflow UI (not its GenAI view)."""
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def run_url(base: str, experiment_id: str, run_id: str) -> str:
+    """One run's page in the MLflow UI (in its classic-ML view)."""
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
+def model_version_url(base: str, name: str, version: str) -> str:
+    """A registered model version's page in the MLflow UI."""
+    return f"{base}/#/models/{name}/versions/{version}"
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -167,7 +240,7 @@ def _run(cfg: StoreConfig, run_name: str, tags: Mapping[str, str]) -> Iterator[R
     reap_orphaned_runs(client, experiment_id, owner[WORKSPACE_TAG])
     safe_tags = {key: redact(str(value)) for key, value in {**tags, **owner}.items()}
     info = client.create_run(experiment_id, run_name=redact(run_name), tags=safe_tags).info
-    run = Run(client, info.run_id)
+    run = Run(client, info.run_id, experiment_id)
     try:
         yield run
     except BaseException as exc:
@@ -254,6 +327,17 @@ def pipeline_run(
         yield run
 
 
+def attach(cfg: StoreConfig, run_id: str | None) -> Run:
+    """A handle on an existing run (a stage's, after it ended): no-op when tracking is
+    disabled or ``run_id`` is None."""
+    if not cfg.tracking.enabled or run_id is None:
+        return Run(None, None)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    return Run(client, run_id, client.get_run(run_id).info.experiment_id)
+
+
 @contextmanager
 def stage_run(cfg: StoreConfig, stage: str, parent_run_id: str | None = None) -> Iterator[Run]:
     """A run for one stage, nested under ``parent_run_id`` when given."""
@@ -320,5 +404,71 @@ def register_model(
     version = client.create_model_version(
         name, source, run_id=run.run_id, tags=safe_tags, description=redact(description)
     )
+    _record_logged_model(client, run.run_id, artifact_path)
     logger.info("registered model %s version %s (run %s)", name, version.version, run.run_id)
     return ModelVersion(name, str(version.version), run.run_id, source)
+
+
+#: The run tag MLflow's runs table reads for its "Models" column (what ``mlflow.<flavor>.
+#: log_model`` records): one entry per model logged by the run.
+LOGGED_MODELS_TAG = "mlflow.log-model.history"
+
+
+def _record_logged_model(client: MlflowClient, run_id: str, artifact_path: str) -> None:
+    """Record ``<run>/<artifact_path>`` as a model the run logged, so the runs table's
+    Models column shows it (linked to its registered version)."""
+    import datetime
+    import uuid
+
+    entry = {
+        "run_id": run_id,
+        "artifact_path": artifact_path,
+        "utc_time_created": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M:%S.%f"),
+        "flavors": {"store_checkpoint": {"format": "safetensors + tokenizer"}},
+        "model_uuid": uuid.uuid4().hex,
+    }
+    client.set_tag(run_id, LOGGED_MODELS_TAG, json.dumps([entry]))
+
+
+def set_alias(cfg: StoreConfig, version: ModelVersion, alias: str = PRODUCTION_ALIAS) -> None:
+    """Point ``models:/<name>@<alias>`` at ``version`` (moved from any earlier one)."""
+    if not cfg.tracking.enabled:
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    client.set_registered_model_alias(version.name, alias, version.version)
+    logger.info("models:/%s@%s is now version %s", version.name, alias, version.version)
+
+
+def model_by_alias(cfg: StoreConfig, alias: str = PRODUCTION_ALIAS) -> ModelVersion | None:
+    """The version ``models:/<name>@<alias>`` points at; None when tracking is disabled or
+    the model or alias does not exist. Raises what MLflow raises for other errors."""
+    if not cfg.tracking.enabled:
+        return None
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    name = registered_model_name(cfg)
+    try:
+        found = client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+    return ModelVersion(name, str(found.version), str(found.run_id), str(found.source))
+
+
+def describe_model_version(
+    cfg: StoreConfig, version: ModelVersion, markdown: str, tags: Mapping[str, str]
+) -> None:
+    """Add links (Markdown description) and tags to a registered model version."""
+    if not cfg.tracking.enabled:
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    client.update_model_version(version.name, version.version, description=redact(markdown))
+    for key, value in tags.items():
+        client.set_model_version_tag(version.name, version.version, key, redact(str(value)))

@@ -38,6 +38,8 @@ from store_core.progress import progress
 from store_core.tracking import Run
 
 logger = logging.getLogger(__name__)
+#: Without a progress bar (not a terminal: a service's log), a progress line this often.
+PROGRESS_EVERY_S = 30.0
 
 DEEPSPEED_DIR = CONFIG_DIR.parent / "deepspeed"
 
@@ -426,7 +428,9 @@ def _validate(
     metrics = stopping.validate(engine.module)
     engine.train()
     state.validation.append({"epoch": float(epoch), "step": float(state.step), **metrics})
-    logger.info("epoch %d validation: %s", epoch, metrics)
+    logger.info(
+        "epoch %d validation: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    )
     log({f"val_{k}": v for k, v in metrics.items()})
     value = metrics[stopping.monitor]
     if state.best_metric is None or value > state.best_metric:
@@ -508,7 +512,8 @@ def train(
     engine.train()
     meter = _Meter()
     meter.reopen(state.window)
-    clock = time.perf_counter()
+    clock = said = time.perf_counter()
+    said -= PROGRESS_EVERY_S  # the first logged step gets a line
     micro = state.step * cfg.grad_accum
     while state.step < steps and not state.stopped_early:
         indices = plan.batch(micro)
@@ -528,6 +533,16 @@ def train(
             state.history.append({"step": float(state.step), **record})
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             log(record)
+            if is_main and bar.disable and time.perf_counter() - said >= PROGRESS_EVERY_S:
+                said = time.perf_counter()  # no bar (a service's log): a line every 30 s
+                logger.info(
+                    "%s: step %d/%d, loss %.4f, %.0f tokens/s",
+                    description,
+                    state.step,
+                    steps,
+                    record["loss"],
+                    record["tokens_per_s"],
+                )
         due = (
             state.step % cfg.eval_every == 0
             if cfg.eval_every
