@@ -85,16 +85,17 @@ def tokenizer_flow(
     cfg = load_config(config, overrides)
     outcome = tokenizer_stage(cfg, parent_run_id)
     result = outcome.result
+    assert result is not None  # the flow process is rank 0
     get_run_logger().info(
         "semantic tokenizer: collision rate %.4f, checkpoint %s",
-        result.stats["collision_rate"],
+        result.collision_rate,
         result.checkpoint_dir,
     )
     return {
         "run_id": outcome.run_id,
         "checkpoint_dir": result.checkpoint_dir,
         "codebook_version": result.codebook_version,
-        "collision_rate": result.stats["collision_rate"],
+        "collision_rate": result.collision_rate,
     }
 
 
@@ -107,18 +108,19 @@ def recommender_flow(
     """Stage 2b: Phase B multi-task training with validation and early stopping."""
     cfg = load_config(config, overrides)
     outcome = recommender_stage(cfg, parent_run_id)
-    metrics = outcome.result.metrics
+    result = outcome.result
+    assert result is not None  # the flow process is rank 0
     get_run_logger().info(
         "recommender: best validation NDCG@10 %s at epoch %s",
-        metrics["best_val_ndcg_at_10"],
-        metrics["best_epoch"],
+        result.best_val_ndcg_at_10,
+        result.best_epoch,
     )
-    registered = model_version_of(outcome.result.checkpoint_dir)
+    registered = model_version_of(result.checkpoint_dir)
     return {
         "run_id": outcome.run_id,
-        "checkpoint_dir": outcome.result.checkpoint_dir,
-        "best_val_ndcg_at_10": metrics["best_val_ndcg_at_10"],
-        "model_uri": registered["uri"] if registered else None,
+        "checkpoint_dir": result.checkpoint_dir,
+        "best_val_ndcg_at_10": result.best_val_ndcg_at_10,
+        "model_uri": registered.uri if registered else None,
     }
 
 
