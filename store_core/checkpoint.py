@@ -1,4 +1,4 @@
-"""The trained-checkpoint contract: file names, typed metadata, publish, semantic IDs.
+"""The trained-checkpoint contract: file names, typed metadata, stats, registry record, IDs.
 
 Both training phases write one checkpoint directory, and everything after them
 (recommender training, catalogue tokenization, evaluation, ``store recommend``, the
@@ -69,7 +69,8 @@ MODEL_VERSION_SUFFIX = ".mlflow_model.json"
 LEGACY_MODEL_VERSION_FILE = "mlflow_model.json"
 
 #: The ``format_version`` this release writes. 1: metadata without the field (older
-#: releases); 2: the field, ``checkpoint_id`` and Phase B's own copy of ``stats.json``.
+#: releases); 2: the field, ``checkpoint_id``, Phase B's own copy of ``stats.json``, the
+#: registry record next to the directory, ``method``/``active`` in ``semantic_ids.parquet``.
 FORMAT_VERSION = 2
 
 
