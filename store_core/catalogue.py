@@ -204,6 +204,7 @@ def tokenize_catalogue(
         recover_outputs(cfg)
         staging = clean_staging(cfg)
         bundle = load_bundle(checkpoint)
+        bundle.trained(cfg)  # a config that disagrees with the checkpoint is named
         staging.mkdir(parents=True, exist_ok=True)
         rows_path = staging / f"semantic-ids-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
         try:

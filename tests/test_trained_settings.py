@@ -88,3 +88,27 @@ def test_store_recommend_uses_the_trained_history_len_and_says_so(tiny_pipeline:
     items = [json.loads(line)["item_id"] for line in overridden.stdout.splitlines()]
     assert len(items) == 10
     assert overridden.stdout == plain.stdout  # the same 5-item prompt, the same ranking
+
+
+def test_tokenize_catalogue_names_a_disagreeing_setting_and_uses_the_trained_one(
+    tiny_pipeline: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from store_core.catalogue import tokenize_catalogue
+
+    generated = []
+    for name, extra in (("plain", []), ("overridden", ["model.max_text_tokens=16"])):
+        ws = copy_workspace(tiny_pipeline, tmp_path / name)
+        cfg = load_config("tiny", [f"workspace={ws}", "tracking.enabled=false", *extra])
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="store_core.checkpoint"):
+            tokenize_catalogue(cfg, recommender_dir(cfg), mode="regenerate")
+        said = (
+            "model.max_text_tokens=16 in the config differs from the 32 this checkpoint was "
+            "trained with: the checkpoint's 32 is used"
+        )
+        assert (said in caplog.text) == bool(extra)
+        ids = storage.current_ids(cfg.duckdb_path)
+        items, sids = ids.column("item_id").to_pylist(), ids.column("sid").to_pylist()
+        generated.append(dict(zip(items, sids, strict=True)))
+    # Every ID generated from the item texts as the model was trained to read them.
+    assert generated[0] == generated[1]
