@@ -237,8 +237,8 @@ def warn_overrides(
             if key in already:
                 continue
             already.add(key)
-        logger.warning(
-            "%s=%s in the config differs from the %s this checkpoint was trained with: "
+        logger.warning(  # not "key=value": the redaction filter would hide *_tokens=...
+            "%s in the config (%s) differs from the %s this checkpoint was trained with: "
             "the checkpoint's %s is used (%s)",
             key,
             configured,

@@ -24,7 +24,7 @@ from tests.test_tiny_pinned import PINNED_METRICS
 
 TRAINED = 5  # tiny's recommender.history_len (infra/configs/tiny.yaml)
 SAID = (
-    f"recommender.history_len=2 in the config differs from the {TRAINED} this checkpoint "
+    f"recommender.history_len in the config (2) differs from the {TRAINED} this checkpoint "
     f"was trained with: the checkpoint's {TRAINED} is used"
 )
 USER = "8"  # 9 interactions: a 2-item and a 5-item prompt differ
@@ -103,7 +103,7 @@ def test_tokenize_catalogue_names_a_disagreeing_setting_and_uses_the_trained_one
         with caplog.at_level("WARNING", logger="store_core.checkpoint"):
             tokenize_catalogue(cfg, recommender_dir(cfg), mode="regenerate")
         said = (
-            "model.max_text_tokens=16 in the config differs from the 32 this checkpoint was "
+            "model.max_text_tokens in the config (16) differs from the 32 this checkpoint was "
             "trained with: the checkpoint's 32 is used"
         )
         assert (said in caplog.text) == bool(extra)
