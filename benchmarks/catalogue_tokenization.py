@@ -145,15 +145,16 @@ def _child(spec_path: str) -> None:
 
     from store_core import catalogue, storage
     from store_core.bundle import RecommenderBundle
+    from store_core.checkpoint import read_recommender_metadata
     from store_core.config import load_config
 
     if spec["threads"] is not None:
         torch.set_num_threads(int(spec["threads"]))
     cfg = load_config(spec["config"], spec["overrides"])
     checkpoint: str = spec["checkpoint"]
-    metadata = json.loads((Path(checkpoint) / "metadata.json").read_text())
-    bits = int(metadata["pack_bits"])
-    level_sizes = [int(s) for s in metadata["level_sizes"]]
+    metadata = read_recommender_metadata(checkpoint)
+    bits = metadata.pack_bits
+    level_sizes = list(metadata.level_sizes)
     extra: dict[str, Any] | None = None
     if spec["widen"]:
         wide = 1 << bits
@@ -344,6 +345,7 @@ def main() -> None:
 
     import torch
 
+    from store_core.checkpoint import has_metadata, read_recommender_metadata
     from store_core.config import load_config
     from store_core.ingest import ITEMS_FILE
     from store_core.recommender import recommender_dir
@@ -361,9 +363,9 @@ def main() -> None:
             trained = Path(args.workspace).resolve()
         cfg = load_config(args.config, [f"workspace={trained}", *BASE_OVERRIDES, *args.overrides])
         checkpoint = recommender_dir(cfg)
-        if not (Path(checkpoint) / "metadata.json").exists():
+        if not has_metadata(checkpoint):
             raise SystemExit(f"{checkpoint}: not a trained recommender (run `store train`)")
-        metadata = json.loads((Path(checkpoint) / "metadata.json").read_text())
+        metadata = read_recommender_metadata(checkpoint)
         source = pq.read_table(Path(cfg.data_dir) / ITEMS_FILE, columns=["fields"])
         report: dict[str, Any] = {
             "machine": machine_info(),
@@ -374,11 +376,9 @@ def main() -> None:
                 "build_workspace_s": None if build_s is None else round(build_s, 1),
                 "checkpoint": Path(checkpoint).name,
                 "source_items": source.num_rows,
-                "level_sizes": metadata["level_sizes"],
-                "pack_bits": metadata["pack_bits"],
-                "widen_disambiguation_to": (1 << int(metadata["pack_bits"]))
-                if args.widen
-                else None,
+                "level_sizes": metadata.level_sizes,
+                "pack_bits": metadata.pack_bits,
+                "widen_disambiguation_to": (1 << metadata.pack_bits) if args.widen else None,
                 "mode": "regenerate",
                 "record_batch_size": args.batch_size,
                 "items_row_group_size": args.row_group_size,

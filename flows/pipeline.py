@@ -144,6 +144,7 @@ def recommender_flow(
     """Stage 2b: Phase B multi-task training with validation and early stopping."""
     cfg = load_config(config, overrides)
     outcome = recommender_stage(cfg, parent_run_id)
+    assert outcome.result is not None  # the flow process is rank 0
     registered = model_version_of(outcome.result.checkpoint_dir)
     return publish_stage(cfg, reporting.recommender_report(outcome, registered))
 
@@ -206,8 +207,8 @@ def production_model(cfg: StoreConfig) -> str | None:
         return None
     local = model_version_of(recommender_dir(cfg))
     alias_uri = f"models:/{found.name}@{tracking.PRODUCTION_ALIAS}"
-    if local is None or str(local.get("version")) != found.version:
-        have = f"version {local['version']}" if local else "an unregistered checkpoint"
+    if local is None or local.version != found.version:
+        have = f"version {local.version}" if local else "an unregistered checkpoint"
         raise StoreError(
             f"{alias_uri} is version {found.version}, but the workspace's checkpoint "
             f"{recommender_dir(cfg)} is {have}: run the full pipeline or move the alias"
@@ -342,12 +343,12 @@ def promote(
     if registered is None or run.run_id is None:
         return
     version = tracking.ModelVersion(
-        registered["name"], str(registered["version"]), registered["run_id"], registered["source"]
+        registered.name, registered.version, registered.run_id, registered.source
     )
     base = tracking.ui_url(cfg)
     pipeline = run.url(base)
     lines = [
-        f"Phase B recommender, codebook `{registered.get('tags', {}).get('codebook_version')}`.",
+        f"Phase B recommender, codebook `{registered.tags.get('codebook_version')}`.",
         "",
         "Trained by the STORE pipeline run "
         + (f"[{run.run_id}]({pipeline})" if pipeline else f"`{run.run_id}`")

@@ -18,9 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from store_core.catalogue import COUNT_KEYS
+from store_core.catalogue import COUNT_KEYS, CatalogueOutcome
+from store_core.checkpoint import RegisteredVersion
 from store_core.evaluation import REPORT_METRICS, aggregate, labels
-from store_core.stages import StageOutcome
+from store_core.ingest import IngestResult
+from store_core.item_tokenizer import TokenizerOutcome
+from store_core.recommender import RecommenderOutcome
+from store_core.stages import EvaluationOutcome, StageOutcome
 
 #: The item categories both ingest (the ``items`` table) and tokenize-catalogue count.
 ITEM_CATEGORIES = ("new", "changed", "restored", "removed", "unchanged")
@@ -61,7 +65,7 @@ def artifact_key(experiment: str, name: str) -> str:
     return f"{slug}-{name}"
 
 
-def ingest_report(outcome: StageOutcome) -> StageReport:
+def ingest_report(outcome: StageOutcome[IngestResult]) -> StageReport:
     result = outcome.result
     counts, changes = result.counts, result.catalog_changes
     line = (
@@ -98,10 +102,11 @@ def ingest_report(outcome: StageOutcome) -> StageReport:
     return StageReport("ingest", line, markdown, headline, data)
 
 
-def tokenizer_report(outcome: StageOutcome) -> StageReport:
+def tokenizer_report(outcome: StageOutcome[TokenizerOutcome | None]) -> StageReport:
     result = outcome.result
+    assert result is not None  # the flow process is rank 0
     stats = result.stats
-    rate = float(stats["collision_rate"])
+    rate = result.collision_rate
     line = (
         f"train-tokenizer: collision rate {100 * rate:.1f}% before disambiguation "
         f"(at most {stats.get('max_items_per_id', 'n/a')} item(s) per ID), "
@@ -129,14 +134,16 @@ def tokenizer_report(outcome: StageOutcome) -> StageReport:
     return StageReport("train_tokenizer", line, markdown, {"collision_rate": rate}, data)
 
 
-def recommender_report(outcome: StageOutcome, registered: Mapping[str, Any] | None) -> StageReport:
+def recommender_report(
+    outcome: StageOutcome[RecommenderOutcome | None], registered: RegisteredVersion | None
+) -> StageReport:
     result = outcome.result
-    metrics = result.metrics
-    best = metrics.get("best_val_ndcg_at_10")
-    model_uri = registered["uri"] if registered else None
+    assert result is not None  # the flow process is rank 0
+    best = result.best_val_ndcg_at_10
+    model_uri = registered.uri if registered else None
     line = (
         f"train-recommender: best validation NDCG@10 {fmt(best)} at epoch "
-        f"{metrics.get('best_epoch')}" + (f"; registered {model_uri}" if model_uri else "")
+        f"{result.best_epoch}" + (f"; registered {model_uri}" if model_uri else "")
     )
     markdown = "\n".join(
         [
@@ -145,7 +152,7 @@ def recommender_report(outcome: StageOutcome, registered: Mapping[str, Any] | No
             "| | |",
             "|---|---|",
             f"| best validation NDCG@10 | {fmt(best)} |",
-            f"| best epoch | {metrics.get('best_epoch')} |",
+            f"| best epoch | {result.best_epoch} |",
             f"| registered model | `{model_uri or 'not registered (tracking off)'}` |",
             f"| checkpoint | `{result.checkpoint_dir}` |",
             "",
@@ -162,7 +169,7 @@ def recommender_report(outcome: StageOutcome, registered: Mapping[str, Any] | No
 
 
 def catalogue_report(
-    outcome: StageOutcome,
+    outcome: StageOutcome[CatalogueOutcome],
     mode: str,
     *,
     previous_version: int | None,
@@ -248,7 +255,7 @@ def comparison_figure(results: Sequence[Any]) -> Any:
     return fig
 
 
-def evaluate_report(outcome: StageOutcome) -> StageReport:
+def evaluate_report(outcome: StageOutcome[EvaluationOutcome]) -> StageReport:
     result = outcome.result
     results = result.results
     table = evaluation_table(results)

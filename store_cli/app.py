@@ -117,12 +117,11 @@ def train(
             outcome = _guard(lambda: tokenizer_stage(cfg))
             if outcome.result is None:  # a non-zero rank under a launcher
                 continue
-            stats = outcome.result.stats
-            out.print(f"semantic IDs: {stats['num_items']} items, all unique")
+            phase_a = outcome.result
+            out.print(f"semantic IDs: {phase_a.num_items} items, all unique")
             out.print(
-                f"collision rate before disambiguation: {stats['collision_rate']:.4f}; "
-                f"perplexity per level: "
-                + ", ".join(f"{lv['perplexity']:.1f}" for lv in stats["levels"])
+                f"collision rate before disambiguation: {phase_a.collision_rate:.4f}; "
+                f"perplexity per level: " + ", ".join(f"{p:.1f}" for p in phase_a.perplexities)
             )
             out.print(f"checkpoint: {outcome.result.checkpoint_dir}")
             if outcome.run_id:
@@ -131,12 +130,12 @@ def train(
             rec = _guard(lambda: recommender_stage(cfg))
             if rec.result is None:
                 continue
-            m = rec.result.metrics
+            m = rec.result
             out.print(
-                f"recommender ({m['variant']}): best validation NDCG@10 "
-                f"{m['best_val_ndcg_at_10'] or float('nan'):.4f} at epoch {m['best_epoch']}; "
-                f"text->token agreement {m['agreement_full_id']:.3f} (first code "
-                f"{m['agreement_first_code']:.3f})"
+                f"recommender ({m.variant}): best validation NDCG@10 "
+                f"{m.best_val_ndcg_at_10 or float('nan'):.4f} at epoch {m.best_epoch}; "
+                f"text->token agreement {m.agreement_full_id:.3f} (first code "
+                f"{m.agreement_first_code:.3f})"
             )
             out.print(f"checkpoint: {rec.result.checkpoint_dir}")
             if rec.run_id:

@@ -7,19 +7,17 @@ builder, the checkpoint metadata and the item -> semantic ID table it was traine
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from store_core import checkpoint as ckpt
+from store_core.config import StoreConfig
 from store_core.errors import StoreError
-from store_core.item_tokenizer import METADATA_FILE, load_semantic_ids
 from store_core.model import default_device, load_checkpoint
 from store_core.prompts import PROMPT_FORMAT, PromptBuilder, lookup_sid_tokens
 
@@ -31,44 +29,35 @@ class RecommenderBundle:
     directory: str
     model: PreTrainedModel
     tokenizer: PreTrainedTokenizerBase
-    metadata: dict[str, Any]
+    metadata: ckpt.RecommenderMetadata
     level_ids: list[list[int]]  # [M][K_m] token id of code c at level m
     builder: PromptBuilder
-    semantic_ids: pa.Table  # item_id, codes, sid, packed, content_hash (training-time IDs)
+    semantic_ids: pa.Table  # SEMANTIC_ID_ROW_SCHEMA: the training-time IDs
+    _warned: set[str] = field(default_factory=set, repr=False)
 
     @property
     def num_levels(self) -> int:
         """L: cluster levels (the ID has L + 1 codes)."""
-        return int(self.metadata["num_levels"])
+        return self.metadata.num_levels
 
     @property
     def codebook_version(self) -> str:
-        return str(self.metadata["codebook_version"])
+        return self.metadata.codebook_version
 
     @property
     def pack_bits(self) -> int:
-        return int(self.metadata["pack_bits"])
+        return self.metadata.pack_bits
 
-    def history_len(self, configured: int) -> int:
-        """N the model was trained with (``metadata.json``), which every consumer uses.
+    def trained(self, cfg: StoreConfig) -> ckpt.RecommenderMetadata:
+        """The training-time settings every consumer uses (the checkpoint's, not ``cfg``'s).
 
-        ``configured`` is the config's ``recommender.history_len``; when it differs from
-        the trained value a warning says it is overridden by the checkpoint (prompts of
-        another length are not what the model learned). Checkpoints without the field
-        (none written since Phase B records it) fall back to ``configured``.
+        Each setting of :data:`store_core.checkpoint.TRAINED_SETTINGS` that ``cfg`` sets
+        otherwise (e.g. ``--set recommender.history_len=5`` on a model trained on 20-item
+        prompts) is named in a warning, once per bundle, saying the checkpoint's value is
+        used: prompts of another shape are not what the model learned.
         """
-        trained = self.metadata.get("history_len")
-        if trained is None:
-            return configured
-        if int(trained) != configured:
-            logger.warning(
-                "recommender.history_len=%d in the config differs from the %d this "
-                "checkpoint was trained with: prompts use the checkpoint's %d",
-                configured,
-                int(trained),
-                int(trained),
-            )
-        return int(trained)
+        ckpt.warn_overrides(self.metadata, cfg, self.directory, self._warned)
+        return self.metadata
 
     def codes(self) -> np.ndarray:
         """[N, L+1] training-time IDs in the order of :attr:`semantic_ids`."""
@@ -78,25 +67,23 @@ class RecommenderBundle:
 def load_bundle(directory: str, device: torch.device | str | None = None) -> RecommenderBundle:
     """Load a Phase B checkpoint directory (``models/recommender-*``), its model on
     ``device`` (default: the GPU where there is one, else the CPU). Every consumer decodes
-    through the constrained beam search, which runs where the model is."""
-    meta_path = Path(directory) / METADATA_FILE
-    if not meta_path.exists():
-        raise StoreError(f"{directory} is not a trained recommender: run `store train` first")
-    metadata = json.loads(meta_path.read_text())
-    if "level_sizes" not in metadata:
-        raise StoreError(f"{directory} is a Phase A checkpoint; run `store train` (Phase B)")
-    trained_format = int(metadata.get("prompt_format", 1))
-    if trained_format != PROMPT_FORMAT:
+    through the constrained beam search, which runs where the model is.
+
+    StoreError (one line) when ``directory`` holds no Phase B checkpoint, or one this
+    release cannot decode (metadata of an incompatible format, another prompt format).
+    """
+    metadata = ckpt.read_recommender_metadata(directory)
+    if metadata.prompt_format != PROMPT_FORMAT:
         raise StoreError(
-            f"{directory} was trained with prompt format {trained_format}, this version "
-            f"decodes format {PROMPT_FORMAT} (prefix-closed recommendation prompts): "
+            f"{directory} was trained with prompt format {metadata.prompt_format}, this "
+            f"version decodes format {PROMPT_FORMAT} (prefix-closed recommendation prompts): "
             "retrain Phase B with `store train --phase recommender`"
         )
     model, tokenizer = load_checkpoint(directory)
     module: torch.nn.Module = model
     module.to(device if device is not None else default_device()).eval()
-    level_ids = lookup_sid_tokens(tokenizer, metadata["level_sizes"])
-    builder = PromptBuilder(tokenizer, level_ids, int(metadata["max_text_tokens"]))
+    level_ids = lookup_sid_tokens(tokenizer, metadata.level_sizes)
+    builder = PromptBuilder(tokenizer, level_ids, metadata.max_text_tokens)
     return RecommenderBundle(
         directory=directory,
         model=model,
@@ -104,5 +91,5 @@ def load_bundle(directory: str, device: torch.device | str | None = None) -> Rec
         metadata=metadata,
         level_ids=level_ids,
         builder=builder,
-        semantic_ids=load_semantic_ids(directory),
+        semantic_ids=ckpt.read_semantic_ids(directory),
     )

@@ -49,7 +49,6 @@ uncommitted transaction on recovery.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -67,17 +66,16 @@ import pyarrow.parquet as pq
 
 from store_core import signals, storage
 from store_core.bundle import RecommenderBundle, load_bundle
+from store_core.checkpoint import METHOD_CLUSTER, read_stats, semantic_id_rows
 from store_core.config import StoreConfig
 from store_core.ingest import ITEMS_FILE, recover_outputs
 from store_core.locking import workspace_writer
 from store_core.new_items import DisambiguationState, IdSpaceReport, choose_ids, generate_ids
 from store_core.progress import progress
-from store_core.semantic_ids import format_sid, pack_codes
 
 logger = logging.getLogger(__name__)
 
 Mode = Literal["keep", "regenerate"]
-METHOD_CLUSTER = "cluster"
 METHOD_GENERATED = "generated"
 #: Where a run stages its rows before the DuckDB commit (next to the database).
 STAGING_DIR = ".catalogue-staging"
@@ -206,6 +204,7 @@ def tokenize_catalogue(
         recover_outputs(cfg)
         staging = clean_staging(cfg)
         bundle = load_bundle(checkpoint)
+        bundle.trained(cfg)  # a config that disagrees with the checkpoint is named
         staging.mkdir(parents=True, exist_ok=True)
         rows_path = staging / f"semantic-ids-{os.getpid()}-{uuid.uuid4().hex[:8]}.parquet"
         try:
@@ -304,7 +303,9 @@ def _tokenize(
                     for o, row in zip(own, chosen.tolist(), strict=True)
                     if o is not None and tuple(row) != o
                 )
-            writer.write_table(_rows(ids, codes, hashes, methods, [True] * len(ids), bits))
+            writer.write_table(
+                semantic_id_rows(ids, codes, hashes, bits, methods, [True] * len(ids))
+            )
             bundle.builder.clear_text_cache()
             bar.update(len(ids))
         bar.close()
@@ -315,13 +316,13 @@ def _tokenize(
         if gone:
             gone_codes = np.array([base[i].codes for i in gone], dtype=np.int64)
             writer.write_table(
-                _rows(
+                semantic_id_rows(
                     gone,
                     gone_codes,
                     [base[i].content_hash for i in gone],
+                    bits,
                     [base[i].method for i in gone],
                     [False] * len(gone),
-                    bits,
                 )
             )
         counts["removed"] = len(removed)
@@ -360,43 +361,20 @@ def _tokenize(
     return CatalogueOutcome(version, counts, total / max(seconds, 1e-9), seconds, id_space)
 
 
-def _rows(
-    ids: list[str],
-    codes: np.ndarray,
-    hashes: list[str],
-    methods: list[str],
-    active: list[bool],
-    bits: int,
-) -> pa.Table:
-    return pa.Table.from_pydict(
-        {
-            "item_id": ids,
-            "codes": codes.astype(np.int32).tolist(),
-            "sid": [format_sid(row) for row in codes.tolist()],
-            "packed": pack_codes(codes, bits=bits),
-            "content_hash": hashes,
-            "method": methods,
-            "active": active,
-        },
-        schema=storage.SEMANTIC_ID_ROWS_SCHEMA,
-    )
-
-
 def _codebook_row(bundle: RecommenderBundle, extra: dict[str, Any] | None) -> dict[str, Any]:
     meta = bundle.metadata
     row: dict[str, Any] = {
-        "codebook_version": bundle.codebook_version,
-        "quantizer": meta["quantizer"],
-        "num_levels": meta["num_levels"],
-        "codebook_size": meta["codebook_size"],
-        "level_sizes": meta["level_sizes"],
-        "pack_bits": meta["pack_bits"],
+        "codebook_version": meta.codebook_version,
+        "quantizer": meta.quantizer,
+        "num_levels": meta.num_levels,
+        "codebook_size": meta.codebook_size,
+        "level_sizes": meta.level_sizes,
+        "pack_bits": meta.pack_bits,
         "model_uri": bundle.directory,
         "mlflow_run_id": None,
     }
-    stats_path = Path(str(meta.get("phase_a_checkpoint", ""))) / "stats.json"
-    if stats_path.is_file():
-        stats = json.loads(stats_path.read_text())
+    stats = read_stats(bundle.directory)  # the clustering's, copied at Phase B's publish
+    if stats is not None:
         row["collision_rate"] = stats.get("collision_rate")
         row["stats"] = {k: v for k, v in stats.items() if k != "validation"}
     row.update(extra or {})

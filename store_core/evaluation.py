@@ -102,7 +102,7 @@ def decode_split(
     codes = bundle.codes()
     item_ids: list[str] = bundle.semantic_ids.column("item_id").to_pylist()
     data = load_task_data(cfg.data_dir, dict(zip(item_ids, codes.tolist(), strict=True)))
-    history_len = bundle.history_len(cfg.recommender.history_len)
+    history_len = bundle.trained(cfg).history_len
     users, prompts, targets = eval_prompts(data, bundle.builder, history_len, split)
     if max_users is not None and len(users) > max_users:
         keep = sorted(
@@ -219,9 +219,8 @@ def _baseline_result(system: str, seed: int, out: dict[str, Any]) -> SystemResul
 
 def run_systems(cfg: StoreConfig, *, train_missing: bool = True) -> list[SystemResult]:
     """Evaluate every configured system on the test split (trains TIGER-style if absent)."""
-    from pathlib import Path
-
     from store_core.bundle import load_bundle
+    from store_core.checkpoint import has_metadata
     from store_core.item_tokenizer import train_semantic_tokenizer
     from store_core.recommender import recommender_dir, train_recommender
 
@@ -230,7 +229,7 @@ def run_systems(cfg: StoreConfig, *, train_missing: bool = True) -> list[SystemR
     for system in ev.systems:  # a missing model is refused before any system spends time
         if system == "store" or (system == "tiger" and not train_missing):
             directory = recommender_dir(cfg if system == "store" else tiger_config(cfg))
-            if not Path(directory, "metadata.json").exists():
+            if not has_metadata(directory):
                 raise StoreError(
                     f"no trained {system} recommender in {directory}: run `store train` "
                     "first (or leave that system out of evaluation.systems)"
@@ -239,7 +238,7 @@ def run_systems(cfg: StoreConfig, *, train_missing: bool = True) -> list[SystemR
         if system in ("store", "tiger"):
             sys_cfg = cfg if system == "store" else tiger_config(cfg)
             directory = recommender_dir(sys_cfg)
-            if not Path(directory, "metadata.json").exists():  # TIGER-style (checked above)
+            if not has_metadata(directory):  # TIGER-style (checked above)
                 logger.info("training the TIGER-style variant into %s", directory)
                 train_semantic_tokenizer(sys_cfg)
                 train_recommender(sys_cfg)

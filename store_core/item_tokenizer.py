@@ -6,14 +6,10 @@ tokens of every item are then clustered per position (or, for the TIGER-style ba
 one text embedding is residual-quantized), the last cluster level is chosen under a
 per-prefix capacity so that few items share all L codes
 (:mod:`store_core.last_level_assignment`), and a disambiguation level makes every ID
-unique. One checkpoint directory holds everything the later stages need:
-
-    <workspace>/models/tokenizer-<quantizer>/
-        model.safetensors, config.json, tokenizer files   the backbone after Phase A
-        codebook.safetensors, codebook.json               PCA + centroids per level
-        metadata.json                                     versions, L, K, data checksum
-        semantic_ids.parquet                              item_id -> codes, sid
-        stats.json, codebook_usage.png                    collisions, usage, coherence
+unique. One checkpoint directory, ``<workspace>/models/tokenizer-<quantizer>/``, holds
+everything the later stages need: the backbone after Phase A, the codebook, the typed
+metadata (versions, L, K, data checksum), the semantic IDs and the clustering's stats;
+its layout and files are :mod:`store_core.checkpoint`'s.
 
 Resumable checkpoints live in ``models/tokenizer-checkpoints/<training hash>``: the hash
 covers everything that changes training, so a re-run after a crash resumes, and a run
@@ -32,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.parquet as pq
 
+from store_core import checkpoint as ckpt
 from store_core import quantizer as q
 from store_core.codebook_stats import codebook_stats, plot_usage
 from store_core.coherence import category_sets, semantic_coherence
@@ -49,40 +45,41 @@ from store_core.dense_tokenizer import (
 from store_core.errors import StoreError
 from store_core.ingest import ITEMS_FILE, MANIFEST_FILE
 from store_core.last_level_assignment import assign_codes
-from store_core.model import build_backbone, save_model_files, staging_directory
-from store_core.semantic_ids import format_sid, pack_codes
+from store_core.model import build_backbone, save_model_files
 from store_core.tracking import Run
 from store_core.trainer import rank, train, world_size
-from store_core.workspace import recover_directory
+from store_core.workspace import recover_directory, staged_directory
 
 logger = logging.getLogger(__name__)
 
-SEMANTIC_IDS_FILE = "semantic_ids.parquet"
-STATS_FILE = "stats.json"
-METADATA_FILE = "metadata.json"
-USAGE_PLOT = "codebook_usage.png"
 HOLDOUT_FRACTION = 0.05
-
-SEMANTIC_IDS_SCHEMA = pa.schema(
-    [
-        pa.field("item_id", pa.string(), nullable=False),
-        pa.field("codes", pa.list_(pa.int32()), nullable=False),
-        pa.field("sid", pa.string(), nullable=False),
-        pa.field("packed", pa.int64(), nullable=False),
-        pa.field("content_hash", pa.string(), nullable=False),  # of the text that was tokenized
-    ]
-)
 
 
 @dataclass(frozen=True)
 class TokenizerOutcome:
-    """Where the semantic tokenizer's artifacts are and what it measured."""
+    """Where the semantic tokenizer's artifacts are and what it measured (the full record
+    is ``stats``, as in the checkpoint's ``stats.json``; the fields below are its
+    headline numbers, typed)."""
 
     checkpoint_dir: str
     stats: dict[str, Any]
     codebook_version: str
     train_steps: int
     tokens_per_s: float
+
+    @property
+    def num_items(self) -> int:
+        return int(self.stats["num_items"])
+
+    @property
+    def collision_rate(self) -> float:
+        """Items sharing all L cluster codes with another, before disambiguation."""
+        return float(self.stats["collision_rate"])
+
+    @property
+    def perplexities(self) -> list[float]:
+        """Code-usage perplexity per cluster level (K = perfectly uniform)."""
+        return [float(level["perplexity"]) for level in self.stats["levels"]]
 
 
 def checkpoint_dir(cfg: StoreConfig) -> str:
@@ -212,30 +209,31 @@ def train_semantic_tokenizer(cfg: StoreConfig, run: Run | None = None) -> Tokeni
             "extract_items_per_s": round(len(texts) / max(extract_seconds, 1e-9), 1),
         }
     )
-    metadata = {
-        "codebook_version": codebook.version,
-        "quantizer": sid_cfg.quantizer,
-        "last_level_assignment": sid_cfg.last_level_assignment,
-        "last_level_capacity": sid_cfg.last_level_capacity,
-        "num_levels": levels,
-        "codebook_size": codebook.codebook_size,
-        "disambiguation_size": int(sids[:, -1].max()) + 1,
-        "data_manifest_items_sha256": data_checksum,
-        "training_hash": run_hash,
-        "backbone": model_cfg.name_or_path or "built-from-config",
-        "max_text_tokens": model_cfg.max_text_tokens,
-        "pack_bits": pack_bits(sids.shape[1]),
-    }
+    metadata = ckpt.TokenizerMetadata(
+        codebook_version=codebook.version,
+        quantizer=sid_cfg.quantizer,
+        last_level_assignment=sid_cfg.last_level_assignment,
+        last_level_capacity=sid_cfg.last_level_capacity,
+        num_levels=levels,
+        codebook_size=codebook.codebook_size,
+        disambiguation_size=int(sids[:, -1].max()) + 1,
+        data_manifest_items_sha256=data_checksum,
+        training_hash=run_hash,
+        backbone=model_cfg.name_or_path or "built-from-config",
+        max_text_tokens=model_cfg.max_text_tokens,
+        pack_bits=pack_bits(sids.shape[1]),
+    )
 
     target = checkpoint_dir(cfg)
-    with staging_directory(target) as staging:
+    with staged_directory(target) as staged:
+        staging = Path(staged)
         save_model_files(trained, tokenizer, staging)
         q.save_codebook(codebook, staging)
         hashes = items.column("content_hash").to_pylist()
-        _write_semantic_ids(item_ids, sids, hashes, staging / SEMANTIC_IDS_FILE)
-        plot_usage(codes, codebook.codebook_size, staging / USAGE_PLOT)
-        (staging / STATS_FILE).write_text(json.dumps(stats, indent=2, sort_keys=True) + "\n")
-        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n")
+        ckpt.write_semantic_ids(staging, item_ids, sids, hashes, metadata.pack_bits)
+        plot_usage(codes, codebook.codebook_size, staging / ckpt.USAGE_PLOT)
+        ckpt.write_stats(staging, stats)
+        ckpt.write_metadata(staging, metadata)
     logger.info(
         "semantic tokenizer: %d items, collision rate %.3f before disambiguation, "
         "first-code category match %.3f vs random %.3f -> %s",
@@ -257,15 +255,14 @@ def train_semantic_tokenizer(cfg: StoreConfig, run: Run | None = None) -> Tokeni
 def load_outcome(cfg: StoreConfig) -> TokenizerOutcome:
     """The outcome a finished run (e.g. the ranks of a launcher) left in the workspace."""
     target = checkpoint_dir(cfg)
-    stats_path, meta_path = Path(target) / STATS_FILE, Path(target) / METADATA_FILE
-    if not (stats_path.is_file() and meta_path.is_file()):
+    stats = ckpt.read_stats(target)
+    if stats is None or not ckpt.has_metadata(target):
         raise StoreError(f"{target} has no finished semantic tokenizer")
-    stats = json.loads(stats_path.read_text())
-    metadata = json.loads(meta_path.read_text())
+    metadata = ckpt.read_tokenizer_metadata(target)
     return TokenizerOutcome(
         checkpoint_dir=target,
         stats=stats,
-        codebook_version=str(metadata["codebook_version"]),
+        codebook_version=metadata.codebook_version,
         train_steps=int(stats["train_steps"]),
         tokens_per_s=float(stats["train_tokens_per_s"]),
     )
@@ -274,27 +271,3 @@ def load_outcome(cfg: StoreConfig) -> TokenizerOutcome:
 def pack_bits(num_levels: int) -> int:
     """Bits per level in the packed integer column (as many as fit in 63 bits, at most 16)."""
     return min(16, 63 // num_levels)
-
-
-def _write_semantic_ids(
-    item_ids: list[str], sids: np.ndarray, hashes: list[str], path: Path
-) -> None:
-    table = pa.Table.from_pydict(
-        {
-            "item_id": item_ids,
-            "codes": sids.astype(np.int32).tolist(),
-            "sid": [format_sid(row) for row in sids.tolist()],
-            "packed": pack_codes(sids, bits=pack_bits(sids.shape[1])),
-            "content_hash": hashes,
-        },
-        schema=SEMANTIC_IDS_SCHEMA,
-    )
-    pq.write_table(table, path, compression="zstd")
-
-
-def load_semantic_ids(directory: str) -> pa.Table:
-    """The item_id -> semantic ID table of a tokenizer checkpoint."""
-    path = Path(directory) / SEMANTIC_IDS_FILE
-    if not path.exists():
-        raise StoreError(f"{path} not found: run `store train --phase tokenizer` first")
-    return pq.read_table(path)

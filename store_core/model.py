@@ -12,15 +12,15 @@ tokenizer files) loaded with ``trust_remote_code=False`` and ``use_safetensors=T
 checkpoint never executes code or unpickles weights. The trainer adds its own files (the
 semantic-ID codebook) next to the model files, so writing the files
 (:func:`save_model_files`) and publishing the directory atomically
-(:func:`staging_directory`) are separate steps; :func:`save_checkpoint` does both.
+(:func:`store_core.workspace.staged_directory`) are separate steps;
+:func:`save_checkpoint` does both.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, cast
 
@@ -309,7 +309,8 @@ def save_model_files(
     """Write config, ``model.safetensors`` and tokenizer files into ``directory``.
 
     The directory is created if needed; other files in it are left alone (the caller
-    adds the codebook). Not atomic: write into a :func:`staging_directory`. A DeepSpeed
+    adds the codebook). Not atomic: write into a staged directory
+    (:func:`store_core.workspace.staged_directory`). A DeepSpeed
     engine is unwrapped; under ZeRO-3 its parameters are partitioned, so pass the
     gathered weights as ``state_dict`` (e.g. the engine's
     ``_zero3_consolidated_16bit_state_dict()``, with
@@ -324,23 +325,6 @@ def save_model_files(
         raise StoreError(f"saving the model into {path} did not produce {WEIGHTS_FILE}")
 
 
-@contextlib.contextmanager
-def staging_directory(directory: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield an empty sibling staging directory; on success publish it as ``directory``.
-
-    Readers of ``directory`` see either the old complete checkpoint or the new complete
-    one, never a half-written one: :func:`store_core.workspace.staged_directory` fsyncs
-    the files and swaps the directory in by renames; on an exception the staging
-    directory is removed and ``directory`` is untouched. What a kill -9 leaves behind is
-    repaired by :func:`store_core.workspace.recover_directory` (the training phases call
-    it on their next start). Local filesystem only.
-    """
-    final = Path(directory).expanduser().resolve()
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with staged_directory(str(final)) as staging:
-        yield Path(staging)
-
-
 def save_checkpoint(
     model: PreTrainedModel | torch.nn.Module,
     tokenizer: PreTrainedTokenizerBase,
@@ -348,8 +332,10 @@ def save_checkpoint(
     *,
     state_dict: dict[str, torch.Tensor] | None = None,
 ) -> None:
-    """Atomically (re)write ``directory`` with the model and tokenizer (see above)."""
-    with staging_directory(directory) as staging:
+    """Atomically (re)write ``directory`` with the model and tokenizer: readers see the
+    old complete checkpoint or the new one (:func:`store_core.workspace.staged_directory`;
+    a kill's leftovers are repaired by :func:`store_core.workspace.recover_directory`)."""
+    with staged_directory(str(directory)) as staging:
         save_model_files(model, tokenizer, staging, state_dict=state_dict)
     logger.info("saved checkpoint to %s", directory)
 

@@ -112,7 +112,7 @@ def recommend(
     unknown = [i for i in history if i not in code_of]
     if unknown:
         raise StoreError(f"items without a semantic ID: {', '.join(unknown[:5])}")
-    history_len = bundle.history_len(cfg.recommender.history_len)
+    history_len = bundle.trained(cfg).history_len
     recent = list(history)[-history_len:]
     prompt = bundle.builder.recommendation([code_of[i] for i in recent])
     allowed = np.arange(len(item_ids))  # [N'] candidate rows the trie may return

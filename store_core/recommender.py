@@ -6,13 +6,12 @@ the model is trained on a mixture of prompt/completion tasks (recommendation, al
 reconstruction, ...), loss on the completion only. Each epoch ends with constrained beam
 search on the validation users; training stops early on NDCG@10 and keeps the best
 epoch's weights. Afterwards the model's text -> token ability is measured against the
-clustering's IDs. The output is again one checkpoint directory:
-
-    <workspace>/models/recommender-<quantizer>-<multitask|rec>/
-        model.safetensors, tokenizer files       the trained LLM (with semantic-ID tokens)
-        codebook.*, semantic_ids.parquet         copied from the Phase A checkpoint
-        metadata.json                            level sizes, tasks, history length, ...
-        metrics.json                             validation curve, best epoch, agreement
+clustering's IDs. The output is again one checkpoint directory,
+``<workspace>/models/recommender-<quantizer>-<multitask|rec>/`` (layout:
+:mod:`store_core.checkpoint`): the trained LLM with its semantic-ID tokens, the codebook,
+IDs and stats copied from the Phase A checkpoint, the typed metadata (level sizes, tasks,
+history length, prompt format, ...) and ``metrics.json`` (validation curve, best epoch,
+agreement).
 
 Initialising the new rows: a cluster level's token ``<a_k>`` gets, as its input
 embedding, the direction of its cluster centre mapped back from PCA space to the dense
@@ -27,7 +26,6 @@ import functools
 import hashlib
 import json
 import logging
-import shutil
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,21 +36,15 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from store_core import checkpoint as ckpt
 from store_core.config import LossNormalization, StoreConfig
 from store_core.dropout import add_dropout
 from store_core.errors import StoreError
 from store_core.generate import SemanticIdTrie, constrained_beam_search
-from store_core.item_tokenizer import (
-    METADATA_FILE,
-    SEMANTIC_IDS_FILE,
-    load_semantic_ids,
-)
-from store_core.item_tokenizer import (
-    checkpoint_dir as tokenizer_dir,
-)
+from store_core.item_tokenizer import checkpoint_dir as tokenizer_dir
 from store_core.lora import apply_lora, merged
 from store_core.metrics import rank_of, ranking_metrics
-from store_core.model import grow_embeddings, load_checkpoint, save_model_files, staging_directory
+from store_core.model import grow_embeddings, load_checkpoint, save_model_files
 from store_core.prompts import PROMPT_FORMAT, PromptBuilder, lookup_sid_tokens
 from store_core.quantizer import Codebook, load_codebook
 from store_core.semantic_ids import vocabulary
@@ -70,18 +62,44 @@ from store_core.tasks import (
 )
 from store_core.tracking import Run
 from store_core.trainer import EarlyStopping, LossFn, rank, train, world_size
-from store_core.workspace import recover_directory
+from store_core.workspace import recover_directory, staged_directory
 
 logger = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.json"
 AGREEMENT_SAMPLE = 500
 
 
 @dataclass(frozen=True)
 class RecommenderOutcome:
+    """Where Phase B's checkpoint is and what it measured (the full record is ``metrics``,
+    as in the checkpoint's ``metrics.json``; the properties are its headline numbers)."""
+
     checkpoint_dir: str
     metrics: dict[str, Any]
+
+    @property
+    def variant(self) -> str:
+        return str(self.metrics["variant"])
+
+    @property
+    def best_val_ndcg_at_10(self) -> float | None:
+        """Validation NDCG@10 of the kept epoch (None: no validation ran)."""
+        value = self.metrics.get("best_val_ndcg_at_10")
+        return None if value is None else float(value)
+
+    @property
+    def best_epoch(self) -> int | None:
+        value = self.metrics.get("best_epoch")
+        return None if value is None else int(value)
+
+    @property
+    def agreement_full_id(self) -> float:
+        """Share of sampled items whose text -> ID generation reproduces all L codes."""
+        return float(self.metrics["agreement_full_id"])
+
+    @property
+    def agreement_first_code(self) -> float:
+        return float(self.metrics["agreement_first_code"])
 
 
 def variant(cfg: StoreConfig) -> str:
@@ -283,19 +301,17 @@ class PhaseBInputs:
 def prepare_phase_b(cfg: StoreConfig) -> PhaseBInputs:
     """Load the Phase A checkpoint, add the semantic-ID vocabulary, render the mixture."""
     source = tokenizer_dir(cfg)
-    if not (Path(source) / METADATA_FILE).exists():
-        raise StoreError(
-            f"{source} has no Phase A checkpoint: run `store train --phase tokenizer` first"
-        )
+    phase_a = ckpt.read_tokenizer_metadata(source)  # StoreError when absent or too old
+    ckpt.warn_overrides(phase_a, cfg, source)  # Phase A's settings win (max_text_tokens)
     model, tokenizer = load_checkpoint(source)
     codebook = load_codebook(source)
-    table = load_semantic_ids(source)
+    table = ckpt.read_semantic_ids(source)
     item_ids: list[str] = table.column("item_id").to_pylist()
     codes = np.array(table.column("codes").to_pylist(), dtype=np.int64)  # [N, L+1]
     sizes = level_sizes(codes, codebook)
     level_ids = add_semantic_id_tokens(model, tokenizer, codebook, sizes)
     rec = cfg.recommender
-    builder = PromptBuilder(tokenizer, level_ids, cfg.model.max_text_tokens)
+    builder = PromptBuilder(tokenizer, level_ids, phase_a.max_text_tokens)
     data = load_task_data(cfg.data_dir, dict(zip(item_ids, codes.tolist(), strict=True)))
     samples = build_mixture(
         rec.mixture, data, builder, rec.history_len, cfg.recommender_train.seed, rec.rec_samples
@@ -383,27 +399,27 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
     best = max(result.validation, key=lambda v: v["ndcg_at_10"], default=None)
     if best is not None:
         metrics["best_val_recall_at_10"] = best["recall_at_10"]
-    metadata = json.loads((Path(inputs.source) / METADATA_FILE).read_text())
-    metadata.update(
-        {
-            "level_sizes": inputs.sizes,
-            "history_len": rec.history_len,
-            "prompt_format": PROMPT_FORMAT,
-            "rec_samples": rec.rec_samples,
-            "mixture": [spec.model_dump() for spec in rec.mixture],
-            "loss_normalization": rec.loss_normalization,
-            "finetune": rec.finetune,
-            "variant": variant(cfg),
-            "phase_a_checkpoint": inputs.source,
-        }
+    phase_a = ckpt.read_tokenizer_metadata(inputs.source)
+    metadata = ckpt.RecommenderMetadata(
+        **phase_a.model_dump(exclude={"format_version"}),
+        level_sizes=inputs.sizes,
+        history_len=rec.history_len,
+        prompt_format=PROMPT_FORMAT,
+        rec_samples=rec.rec_samples,
+        mixture=list(rec.mixture),
+        loss_normalization=rec.loss_normalization,
+        finetune=rec.finetune,
+        variant=variant(cfg),
+        phase_a_checkpoint=inputs.source,
     )
     target = recommender_dir(cfg)
-    with staging_directory(target) as staging:
+    with staged_directory(target) as staged:
+        staging = Path(staged)
         save_model_files(trained, inputs.tokenizer, staging)
-        for name in ("codebook.safetensors", "codebook.json", SEMANTIC_IDS_FILE):
-            shutil.copy2(Path(inputs.source) / name, staging / name)
-        (staging / METADATA_FILE).write_text(json.dumps(metadata, indent=2) + "\n")
-        (staging / METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+        ckpt.copy_from_phase_a(inputs.source, staging)
+        metadata = metadata.model_copy(update={"checkpoint_id": ckpt.weights_id(staging)})
+        ckpt.write_metadata(staging, metadata)
+        (staging / ckpt.METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
     logger.info(
         "recommender (%s): best validation NDCG@10 %.4f at epoch %s -> %s",
         variant(cfg),
@@ -417,7 +433,7 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
 def load_outcome(cfg: StoreConfig) -> RecommenderOutcome:
     """The outcome a finished run (e.g. the ranks of a launcher) left in the workspace."""
     target = recommender_dir(cfg)
-    path = Path(target) / METRICS_FILE
+    path = Path(target) / ckpt.METRICS_FILE
     if not path.is_file():
-        raise StoreError(f"{target} has no finished recommender ({METRICS_FILE} missing)")
+        raise StoreError(f"{target} has no finished recommender ({ckpt.METRICS_FILE} missing)")
     return RecommenderOutcome(target, json.loads(path.read_text()))

@@ -51,6 +51,25 @@ SPLITS_SCHEMA = pa.schema(
 #: ``cold_start_items.parquet``: the items held out of all training.
 COLD_ITEMS_SCHEMA = pa.schema([pa.field("item_id", pa.string(), nullable=False)])
 
+#: One semantic-ID row, wherever one is stored: a checkpoint's ``semantic_ids.parquet``
+#: (the clustering's IDs, :mod:`store_core.checkpoint`) and the rows of a DuckDB
+#: semantic-ID version (:func:`store_core.storage.write_semantic_id_version`, removed
+#: items included with ``active = False``). ``codes`` holds every level (disambiguation
+#: included); ``sid`` is ``format_sid(codes)`` and ``packed`` ``pack_codes(codes,
+#: pack_bits)``; ``method`` is ``cluster`` or ``generated``; ``content_hash`` is of the
+#: text the ID was made from (null when unknown).
+SEMANTIC_ID_ROW_SCHEMA = pa.schema(
+    [
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("codes", pa.list_(pa.int32()), nullable=False),
+        pa.field("sid", pa.string(), nullable=False),
+        pa.field("packed", pa.int64(), nullable=False),
+        pa.field("method", pa.string(), nullable=False),  # 'cluster' | 'generated'
+        pa.field("active", pa.bool_(), nullable=False),
+        pa.field("content_hash", pa.string(), nullable=True),
+    ]
+)
+
 #: DuckDB ``items`` table: the catalogue as last ingested.
 ITEMS_TABLE_DDL = """
 CREATE TABLE IF NOT EXISTS items (

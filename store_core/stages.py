@@ -2,7 +2,10 @@
 
 Each function takes the validated config (and optionally the parent MLflow run id), runs
 the library code for its stage, logs counts/artifacts to a nested MLflow run and returns
-plain data (paths, ids, counts) for the next stage.
+a :class:`StageOutcome` whose ``result`` is the stage's typed result:
+:class:`~store_core.ingest.IngestResult`, :class:`~store_core.item_tokenizer.
+TokenizerOutcome`, :class:`~store_core.recommender.RecommenderOutcome`,
+:class:`~store_core.catalogue.CatalogueOutcome` and :class:`EvaluationOutcome`.
 
 Every stage handles SIGTERM like Ctrl-C (:func:`store_core.signals.handle_sigterm`,
 where no one else handles it already), so a cancelled stage unwinds and its MLflow run
@@ -14,34 +17,42 @@ functions, the two training phases here (rank 0, for the whole phase).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from store_core import checkpoint as ckpt
 from store_core import launch, signals, tracking
 from store_core.config import StoreConfig
 from store_core.errors import ConfigError
-from store_core.ingest import ResolvedSource, recover_outputs, run_ingest
+from store_core.ingest import IngestResult, ResolvedSource, recover_outputs, run_ingest
 from store_core.locking import workspace_writer
-from store_core.workspace import atomic_write_text
+
+if TYPE_CHECKING:
+    from store_core.catalogue import CatalogueOutcome
+    from store_core.evaluation import SystemResult
+    from store_core.item_tokenizer import TokenizerOutcome
+    from store_core.recommender import RecommenderOutcome
 
 logger = logging.getLogger(__name__)
 
+R = TypeVar("R")
+
 
 @dataclass(frozen=True)
-class StageOutcome:
-    """A stage's result plus the MLflow run that recorded it."""
+class StageOutcome(Generic[R]):
+    """A stage's typed result plus the MLflow run that recorded it."""
 
     run_id: str | None
-    result: Any
+    result: R
 
 
 def ingest_stage(
     cfg: StoreConfig,
     parent_run_id: str | None = None,
     source: ResolvedSource | None = None,
-) -> StageOutcome:
+) -> StageOutcome[IngestResult]:
     """Ingest, then log counts as metrics and the manifest as an artifact.
 
     Raises what :func:`store_core.ingest.run_ingest` raises.
@@ -55,7 +66,9 @@ def ingest_stage(
         return StageOutcome(run.run_id, result)
 
 
-def tokenizer_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> StageOutcome:
+def tokenizer_stage(
+    cfg: StoreConfig, parent_run_id: str | None = None
+) -> StageOutcome[TokenizerOutcome | None]:
     """Phase A + clustering; logs params, losses, stats, the usage plot and the checkpoint.
 
     Under a multi-process launcher only rank 0 tracks and returns an outcome (others
@@ -64,14 +77,9 @@ def tokenizer_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> Stage
     keeps it longer than the lock timeout; :class:`store_core.errors.StoreError` for
     a failed launched run.
     """
+    from store_core import item_tokenizer
     from store_core.codebook_stats import stats_metrics
-    from store_core.item_tokenizer import (
-        METADATA_FILE,
-        STATS_FILE,
-        USAGE_PLOT,
-        checkpoint_dir,
-        train_semantic_tokenizer,
-    )
+    from store_core.item_tokenizer import checkpoint_dir, train_semantic_tokenizer
     from store_core.trainer import rank
 
     if rank() != 0:
@@ -84,7 +92,10 @@ def tokenizer_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> Stage
     }
     with _training_run(cfg, "train_tokenizer", parent_run_id, params) as run:
         if launch.launched(cfg):
-            outcome = _launched(cfg, "tokenizer", f"{checkpoint_dir(cfg)}/{STATS_FILE}")
+            marker = f"{checkpoint_dir(cfg)}/{ckpt.STATS_FILE}"
+            outcome: TokenizerOutcome | None = _launched(
+                cfg, "tokenizer", marker, item_tokenizer.load_outcome
+            )
         else:
             outcome = train_semantic_tokenizer(cfg, run)
         assert outcome is not None
@@ -95,7 +106,7 @@ def tokenizer_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> Stage
         run.log_metrics(metrics)
         run.set_tags({"store.codebook_version": outcome.codebook_version})
         directory = outcome.checkpoint_dir
-        for name in (STATS_FILE, METADATA_FILE, USAGE_PLOT):
+        for name in (ckpt.STATS_FILE, ckpt.METADATA_FILE, ckpt.USAGE_PLOT):
             run.log_artifact(f"{directory}/{name}")
         run.log_artifacts(directory, "checkpoint")
         return StageOutcome(run.run_id, outcome)
@@ -118,28 +129,32 @@ def _training_run(
         yield run
 
 
-def _launched(cfg: StoreConfig, phase: str, marker: str) -> Any:
-    """Train ``phase`` under the deepspeed launcher, then read what its rank 0 wrote
-    (``marker`` must be rewritten by that run, or the outputs are someone else's)."""
+T = TypeVar("T")
+
+
+def _launched(cfg: StoreConfig, phase: str, marker: str, load: Callable[[StoreConfig], T]) -> T:
+    """Train ``phase`` under the deepspeed launcher, then read what its rank 0 wrote with
+    ``load`` (``marker`` must be rewritten by that run, or the outputs are someone
+    else's)."""
     import os
     import time
 
-    from store_core import item_tokenizer, recommender
     from store_core.errors import StoreError
 
     started = time.time()
     launch.run_phase(cfg, phase)
     if not os.path.exists(marker) or os.path.getmtime(marker) < started - 1.0:
         raise StoreError(f"the launched {phase} training finished but did not write {marker}")
-    module = item_tokenizer if phase == "tokenizer" else recommender
-    return module.load_outcome(cfg)
+    return load(cfg)
 
 
 def _numeric_or_levels(key: str, value: Any) -> bool:
     return key == "levels" or (isinstance(value, int | float) and not isinstance(value, bool))
 
 
-def recommender_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> StageOutcome:
+def recommender_stage(
+    cfg: StoreConfig, parent_run_id: str | None = None
+) -> StageOutcome[RecommenderOutcome | None]:
     """Phase B: multi-task training with validation; logs per-task losses (step metrics),
     validation metrics per epoch, agreement, and the checkpoint.
 
@@ -147,8 +162,8 @@ def recommender_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> Sta
     :class:`store_core.locking.WorkspaceLocked` when another writer keeps it longer than
     the lock timeout; :class:`store_core.errors.StoreError` for a failed launched run.
     """
-    from store_core.item_tokenizer import METADATA_FILE
-    from store_core.recommender import METRICS_FILE, recommender_dir, train_recommender
+    from store_core import recommender
+    from store_core.recommender import recommender_dir, train_recommender
     from store_core.trainer import rank
 
     if rank() != 0:
@@ -161,7 +176,10 @@ def recommender_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> Sta
     }
     with _training_run(cfg, "train_recommender", parent_run_id, params) as run:
         if launch.launched(cfg):
-            outcome = _launched(cfg, "recommender", f"{recommender_dir(cfg)}/{METRICS_FILE}")
+            marker = f"{recommender_dir(cfg)}/{ckpt.METRICS_FILE}"
+            outcome: RecommenderOutcome | None = _launched(
+                cfg, "recommender", marker, recommender.load_outcome
+            )
         else:
             outcome = train_recommender(cfg, run)
         assert outcome is not None
@@ -173,32 +191,24 @@ def recommender_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> Sta
                 if isinstance(v, int | float) and not isinstance(v, bool) and v is not None
             }
         )
-        for name in (METRICS_FILE, METADATA_FILE):
+        for name in (ckpt.METRICS_FILE, ckpt.METADATA_FILE):
             run.log_artifact(f"{outcome.checkpoint_dir}/{name}")
         run.log_artifacts(outcome.checkpoint_dir, "checkpoint")
         record_model_version(cfg, run, outcome.checkpoint_dir, metrics)
         return StageOutcome(run.run_id, outcome)
 
 
-#: Written into the recommender checkpoint after registration: which MLflow model version
-#: and run this checkpoint is, so later catalogue runs (the nightly job) can point at it.
-MODEL_VERSION_FILE = "mlflow_model.json"
-
-
 def record_model_version(
     cfg: StoreConfig, run: tracking.Run, checkpoint_dir: str, metrics: dict[str, Any]
 ) -> tracking.ModelVersion | None:
     """Register the logged checkpoint as a new model version (tagged with the codebook
-    version it produced) and write :data:`MODEL_VERSION_FILE` next to the weights."""
-    import json
-    from pathlib import Path
-
-    from store_core.item_tokenizer import METADATA_FILE
-
-    meta = json.loads((Path(checkpoint_dir) / METADATA_FILE).read_text())
+    version it produced) and record it next to the checkpoint
+    (:func:`store_core.checkpoint.write_model_version`), so later catalogue runs (the
+    nightly job) can point at it."""
+    meta = ckpt.read_recommender_metadata(checkpoint_dir)
     tags = {
-        "codebook_version": str(meta["codebook_version"]),
-        "quantizer": str(meta.get("quantizer", cfg.semantic_id.quantizer)),
+        "codebook_version": meta.codebook_version,
+        "quantizer": meta.quantizer,
         "variant": str(metrics.get("variant", "")),
         "best_val_ndcg_at_10": str(metrics.get("best_val_ndcg_at_10")),
     }
@@ -209,22 +219,20 @@ def record_model_version(
         tags=tags,
         description=f"Phase B recommender, codebook {tags['codebook_version']}",
     )
-    target = Path(checkpoint_dir) / MODEL_VERSION_FILE
     if version is None:
-        target.unlink(missing_ok=True)  # no registry entry describes these weights
+        ckpt.write_model_version(checkpoint_dir, None)  # no registry entry describes these
         return None
-    atomic_write_text(target, json.dumps({**version.to_json(), "tags": tags}, indent=2))
+    record = ckpt.RegisteredVersion.from_json(
+        {**version.to_json(), "tags": tags}, meta.checkpoint_id
+    )
+    ckpt.write_model_version(checkpoint_dir, record)
     run.set_tags({"store.model_uri": version.uri})
     return version
 
 
-def model_version_of(checkpoint_dir: str) -> dict[str, Any] | None:
-    """The registry entry :func:`record_model_version` wrote for a checkpoint, if any."""
-    import json
-    from pathlib import Path
-
-    path = Path(checkpoint_dir) / MODEL_VERSION_FILE
-    return json.loads(path.read_text()) if path.is_file() else None
+def model_version_of(checkpoint_dir: str) -> ckpt.RegisteredVersion | None:
+    """The registry entry :func:`record_model_version` recorded for a checkpoint, if any."""
+    return ckpt.read_model_version(checkpoint_dir)
 
 
 #: The ``mode`` values of :func:`catalogue_stage` (``store tokenize-catalogue --mode``).
@@ -236,7 +244,7 @@ def catalogue_stage(
     parent_run_id: str | None = None,
     *,
     mode: str = "keep",
-) -> StageOutcome:
+) -> StageOutcome[CatalogueOutcome]:
     """Tokenize the catalogue into a new DuckDB version; logs counts, items/s and the
     exported version (Parquet) as an artifact.
 
@@ -258,7 +266,7 @@ def catalogue_stage(
     registered = model_version_of(checkpoint)
     lineage: dict[str, Any] = {"mlflow_run_id": parent_run_id}
     if registered is not None:
-        lineage = {"model_uri": registered["uri"], "mlflow_run_id": registered["run_id"]}
+        lineage = {"model_uri": registered.uri, "mlflow_run_id": registered.run_id}
     with (
         signals.handle_sigterm(),
         tracking.stage_run(cfg, "tokenize_catalogue", parent_run_id) as run,
@@ -289,12 +297,16 @@ _HEADLINE = ("recall_at_10", "ndcg_at_10", "mrr", "invalid_id_rate")
 
 @dataclass(frozen=True)
 class EvaluationOutcome:
+    """The evaluation stage's Markdown report, its plot, and every system's metrics."""
+
     report_path: str
     plot_path: str
-    results: list[Any]
+    results: list[SystemResult]
 
 
-def evaluate_stage(cfg: StoreConfig, parent_run_id: str | None = None) -> StageOutcome:
+def evaluate_stage(
+    cfg: StoreConfig, parent_run_id: str | None = None
+) -> StageOutcome[EvaluationOutcome]:
     """Every configured system on the test split: metrics to MLflow (``<system>/<metric>``,
     mean over seeds), rows to DuckDB ``eval_results``, a Markdown report and a plot."""
     import time

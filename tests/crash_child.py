@@ -129,7 +129,7 @@ POINTS: dict[str, Callable[[signal.Signals], None]] = {
     "ingest-after-commit": lambda s: _after("store_core.storage", "upsert_items", s),
     # tokenize-catalogue: rows being staged, rows staged, inside the transaction,
     # committed (staging not yet removed)
-    "catalogue-first-batch": lambda s: _after("store_core.catalogue", "_rows", s),
+    "catalogue-first-batch": lambda s: _after("store_core.catalogue", "semantic_id_rows", s),
     "catalogue-rows-staged": lambda s: _before(
         "store_core.storage", "write_semantic_id_version", s
     ),

@@ -111,7 +111,7 @@ def test_evaluation_prompts_use_the_trained_history_len(
 
     cfg = load_config("tiny", [f"workspace={tiny_pipeline}", "tracking.enabled=false"])
     bundle = load_bundle(recommender_dir(cfg))
-    trained = int(bundle.metadata["history_len"])
+    trained = bundle.metadata.history_len
     assert trained != 1
     overrides = [f"workspace={tiny_pipeline}", "tracking.enabled=false"]
     other = load_config("tiny", [*overrides, "recommender.history_len=1"])

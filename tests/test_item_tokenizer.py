@@ -10,16 +10,18 @@ import pyarrow.parquet as pq
 import pytest
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from store_core.config import StoreConfig, load_config
-from store_core.dense_tokenizer import extract_dense
-from store_core.ingest import run_ingest
-from store_core.item_tokenizer import (
+from store_core.checkpoint import (
+    FORMAT_VERSION,
     METADATA_FILE,
     SEMANTIC_IDS_FILE,
     STATS_FILE,
-    load_semantic_ids,
-    train_semantic_tokenizer,
+    read_semantic_ids,
+    read_tokenizer_metadata,
 )
+from store_core.config import StoreConfig, load_config
+from store_core.dense_tokenizer import extract_dense
+from store_core.ingest import run_ingest
+from store_core.item_tokenizer import train_semantic_tokenizer
 from store_core.last_level_assignment import assign_codes
 from store_core.model import load_checkpoint, train_bpe_tokenizer
 from store_core.quantizer import disambiguate, load_codebook
@@ -44,7 +46,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[StoreConfig, Path
 
 def test_every_item_gets_a_unique_semantic_id(trained: tuple[StoreConfig, Path]) -> None:
     cfg, ckpt = trained
-    table = load_semantic_ids(str(ckpt))
+    table = read_semantic_ids(str(ckpt))
     assert table.num_rows == 48
     sids = table.column("sid").to_pylist()
     assert len(set(sids)) == 48
@@ -77,10 +79,11 @@ def test_artifacts_and_stats(trained: tuple[StoreConfig, Path]) -> None:
     assert "token_accuracy" in stats["heldout_reconstruction"]
     coherence = stats["coherence_first_code"]
     assert coherence["same_prefix_category_match"] >= coherence["random_category_match"]
-    meta = json.loads((ckpt / METADATA_FILE).read_text())
-    assert meta["codebook_version"] == stats["codebook_version"]
-    assert meta["num_levels"] == 3
-    assert len(meta["data_manifest_items_sha256"]) == 64
+    meta = read_tokenizer_metadata(ckpt)
+    assert meta.format_version == FORMAT_VERSION
+    assert meta.codebook_version == stats["codebook_version"]
+    assert meta.num_levels == 3
+    assert len(meta.data_manifest_items_sha256) == 64
 
 
 def test_reloaded_checkpoint_reproduces_the_ids(trained: tuple[StoreConfig, Path]) -> None:
@@ -100,7 +103,7 @@ def test_reloaded_checkpoint_reproduces_the_ids(trained: tuple[StoreConfig, Path
         codebook, dense, sid_cfg.last_level_assignment, sid_cfg.last_level_capacity
     )
     sids = disambiguate(codes, items.column("item_id").to_pylist())
-    table = load_semantic_ids(str(ckpt))
+    table = read_semantic_ids(str(ckpt))
     assert sids.tolist() == table.column("codes").to_pylist()
 
 
@@ -108,13 +111,13 @@ def test_same_seed_same_ids_and_rerun_resumes(
     trained: tuple[StoreConfig, Path], tmp_path: Path
 ) -> None:
     cfg, ckpt = trained
-    first = load_semantic_ids(str(ckpt)).column("sid").to_pylist()
+    first = read_semantic_ids(str(ckpt)).column("sid").to_pylist()
     again = train_semantic_tokenizer(cfg)  # same workspace: resumes the finished training
     assert again is not None and again.train_steps == 20
-    assert load_semantic_ids(again.checkpoint_dir).column("sid").to_pylist() == first
+    assert read_semantic_ids(again.checkpoint_dir).column("sid").to_pylist() == first
     other = train_semantic_tokenizer(tiny(tmp_path / "ws2"))  # fresh run, same seed
     assert other is not None
-    assert load_semantic_ids(other.checkpoint_dir).column("sid").to_pylist() == first
+    assert read_semantic_ids(other.checkpoint_dir).column("sid").to_pylist() == first
 
 
 def test_rqkmeans_quantizer(trained: tuple[StoreConfig, Path]) -> None:
@@ -126,7 +129,7 @@ def test_rqkmeans_quantizer(trained: tuple[StoreConfig, Path]) -> None:
     assert outcome is not None
     assert outcome.checkpoint_dir.endswith("tokenizer-rqkmeans")
     assert outcome.stats["quantizer"] == "rqkmeans"
-    table = load_semantic_ids(outcome.checkpoint_dir)
+    table = read_semantic_ids(outcome.checkpoint_dir)
     assert len(set(table.column("sid").to_pylist())) == 48
 
 
@@ -160,10 +163,9 @@ def test_pretrained_model_loaded_by_path(tmp_path: Path) -> None:
     )
     outcome = train_semantic_tokenizer(cfg)
     assert outcome is not None
-    meta = json.loads((Path(outcome.checkpoint_dir) / METADATA_FILE).read_text())
-    assert meta["backbone"] == str(pretrained)
+    assert read_tokenizer_metadata(outcome.checkpoint_dir).backbone == str(pretrained)
     reloaded, tok = load_checkpoint(outcome.checkpoint_dir)
     assert len(tok) == len(tokenizer) + 3  # the three query tokens were added
     assert reloaded.get_input_embeddings().weight.shape[0] >= len(tok)
-    assert len(set(load_semantic_ids(outcome.checkpoint_dir).column("sid").to_pylist())) == 48
+    assert len(set(read_semantic_ids(outcome.checkpoint_dir).column("sid").to_pylist())) == 48
     assert np.isfinite(outcome.stats["final_train_loss"])

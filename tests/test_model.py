@@ -22,9 +22,9 @@ from store_core.model import (
     query_tokens,
     save_checkpoint,
     save_model_files,
-    staging_directory,
     train_bpe_tokenizer,
 )
+from store_core.workspace import staged_directory
 
 TEXTS = [
     f"title: Movie {i}; genres: {g}; year: {1980 + i % 40}; about {i % 5} heroes"
@@ -149,13 +149,13 @@ def test_save_checkpoint_replaces_and_staging_keeps_old_on_error(tmp_path: Path)
     save_checkpoint(model, tokenizer, target)
     assert not (target / "stale.txt").exists()
 
-    with staging_directory(target) as staging:
+    with staged_directory(str(target)) as staging:
         save_model_files(model, tokenizer, staging)
-        (staging / "codebook.json").write_text("{}")
+        (Path(staging) / "codebook.json").write_text("{}")
     assert (target / "codebook.json").exists() and (target / WEIGHTS_FILE).exists()
 
-    with pytest.raises(RuntimeError), staging_directory(target) as staging:
-        (staging / "partial").write_text("x")
+    with pytest.raises(RuntimeError), staged_directory(str(target)) as staging:
+        (Path(staging) / "partial").write_text("x")
         raise RuntimeError("crash mid-write")
     assert (target / "codebook.json").exists()
     assert not (target / "partial").exists()

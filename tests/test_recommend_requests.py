@@ -39,7 +39,7 @@ def test_exclude_history_excludes_the_whole_history(
     trained: tuple[StoreConfig, RecommenderBundle], tiny_pipeline: Path
 ) -> None:
     cfg, bundle = trained
-    assert cfg.recommender.history_len == bundle.metadata["history_len"] == 5
+    assert cfg.recommender.history_len == bundle.metadata.history_len == 5
     older_items_recommended = 0
     for user in NINE:
         history = user_history(cfg, user)

@@ -10,17 +10,22 @@ import pytest
 import torch
 
 from store_core.bundle import load_bundle
+from store_core.checkpoint import (
+    METADATA_FILE,
+    METRICS_FILE,
+    read_recommender_metadata,
+    read_semantic_ids,
+)
 from store_core.config import StoreConfig, load_config
 from store_core.errors import StoreError
 from store_core.generate import SemanticIdTrie, constrained_beam_search
 from store_core.ingest import run_ingest
-from store_core.item_tokenizer import load_semantic_ids, train_semantic_tokenizer
+from store_core.item_tokenizer import train_semantic_tokenizer
 from store_core.model import load_checkpoint
 from store_core.new_items import tokenize_new_items
 from store_core.prompts import PROMPT_FORMAT, PromptBuilder
 from store_core.quantizer import load_codebook
 from store_core.recommender import (
-    METRICS_FILE,
     add_semantic_id_tokens,
     level_sizes,
     recommender_dir,
@@ -57,13 +62,13 @@ def test_checkpoint_and_metrics(tiny_trained: tuple[StoreConfig, Path]) -> None:
     assert len(metrics["validation"]) >= 1
     assert 0.0 <= metrics["best_val_ndcg_at_10"] <= 1.0
     assert 0.0 <= metrics["agreement_full_id"] <= metrics["agreement_first_code"] <= 1.0
-    meta = json.loads((ckpt / "metadata.json").read_text())
-    assert meta["level_sizes"][:3] == [8, 8, 8]
+    meta = read_recommender_metadata(ckpt)
+    assert meta.level_sizes[:3] == [8, 8, 8]
     _, tokenizer = load_checkpoint(str(ckpt))
     assert level_token(0, 7) in tokenizer.get_vocab()
-    assert level_token(3, meta["level_sizes"][3] - 1) in tokenizer.get_vocab()
+    assert level_token(3, meta.level_sizes[3] - 1) in tokenizer.get_vocab()
     # What shaped the prompts is recorded; sequence mode labelled every target once.
-    assert meta["prompt_format"] == PROMPT_FORMAT == 2 and meta["rec_samples"] == "sequence"
+    assert meta.prompt_format == PROMPT_FORMAT == 2 and meta.rec_samples == "sequence"
     assert metrics["targets_per_task"]["recommendation"] == 156  # tiny's train targets
     assert metrics["samples_per_task"]["recommendation"] == 46  # in 46 windows
     assert metrics["train_targets_per_s"] > 0
@@ -74,9 +79,9 @@ def test_checkpoint_of_an_older_prompt_format_is_refused(
 ) -> None:
     _, ckpt = tiny_trained
     old = copy_workspace(ckpt, tmp_path / "old")
-    meta = json.loads((old / "metadata.json").read_text())
+    meta = json.loads((old / METADATA_FILE).read_text())
     del meta["prompt_format"]  # written before sequence mode: format 1
-    (old / "metadata.json").write_text(json.dumps(meta))
+    (old / METADATA_FILE).write_text(json.dumps(meta))
     with pytest.raises(StoreError, match=r"prompt format 1.*retrain Phase B"):
         load_bundle(str(old))
 
@@ -85,7 +90,7 @@ def test_new_token_rows_change_during_training(tiny_trained: tuple[StoreConfig, 
     cfg, ckpt = tiny_trained
     phase_a = Path(cfg.models_dir) / "tokenizer-store"
     model, tokenizer = load_checkpoint(str(phase_a))
-    codes = np.array(load_semantic_ids(str(phase_a)).column("codes").to_pylist())
+    codes = np.array(read_semantic_ids(str(phase_a)).column("codes").to_pylist())
     codebook = load_codebook(phase_a)
     level_ids = add_semantic_id_tokens(model, tokenizer, codebook, level_sizes(codes, codebook))
     trained, trained_tok = load_checkpoint(str(ckpt))
@@ -104,12 +109,12 @@ def test_new_token_rows_change_during_training(tiny_trained: tuple[StoreConfig, 
 def test_untrained_constraint_gives_only_valid_ids(tiny_trained: tuple[StoreConfig, Path]) -> None:
     _, ckpt = tiny_trained
     model, tokenizer = load_checkpoint(str(ckpt))
-    meta = json.loads((ckpt / "metadata.json").read_text())
-    table = load_semantic_ids(str(ckpt))
+    meta = read_recommender_metadata(ckpt)
+    table = read_semantic_ids(str(ckpt))
     codes = np.array(table.column("codes").to_pylist())
     level_ids = [
         [int(tokenizer.convert_tokens_to_ids(level_token(lv, c))) for c in range(size)]
-        for lv, size in enumerate(meta["level_sizes"])
+        for lv, size in enumerate(meta.level_sizes)
     ]
     builder = PromptBuilder(tokenizer, level_ids, 32)
     prompts = [builder.alignment(f"some new gadget number {i}") for i in range(5)]
@@ -129,11 +134,11 @@ def test_text_to_token_for_new_items_without_retraining(
 ) -> None:
     _, ckpt = tiny_trained
     model, tokenizer = load_checkpoint(str(ckpt))
-    meta = json.loads((ckpt / "metadata.json").read_text())
-    existing = np.array(load_semantic_ids(str(ckpt)).column("codes").to_pylist())
+    meta = read_recommender_metadata(ckpt)
+    existing = np.array(read_semantic_ids(str(ckpt)).column("codes").to_pylist())
     level_ids = [
         [int(tokenizer.convert_tokens_to_ids(level_token(lv, c))) for c in range(size)]
-        for lv, size in enumerate(meta["level_sizes"])
+        for lv, size in enumerate(meta.level_sizes)
     ]
     builder = PromptBuilder(tokenizer, level_ids, 32)
     texts = [
@@ -146,7 +151,7 @@ def test_text_to_token_for_new_items_without_retraining(
     all_ids = {tuple(r) for r in existing.tolist()} | {tuple(r) for r in new.tolist()}
     assert len(all_ids) == len(existing) + 3  # unique against the catalogue and each other
     for row in new.tolist():
-        assert all(0 <= c < size for c, size in zip(row, meta["level_sizes"], strict=True))
+        assert all(0 <= c < size for c, size in zip(row, meta.level_sizes, strict=True))
     # Same text -> same generated prefix, distinct disambiguation codes.
     assert new[0, :3].tolist() == new[1, :3].tolist()
     assert new[0, 3] != new[1, 3]
@@ -245,7 +250,7 @@ def test_lora_trains_the_new_token_rows_and_saves_plain_weights(
     assert outcome is not None
     phase_a = Path(cfg.models_dir) / "tokenizer-store"
     base, tokenizer = load_checkpoint(str(phase_a))
-    codes = np.array(load_semantic_ids(str(phase_a)).column("codes").to_pylist())
+    codes = np.array(read_semantic_ids(str(phase_a)).column("codes").to_pylist())
     codebook = load_codebook(phase_a)
     level_ids = add_semantic_id_tokens(base, tokenizer, codebook, level_sizes(codes, codebook))
     trained, _ = load_checkpoint(outcome.checkpoint_dir)  # plain Llama: no adapter keys

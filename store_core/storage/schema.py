@@ -6,31 +6,18 @@ See :mod:`store_core.storage` for what each table, view and macro holds.
 from __future__ import annotations
 
 import duckdb
-import pyarrow as pa
 
-from store_core.schemas import ITEMS_TABLE_DDL
+from store_core.schemas import ITEMS_TABLE_DDL, SEMANTIC_ID_ROW_SCHEMA
 
 #: Methods that produce a semantic ID: the quantizer's clustering of the trained
 #: catalogue, or generation by the trained model for a new item.
 SID_METHODS = ("cluster", "generated")
 
 #: The Arrow input of :func:`write_semantic_id_version`: one row per item of the new
-#: version, removed items included with ``active = False``. ``codes`` holds every level
-#: (disambiguation included); ``sid`` must equal ``format_sid(codes)`` and ``packed``
-#: ``pack_codes(codes, pack_bits)`` (both are checked). ``content_hash`` (of the text
-#: the ID was made from) is optional: a missing column stores NULL. Extra columns are
-#: ignored.
-SEMANTIC_ID_ROWS_SCHEMA = pa.schema(
-    [
-        pa.field("item_id", pa.string(), nullable=False),
-        pa.field("codes", pa.list_(pa.int32()), nullable=False),
-        pa.field("sid", pa.string(), nullable=False),
-        pa.field("packed", pa.int64(), nullable=False),
-        pa.field("method", pa.string(), nullable=False),  # 'cluster' | 'generated'
-        pa.field("active", pa.bool_(), nullable=False),
-        pa.field("content_hash", pa.string(), nullable=True),
-    ]
-)
+#: version, :data:`store_core.schemas.SEMANTIC_ID_ROW_SCHEMA` (the one semantic-ID row).
+#: ``sid`` and ``packed`` are checked against ``codes``. ``content_hash`` is optional: a
+#: missing column stores NULL. Extra columns are ignored.
+SEMANTIC_ID_ROWS_SCHEMA = SEMANTIC_ID_ROW_SCHEMA
 
 #: The columns of :data:`SEMANTIC_ID_ROWS_SCHEMA` an input must have.
 _REQUIRED_ROW_COLUMNS = ("item_id", "codes", "sid", "packed", "method", "active")
