@@ -28,6 +28,7 @@ from prefect.artifacts import create_markdown_artifact  # noqa: E402
 from prefect.runtime import deployment, flow_run  # noqa: E402
 from prefect.tasks import exponential_backoff  # noqa: E402
 
+from flows.scaleout import remote_beams, remote_search  # noqa: E402
 from store_core import tracking  # noqa: E402
 from store_core.config import load_config  # noqa: E402
 from store_core.ingest import ResolvedSource, resolve_source  # noqa: E402
@@ -131,7 +132,7 @@ def catalogue_flow(
 ) -> dict[str, Any]:
     """Stage 3: every item's semantic ID as a new DuckDB version (one transaction)."""
     cfg = load_config(config, overrides)
-    stage = catalogue_stage(cfg, parent_run_id, mode=mode)
+    stage = catalogue_stage(cfg, parent_run_id, mode=mode, remote=remote_beams(cfg))
     outcome = stage.result
     get_run_logger().info("semantic-ID version %s: %s", outcome.version, outcome.counts)
     return {
@@ -150,7 +151,7 @@ def evaluate_flow(
 ) -> dict[str, Any]:
     """Stage 4: STORE vs the baselines on the test split; report + plot + eval_results."""
     cfg = load_config(config, overrides)
-    outcome = evaluate_stage(cfg, parent_run_id)
+    outcome = evaluate_stage(cfg, parent_run_id, remote_search(cfg))
     result = outcome.result
     return {"run_id": outcome.run_id, "report": result.report_path, "plot": result.plot_path}
 
