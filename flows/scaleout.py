@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar, cast
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from store_core.telemetry import disable_telemetry
 
@@ -29,7 +29,6 @@ disable_telemetry()
 
 from prefect import Task, flow, get_run_logger, task  # noqa: E402
 from prefect.cache_policies import NO_CACHE  # noqa: E402
-from prefect_dask import DaskTaskRunner  # noqa: E402
 
 from store_core.config import StoreConfig  # noqa: E402
 from store_core.errors import StoreError  # noqa: E402
@@ -43,6 +42,9 @@ from store_core.sharding import (  # noqa: E402
     summary,
 )
 
+if TYPE_CHECKING:
+    from prefect_dask import DaskTaskRunner
+
 logger = logging.getLogger(__name__)
 
 S = TypeVar("S")
@@ -53,8 +55,13 @@ _KINDS = {run_catalogue_shard.__name__: "catalogue", run_users_shard.__name__: "
 
 
 def task_runner(cfg: StoreConfig) -> DaskTaskRunner | None:
-    """The Dask task runner ``cfg.inference`` asks for, or None (in-process)."""
+    """The Dask task runner ``cfg.inference`` asks for, or None (in-process). prefect-dask
+    (and Dask) are imported only here, so in-process runs never load them."""
     inference = cfg.inference
+    if not inference.scaled_out:
+        return None
+    from prefect_dask import DaskTaskRunner
+
     if inference.address is not None:
         return DaskTaskRunner(address=inference.address)
     if inference.workers is not None:

@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import dask
 import pyarrow as pa
@@ -169,6 +170,8 @@ def test_cluster_by_address_gives_the_in_process_ids_and_metrics(
         run_ingest(load_config("tiny", _overrides(workspace, *extra)))
     expected_cfg = load_config("tiny", _overrides(here, *extra))
     catalogue_stage(expected_cfg, mode="keep")
+    with Client(dask_cli_cluster) as client:
+        before = sum(client.run(_executed).values())
     result = _sharded(there, "keep", *extra, *remote)
     assert result["counts"]["new"] == 3 and result["counts"]["changed"] == 2  # type: ignore[index]
     assert _ids(there).equals(_ids(here))
@@ -178,6 +181,15 @@ def test_cluster_by_address_gives_the_in_process_ids_and_metrics(
     metrics = _eval_rows(there)
     assert metrics == _eval_rows(here)
     assert metrics["recall_at_10/kept"] >= 0 and metrics["users/kept"] > 8
+    with Client(dask_cli_cluster) as client:  # the shards ran on the external workers
+        after = client.run(_executed)
+    user_shards = min(4, -(-int(metrics["users/kept"]) // 4))  # 4-user batches
+    assert sum(after.values()) - before >= 1 + user_shards  # + the catalogue shard(s)
+
+
+def _executed(dask_worker: Any) -> int:
+    """Tasks a Dask worker has run (client.run calls it on every worker)."""
+    return int(dask_worker.state.executed_count)
 
 
 def _eval_rows(workspace: Path) -> dict[str, float]:
