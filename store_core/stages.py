@@ -266,6 +266,7 @@ def catalogue_stage(
         signals.handle_sigterm(),
         tracking.stage_run(cfg, "tokenize_catalogue", parent_run_id) as run,
     ):
+        _warn_in_process(cfg, remote)
         outcome = tokenize_catalogue(
             cfg,
             checkpoint,
@@ -310,6 +311,14 @@ def inference_params(cfg: StoreConfig) -> dict[str, Any]:
     return {key: value for key, value in params.items() if value is not None}
 
 
+def _warn_in_process(cfg: StoreConfig, remote: Any) -> None:
+    if cfg.inference.scaled_out and remote is None:
+        logger.warning(
+            "inference.workers / inference.address apply to the Prefect flows (store run, "
+            "the deployments); this stage runs in-process"
+        )
+
+
 def shard_metrics(reports: list[Any]) -> dict[str, float]:
     """MLflow metrics of a scaled-out stage's :class:`store_core.sharding.ShardReport` s:
     shards, workers used, rows generated, largest worker peak RSS (MiB)."""
@@ -338,6 +347,7 @@ def evaluate_stage(
     )
 
     with signals.handle_sigterm(), tracking.stage_run(cfg, "evaluate", parent_run_id) as run:
+        _warn_in_process(cfg, search)
         run.log_params({"systems": ",".join(cfg.evaluation.systems)})
         run.log_params(inference_params(cfg))
         results = run_systems(cfg, search=search)
