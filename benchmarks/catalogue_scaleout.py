@@ -95,22 +95,34 @@ def _child(spec_path: str) -> None:
         return version
 
     storage.write_semantic_id_version = write_timed
-    remote = None
-    if cfg.inference.scaled_out:
-        from flows.scaleout import prefect_runner
-        from store_core.sharding import ShardedBeams
+    from prefect import flow
 
-        remote = ShardedBeams(prefect_runner(cfg), cfg, checkpoint, cfg.inference.shards)
-    started = time.perf_counter()
-    outcome = catalogue.tokenize_catalogue(
-        cfg,
-        checkpoint,
-        mode="regenerate",
-        batch_size=cfg.inference.batch_rows,
-        extra_codebook_fields=extra,
-        remote=remote,
-    )
-    seconds = time.perf_counter() - started
+    from flows.scaleout import prefect_runner
+    from store_core.sharding import ShardedBeams
+
+    runs: dict[str, Any] = {}
+
+    @flow(name="benchmark-catalogue-scaleout")
+    def measured() -> None:
+        # inside a flow run, as the pipeline's tokenize-catalogue subflow runs the stage:
+        # local workers report to this run's Prefect API instead of starting their own
+        remote = None
+        if cfg.inference.scaled_out:
+            remote = ShardedBeams(prefect_runner(cfg), cfg, checkpoint, cfg.inference.shards)
+        started = time.perf_counter()
+        runs["outcome"] = catalogue.tokenize_catalogue(
+            cfg,
+            checkpoint,
+            mode="regenerate",
+            batch_size=cfg.inference.batch_rows,
+            extra_codebook_fields=extra,
+            remote=remote,
+        )
+        runs["seconds"] = time.perf_counter() - started
+        runs["remote"] = remote
+
+    measured()
+    outcome, seconds, remote = runs["outcome"], runs["seconds"], runs["remote"]
     result: dict[str, Any] = {
         "items": outcome.counts["generated"],
         "seconds": seconds,

@@ -64,16 +64,27 @@ def task_runner(cfg: StoreConfig) -> DaskTaskRunner | None:
 
     if inference.address is not None:
         return DaskTaskRunner(address=inference.address)
-    if inference.workers is not None:
-        return DaskTaskRunner(
-            cluster_kwargs={
-                "n_workers": inference.workers,
-                "threads_per_worker": 1,
-                "processes": True,
-                "dashboard_address": None,
-            }
-        )
-    return None
+    cluster: dict[str, Any] = {
+        "n_workers": inference.workers,
+        "threads_per_worker": 1,
+        "processes": True,
+        "dashboard_address": None,
+    }
+    api_url = _api_url()
+    if api_url is not None:  # the local workers report to this run's Prefect API
+        cluster["env"] = {"PREFECT_API_URL": api_url}
+    return DaskTaskRunner(cluster_kwargs=cluster)
+
+
+def _api_url() -> str | None:
+    """The Prefect API the current flow run talks to (also the temporary server of a run
+    without PREFECT_API_URL), so local workers need not start a server each; None
+    outside a flow run."""
+    from prefect.context import FlowRunContext
+
+    client = getattr(FlowRunContext.get(), "client", None)
+    url = getattr(client, "api_url", None)
+    return str(url) if url else None
 
 
 def prefect_runner(cfg: StoreConfig) -> ShardRunner[Any, Any]:
