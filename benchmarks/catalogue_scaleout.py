@@ -26,7 +26,8 @@ the shards, gathering), ``worker_items_per_s`` (items / the busiest worker's sum
 time: the rate without cluster start-up), ``commit_s`` (the central DuckDB transaction,
 ``storage.write_semantic_id_version``), ``central_s`` (seconds - shard phase - commit: plan,
 assignment of the disambiguation codes, staging), ``peak_rss_mib`` of the central process
-and ``worker_peak_rss_mib`` (largest ``ru_maxrss`` among the workers). Writes
+and ``worker_peak_rss_mib`` (largest ``ru_maxrss`` among the workers); ``worker_busy_s`` and
+``worker_items`` per worker pid show how Dask spread the shards. Writes
 benchmarks/results/catalogue_scaleout.json (``--output``).
 
 Cost per million items per worker (the README's formula): with N workers,
@@ -133,14 +134,17 @@ def _child(spec_path: str) -> None:
     if remote is not None:
         busy: dict[int, float] = {}
         rss: dict[int, float] = {}
+        rows: dict[int, int] = {}
         for report in remote.reports:
             busy[report.pid] = busy.get(report.pid, 0.0) + report.seconds
+            rows[report.pid] = rows.get(report.pid, 0) + report.generated
             rss[report.pid] = max(rss.get(report.pid, 0.0), report.peak_rss_mb)
         result.update(
             shards=len(remote.reports),
             workers_used=len(busy),
             shard_phase_s=remote.seconds,
             worker_busy_s={str(pid): s for pid, s in busy.items()},
+            worker_items={str(pid): n for pid, n in rows.items()},
             worker_items_per_s=outcome.counts["generated"] / max(busy.values()),
             worker_peak_rss_mib=max(rss.values()),
             central_s=seconds - remote.seconds - timing.get("commit_s", 0.0),

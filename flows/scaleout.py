@@ -69,6 +69,9 @@ def task_runner(cfg: StoreConfig) -> DaskTaskRunner | None:
         "threads_per_worker": 1,
         "processes": True,
         "dashboard_address": None,
+        # import torch and the shard code while the worker starts, not in its first shard:
+        # a worker still importing would leave the shards to the one that is ready
+        "preload": ["store_core.sharding"],
     }
     api_url = _api_url()
     if api_url is not None:  # the local workers report to this run's Prefect API
