@@ -14,6 +14,7 @@ Each test starts and stops its own cluster (a few minutes on a busy 2-core machi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -94,7 +95,7 @@ def _free_port() -> int:
 @pytest.fixture
 def dask_cli_cluster(tmp_path: Path) -> Iterator[str]:
     """``dask scheduler`` and two ``dask worker --nthreads 1`` processes on 127.0.0.1, as
-    users start them; stopped (and reaped) by the fixture."""
+    users start them; stopped (and reaped) by the fixture, with everything they started."""
     port = _free_port()
     address = f"tcp://127.0.0.1:{port}"
     dask_cli = [str(Path(sys.executable).parent / "dask")]
@@ -123,8 +124,14 @@ def dask_cli_cluster(tmp_path: Path) -> Iterator[str]:
     try:
         for number, command in enumerate(commands):
             with (logs / f"{number}.log").open("wb") as log:
-                processes.append(
-                    subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+                processes.append(  # own process group: what they start goes with them
+                    subprocess.Popen(
+                        command,
+                        env=env,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                    )
                 )
             if number == 0:
                 _wait_for_port(port, processes[0], logs / "0.log")
@@ -133,13 +140,21 @@ def dask_cli_cluster(tmp_path: Path) -> Iterator[str]:
         yield address
     finally:
         for process in reversed(processes):
-            process.terminate()
+            _signal_group(process, signal.SIGTERM)
         for process in reversed(processes):
             try:
                 process.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait()
+            # a worker's temporary Prefect server (it has no PREFECT_API_URL) is in its group
+            _signal_group(process, signal.SIGKILL)
+
+
+def _signal_group(process: subprocess.Popen[bytes], sig: signal.Signals) -> None:
+    """Signal the process group a fixture process leads (started with a new session)."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
 
 
 def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> None:
