@@ -44,6 +44,7 @@ from prefect.utilities.urls import url_for  # noqa: E402
 
 from flows import reporting  # noqa: E402
 from flows.reporting import StageReport  # noqa: E402
+from flows.scaleout import remote_beams, remote_search  # noqa: E402
 from store_core import storage, tracking  # noqa: E402
 from store_core.config import StoreConfig, load_config  # noqa: E402
 from store_core.ingest import ResolvedSource, resolve_source  # noqa: E402
@@ -163,7 +164,7 @@ def catalogue_flow(
     cfg = load_config(config, overrides)
     model = production_model(cfg) if use_alias else None
     before = storage.latest_version(cfg.duckdb_path)
-    stage = catalogue_stage(cfg, parent_run_id, mode=mode)
+    stage = catalogue_stage(cfg, parent_run_id, mode=mode, remote=remote_beams(cfg))
     written = stage.result.version
     report = reporting.catalogue_report(
         stage,
@@ -226,7 +227,7 @@ def evaluate_flow(
     """Stage 4: STORE vs the baselines on the test split; report + plot + eval_results,
     and in MLflow the results as a table and a comparison figure."""
     cfg = load_config(config, overrides)
-    outcome = evaluate_stage(cfg, parent_run_id)
+    outcome = evaluate_stage(cfg, parent_run_id, remote_search(cfg))
     results = outcome.result.results
     table = reporting.evaluation_table(results)
     figure = reporting.comparison_figure(results)

@@ -58,7 +58,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol, TypeGuard
 
 import numpy as np
 import pyarrow as pa
@@ -172,11 +172,56 @@ def _base_rows(
     return base, np.array(issued, dtype=np.int64), version
 
 
-def _batches(path: str, batch_size: int) -> Iterator[pa.RecordBatch]:
+def _batches(path: str, batch_size: int, text: bool = True) -> Iterator[pa.RecordBatch]:
     parquet = pq.ParquetFile(path)
     yield from parquet.iter_batches(
-        batch_size=batch_size, columns=["item_id", "text", "content_hash"]
+        batch_size=batch_size,
+        columns=["item_id", "text", "content_hash"] if text else ["item_id", "content_hash"],
     )
+
+
+def keeps_id(old: _BaseRow | None, category: str, mode: Mode) -> TypeGuard[_BaseRow]:
+    """Whether an item keeps its base ID as it is (no generation): in ``keep`` mode, an
+    unchanged or restored item."""
+    return old is not None and mode == "keep" and category in ("unchanged", "restored")
+
+
+#: One batch of the catalogue as :func:`plan_batches` sees it: (rows, positions of the
+#: rows that get a generated ID).
+BatchPlan = tuple[int, list[int]]
+
+
+def plan_batches(
+    items_path: str, batch_size: int, base: dict[str, _BaseRow], mode: Mode
+) -> list[BatchPlan]:
+    """Every batch of ``items_path`` in the order the run reads them (``batch_size`` rows,
+    fewer at the end): its row count and the positions of the rows whose ID is generated
+    (:func:`keeps_id` false). Reads only ``item_id`` and ``content_hash``."""
+    plan: list[BatchPlan] = []
+    for batch in _batches(items_path, batch_size, text=False):
+        ids = batch.column("item_id").to_pylist()
+        hashes = batch.column("content_hash").to_pylist()
+        todo = [
+            i
+            for i, (item, content) in enumerate(zip(ids, hashes, strict=True))
+            if not keeps_id(base.get(item), change_category(base.get(item), content), mode)
+        ]
+        plan.append((len(ids), todo))
+    return plan
+
+
+class RemoteBeams(Protocol):
+    """Generates the beams of the rows that get a new ID outside this process, e.g. shard
+    tasks on a cluster (:class:`store_core.sharding.ShardedBeams`); the IDs are still
+    chosen here, in the order of the in-process run, so both write the same IDs."""
+
+    def start(self, plan: list[BatchPlan], staging: Path) -> None:
+        """Generate the beams of every batch of ``plan`` (files under ``staging``); raise
+        naming the failed part when one fails."""
+
+    def beams(self, batch: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
+        """Beams [rows, B, L] and scores [rows, B] of the generated rows of batch number
+        ``batch`` (its plan's positions, in order); batches are asked for in order."""
 
 
 def tokenize_catalogue(
@@ -187,8 +232,12 @@ def tokenize_catalogue(
     batch_size: int = 256,
     note: str = "",
     extra_codebook_fields: dict[str, Any] | None = None,
+    remote: RemoteBeams | None = None,
 ) -> CatalogueOutcome:
     """Write a new semantic-ID version for the catalogue in ``cfg.data_dir``.
+
+    ``remote``: where the beams of new IDs are generated when not in this process
+    (:mod:`store_core.sharding`); the IDs, counts and version are the same either way.
 
     Holds the workspace's writer lock from reading the base to the commit, and first
     cleans what a killed earlier run left (:func:`clean_staging`, and ``data/`` through
@@ -217,6 +266,7 @@ def tokenize_catalogue(
                 note=note,
                 extra_codebook_fields=extra_codebook_fields,
                 started=started,
+                remote=remote,
             )
         finally:
             with signals.deferred():
@@ -252,6 +302,7 @@ def _tokenize(
     note: str,
     extra_codebook_fields: dict[str, Any] | None,
     started: float,
+    remote: RemoteBeams | None = None,
 ) -> CatalogueOutcome:
     """The body of :func:`tokenize_catalogue`: stream the items, stage the rows in
     ``tmp_path``, commit them as one version."""
@@ -264,13 +315,14 @@ def _tokenize(
     seen: set[str] = set()
     items_path = f"{cfg.data_dir}/{ITEMS_FILE}"
     total = pq.ParquetFile(items_path).metadata.num_rows
+    if remote is not None:
+        remote.start(plan_batches(items_path, batch_size, base, mode), Path(tmp_path).parent)
     writer = pq.ParquetWriter(tmp_path, storage.SEMANTIC_ID_ROWS_SCHEMA)
     writer_open = True
     try:
         bar = progress(total=total, desc="tokenize catalogue", unit="item")
-        for batch in _batches(items_path, batch_size):
+        for number, batch in enumerate(_batches(items_path, batch_size, remote is None)):
             ids: list[str] = batch.column("item_id").to_pylist()
-            texts: list[str] = batch.column("text").to_pylist()
             hashes: list[str] = batch.column("content_hash").to_pylist()
             codes = np.zeros((len(ids), levels), dtype=np.int64)
             methods = [METHOD_GENERATED] * len(ids)
@@ -280,12 +332,15 @@ def _tokenize(
                 old = base.get(item)
                 category = change_category(old, content)
                 counts[category] += 1
-                if old is not None and mode == "keep" and category in ("unchanged", "restored"):
+                if keeps_id(old, category, mode):
                     codes[i] = old.codes
                     methods[i] = old.method
                     continue
                 todo.append(i)
-            if todo:
+            if todo and remote is not None:
+                beams, scores = remote.beams(number, len(todo))
+            elif todo:
+                texts: list[str] = batch.column("text").to_pylist()
                 beams, scores = generate_ids(
                     bundle.model,
                     bundle.builder,
@@ -293,6 +348,7 @@ def _tokenize(
                     [texts[i] for i in todo],
                     batch_size=cfg.recommender.eval_batch_size,
                 )
+            if todo:
                 owned = [base.get(ids[i]) for i in todo]
                 own = [None if o is None else o.codes for o in owned]
                 chosen = choose_ids(beams, scores, [ids[i] for i in todo], state, own)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import string
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -812,6 +813,69 @@ class ServiceConfig(StrictModel):
         return value
 
 
+_DASK_ADDRESS = re.compile(r"(tcp|tls|inproc|ucx)://[^\s/]+(:[0-9]{1,5})?")
+
+
+class InferenceConfig(StrictModel):
+    """Where the batch-inference stages (tokenize-catalogue, evaluate) run: in this
+    process (neither field set, the default), on a local Dask cluster of ``workers``
+    single-thread worker processes, or on a running Dask cluster at ``address``. The
+    scaled-out stages run through the Prefect flows (``store run``, the deployments)."""
+
+    workers: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="Start a local Dask cluster of N single-thread worker processes for the "
+        "stage (one model copy per worker); null = no local cluster.",
+    )
+    address: str | None = Field(
+        None,
+        description="Scheduler address of a running Dask cluster, e.g. tcp://dask-scheduler:8786 "
+        "(its workers need the workspace at the same path and PREFECT_API_URL).",
+    )
+    shards: int = Field(
+        8,
+        ge=1,
+        le=100_000,
+        description="Shard tasks per stage (row ranges of items.parquet / groups of users); "
+        "more shards than workers balance load and make a retried shard cheaper.",
+    )
+    batch_rows: int = Field(
+        256,
+        ge=1,
+        le=1_000_000,
+        description="Catalogue rows read per batch: the unit shards are cut in, and the "
+        "group within which new IDs are assigned in item-id order (same in every mode).",
+    )
+    retries: int = Field(2, ge=0, le=100, description="Prefect retries of a failed shard task.")
+    retry_delay_s: float = Field(
+        2.0, ge=0, le=3600, description="Seconds between the retries of a shard task."
+    )
+
+    @field_validator("address")
+    @classmethod
+    def _scheduler_address(cls, value: str | None) -> str | None:
+        if value is not None and not _DASK_ADDRESS.fullmatch(value):
+            raise ValueError(
+                f"{value!r} is not a Dask scheduler address (expected e.g. tcp://host:8786)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _one_engine(self) -> InferenceConfig:
+        if self.workers is not None and self.address is not None:
+            raise ValueError(
+                "set either workers (start a local cluster) or address (connect to one), not both"
+            )
+        return self
+
+    @property
+    def scaled_out(self) -> bool:
+        """True when the stages run on a Dask cluster (local or by address)."""
+        return self.workers is not None or self.address is not None
+
+
 #: The linear layers of the Llama built from ``model`` (store_core.model) that LoRA can
 #: adapt; the embedding and output matrices train their semantic-ID rows instead.
 BUILT_MODEL_LORA_TARGETS = (
@@ -859,6 +923,10 @@ class StoreConfig(StrictModel):
     )
     launcher: LauncherConfig = Field(
         default_factory=LauncherConfig, description="How the training phases are launched."
+    )
+    inference: InferenceConfig = Field(
+        default_factory=InferenceConfig,
+        description="Where tokenize-catalogue and evaluate run (in-process or on Dask).",
     )
 
     @model_validator(mode="after")

@@ -18,7 +18,7 @@ reports:
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,11 @@ from store_core.metrics import rank_of, ranking_metrics
 from store_core.tasks import EvalSplit, TaskData, eval_prompts, load_task_data
 
 logger = logging.getLogger(__name__)
+
+#: Runs the constrained beam search of a split's prompts elsewhere (e.g. user shards on a
+#: cluster, :class:`store_core.sharding.ShardedSearch`): (bundle, prompts, cfg) -> the
+#: :class:`BeamResult` :func:`constrained_beam_search` returns for them.
+BeamSearch = Callable[[RecommenderBundle, list[list[int]], StoreConfig], BeamResult]
 
 
 @dataclass
@@ -95,10 +100,12 @@ def decode_split(
     split: EvalSplit = "test",
     max_users: int | None = None,
     progress: bool = True,
+    search: BeamSearch | None = None,
 ) -> DecodedSplit:
     """Constrained beam search for every user of ``split`` (a seeded sample of
     ``max_users`` when set), prompted with their last ``history_len`` items: the N the
-    checkpoint was trained with (:meth:`RecommenderBundle.history_len`)."""
+    checkpoint was trained with (:meth:`RecommenderBundle.history_len`). ``search`` runs
+    the search elsewhere (same result); None: here."""
     codes = bundle.codes()
     item_ids: list[str] = bundle.semantic_ids.column("item_id").to_pylist()
     data = load_task_data(cfg.data_dir, dict(zip(item_ids, codes.tolist(), strict=True)))
@@ -111,6 +118,8 @@ def decode_split(
         users = [users[i] for i in keep]
         prompts = [prompts[i] for i in keep]
         targets = [targets[i] for i in keep]
+    if search is not None:
+        return DecodedSplit(data, codes, item_ids, users, targets, search(bundle, prompts, cfg))
     result = constrained_beam_search(
         bundle.model,
         prompts,
@@ -131,9 +140,11 @@ def evaluate_generative(
     split: EvalSplit = "test",
     max_users: int | None = None,
     progress: bool = True,
+    search: BeamSearch | None = None,
 ) -> SystemResult:
-    """Constrained beam search for every user of ``split`` with ``bundle``'s model."""
-    decoded = decode_split(bundle, cfg, split, max_users, progress)
+    """Constrained beam search for every user of ``split`` with ``bundle``'s model
+    (``search``: see :func:`decode_split`)."""
+    decoded = decode_split(bundle, cfg, split, max_users, progress, search)
     data, item_ids, users, targets = decoded.data, decoded.item_ids, decoded.users, decoded.targets
     result = decoded.result
     alive = np.isfinite(result.scores)  # [P, B]
@@ -217,8 +228,11 @@ def _baseline_result(system: str, seed: int, out: dict[str, Any]) -> SystemResul
     return SystemResult(system, seed, metrics, extra)
 
 
-def run_systems(cfg: StoreConfig, *, train_missing: bool = True) -> list[SystemResult]:
-    """Evaluate every configured system on the test split (trains TIGER-style if absent)."""
+def run_systems(
+    cfg: StoreConfig, *, train_missing: bool = True, search: BeamSearch | None = None
+) -> list[SystemResult]:
+    """Evaluate every configured system on the test split (trains TIGER-style if absent);
+    ``search`` decodes the generative systems elsewhere (:func:`decode_split`)."""
     from store_core.bundle import load_bundle
     from store_core.checkpoint import has_metadata
     from store_core.item_tokenizer import train_semantic_tokenizer
@@ -243,7 +257,9 @@ def run_systems(cfg: StoreConfig, *, train_missing: bool = True) -> list[SystemR
                 train_semantic_tokenizer(sys_cfg)
                 train_recommender(sys_cfg)
             bundle = load_bundle(directory)
-            result = evaluate_generative(bundle, sys_cfg, system=system, max_users=ev.max_users)
+            result = evaluate_generative(
+                bundle, sys_cfg, system=system, max_users=ev.max_users, search=search
+            )
             label = generative_label(sys_cfg)
             if system == "store" and label != SYSTEM_LABELS["store"]:
                 result.extra["label"] = label

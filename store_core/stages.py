@@ -244,9 +244,12 @@ def catalogue_stage(
     parent_run_id: str | None = None,
     *,
     mode: str = "keep",
+    remote: Any = None,
 ) -> StageOutcome[CatalogueOutcome]:
     """Tokenize the catalogue into a new DuckDB version; logs counts, items/s and the
-    exported version (Parquet) as an artifact.
+    exported version (Parquet) as an artifact. ``remote``: a
+    :class:`store_core.catalogue.RemoteBeams` generating the new IDs' beams elsewhere
+    (shard tasks on a cluster, :mod:`flows.scaleout`); None: in this process.
 
     Raises :class:`store_core.errors.ConfigError` for an unknown ``mode``, and what
     :func:`store_core.catalogue.tokenize_catalogue` raises.
@@ -271,15 +274,21 @@ def catalogue_stage(
         signals.handle_sigterm(),
         tracking.stage_run(cfg, "tokenize_catalogue", parent_run_id) as run,
     ):
+        _warn_in_process(cfg, remote)
         outcome = tokenize_catalogue(
             cfg,
             checkpoint,
             mode=mode,  # type: ignore[arg-type]
             extra_codebook_fields=lineage,
+            batch_size=cfg.inference.batch_rows,
+            remote=remote,
         )
         run.log_params({"mode": mode, "checkpoint": checkpoint, **lineage})
+        run.log_params(inference_params(cfg))
         run.log_metrics({f"items_{k}": float(v) for k, v in outcome.counts.items()})
         run.log_metrics({"items_per_s": outcome.items_per_s, "seconds": outcome.seconds})
+        if getattr(remote, "reports", None):
+            run.log_metrics(shard_metrics(remote.reports))
         run.log_text(outcome.summary_markdown(mode, lineage.get("model_uri")), "summary.md")
         if outcome.version is not None:
             run.log_metrics({"semantic_id_version": float(outcome.version)})
@@ -304,11 +313,42 @@ class EvaluationOutcome:
     results: list[SystemResult]
 
 
+def inference_params(cfg: StoreConfig) -> dict[str, Any]:
+    """Where a batch-inference stage ran, as MLflow params (``inference.*``)."""
+    inference = cfg.inference
+    engine = "dask-address" if inference.address else "dask-local" if inference.workers else ""
+    params = {
+        "inference.engine": engine or "inprocess",
+        "inference.workers": inference.workers,
+        "inference.address": inference.address,
+        "inference.shards": inference.shards if engine else None,
+    }
+    return {key: value for key, value in params.items() if value is not None}
+
+
+def _warn_in_process(cfg: StoreConfig, remote: Any) -> None:
+    if cfg.inference.scaled_out and remote is None:
+        logger.warning(
+            "inference.workers / inference.address apply to the Prefect flows (store run, "
+            "the deployments); this stage runs in-process"
+        )
+
+
+def shard_metrics(reports: list[Any]) -> dict[str, float]:
+    """MLflow metrics of a scaled-out stage's :class:`store_core.sharding.ShardReport` s:
+    shards, workers used, rows generated, largest worker peak RSS (MiB)."""
+    from store_core.sharding import summary
+
+    return {f"shard_{key}": float(value) for key, value in summary(reports).items()}
+
+
 def evaluate_stage(
-    cfg: StoreConfig, parent_run_id: str | None = None
+    cfg: StoreConfig, parent_run_id: str | None = None, search: Any = None
 ) -> StageOutcome[EvaluationOutcome]:
     """Every configured system on the test split: metrics to MLflow (``<system>/<metric>``,
-    mean over seeds), rows to DuckDB ``eval_results``, a Markdown report and a plot."""
+    mean over seeds), rows to DuckDB ``eval_results``, a Markdown report and a plot.
+    ``search``: a :data:`store_core.evaluation.BeamSearch` decoding the users elsewhere
+    (user shards on a cluster); None: in this process."""
     import time
     from pathlib import Path
 
@@ -322,8 +362,12 @@ def evaluate_stage(
     )
 
     with signals.handle_sigterm(), tracking.stage_run(cfg, "evaluate", parent_run_id) as run:
+        _warn_in_process(cfg, search)
         run.log_params({"systems": ",".join(cfg.evaluation.systems)})
-        results = run_systems(cfg)
+        run.log_params(inference_params(cfg))
+        results = run_systems(cfg, search=search)
+        if getattr(search, "reports", None):
+            run.log_metrics(shard_metrics(search.reports))
         for system, metrics in aggregate(results).items():  # the rest: flows' table
             run.log_metrics(
                 {f"{system}/{k}": mean for k, (mean, _, _) in metrics.items() if k in _HEADLINE}

@@ -28,6 +28,7 @@ JOB_TEMPLATE = K8S / "gpu-job-template.json"
 WORKER_VALUES = K8S / "values-prefect-worker.yaml"
 HOSTFILE_CM = K8S / "deepspeed-hostfile.yaml"
 WORKSPACE_PVC = K8S / "workspace-pvc.yaml"
+DASK_VALUES = K8S / "values-dask.yaml"
 PREFECT_YAML = REPO / "prefect.yaml"
 
 TELEMETRY_ENV = {
@@ -52,6 +53,7 @@ FIRST_LINE_COMMANDS: dict[Path, str] = {
     WORKER_VALUES: "helm install store-worker prefect/prefect-worker",
     HOSTFILE_CM: "kubectl apply -n store -f infra/k8s/deepspeed-hostfile.yaml",
     WORKSPACE_PVC: "kubectl apply -n store -f infra/k8s/workspace-pvc.yaml",
+    DASK_VALUES: "helm install store-dask dask/dask -n store -f infra/k8s/values-dask.yaml",
 }
 
 
@@ -434,7 +436,7 @@ def test_compose_deploy_is_one_shot_from_app() -> None:
 
 
 def test_k8s_manifests_have_identity() -> None:
-    manifests = [p for p in K8S.glob("*.yaml") if p != WORKER_VALUES]
+    manifests = [p for p in K8S.glob("*.yaml") if p not in (WORKER_VALUES, DASK_VALUES)]
     assert {HOSTFILE_CM, WORKSPACE_PVC} <= set(manifests)
     for path in manifests:
         for doc in yaml.safe_load_all(path.read_text()):
