@@ -363,6 +363,7 @@ def promote(
         {"store.pipeline_run_id": run.run_id, tracking.FLOW_RUN_TAG: str(flow_run.id or "")},
     )
     tracking.set_alias(cfg, version, tracking.PRODUCTION_ALIAS)  # logs the move
+    tracking.show_model_on(cfg, version, run.run_id)  # the parent row's Models column
 
 
 def parent_description(

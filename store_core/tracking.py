@@ -414,9 +414,12 @@ def register_model(
 LOGGED_MODELS_TAG = "mlflow.log-model.history"
 
 
-def _record_logged_model(client: MlflowClient, run_id: str, artifact_path: str) -> None:
+def _record_logged_model(
+    client: MlflowClient, run_id: str, artifact_path: str, on_run: str | None = None
+) -> None:
     """Record ``<run>/<artifact_path>`` as a model the run logged, so the runs table's
-    Models column shows it (linked to its registered version)."""
+    Models column shows it (linked to its registered version); ``on_run``: the run whose
+    row shows it (default: ``run_id`` itself)."""
     import datetime
     import uuid
 
@@ -427,7 +430,19 @@ def _record_logged_model(client: MlflowClient, run_id: str, artifact_path: str) 
         "flavors": {"store_checkpoint": {"format": "safetensors + tokenizer"}},
         "model_uuid": uuid.uuid4().hex,
     }
-    client.set_tag(run_id, LOGGED_MODELS_TAG, json.dumps([entry]))
+    client.set_tag(on_run or run_id, LOGGED_MODELS_TAG, json.dumps([entry]))
+
+
+def show_model_on(cfg: StoreConfig, version: ModelVersion, run_id: str) -> None:
+    """Show ``version`` (logged by its training run) in the Models column of ``run_id``'s
+    row too: the pipeline's parent run, so pipeline runs list the model they produced."""
+    if not cfg.tracking.enabled:
+        return
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    artifact_path = version.source.rstrip("/").rsplit("/", 1)[-1]
+    _record_logged_model(client, version.run_id, artifact_path, on_run=run_id)
 
 
 def set_alias(cfg: StoreConfig, version: ModelVersion, alias: str = PRODUCTION_ALIAS) -> None:

@@ -440,6 +440,12 @@ def test_full_pipeline_sets_the_production_alias(served: Served, full_run: str) 
         f"/runs/{parent.info.run_id}?workflowType=machine_learning"
     )
     assert f"]({pipeline_url})" in str(version.description)
+    # The runs table's Models column: the training run and the parent row both list the
+    # checkpoint the training run logged (the registered version's source).
+    for run_id in (version.run_id, parent.info.run_id):
+        (logged,) = json.loads(client.get_run(run_id).data.tags[tracking.LOGGED_MODELS_TAG])
+        assert logged["run_id"] == version.run_id
+        assert version.source.endswith("/" + logged["artifact_path"])
 
 
 def _start_reader(served: Served, tmp: Path) -> tuple[subprocess.Popen[bytes], Path, Path]:
