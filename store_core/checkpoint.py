@@ -48,7 +48,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from store_core.config import LossNormalization, RecSamples, StoreConfig, TaskSpec
-from store_core.errors import StoreError
+from store_core.errors import MissingInputError, StoreError
 from store_core.schemas import SEMANTIC_ID_ROW_SCHEMA
 from store_core.semantic_ids import format_sid, pack_codes
 from store_core.workspace import atomic_write_text
@@ -400,7 +400,7 @@ def read_semantic_ids(directory: str | Path) -> pa.Table:
     and ``active``: every row is a clustered, active one). StoreError when missing."""
     path = Path(directory) / SEMANTIC_IDS_FILE
     if not path.exists():
-        raise StoreError(f"{path} not found: run `store train --phase tokenizer` first")
+        raise MissingInputError(str(path), "train --phase tokenizer")
     table = pq.read_table(path)
     n = table.num_rows
     if "method" not in table.column_names:

@@ -42,7 +42,7 @@ from store_core.dense_tokenizer import (
     phase_a_loss,
     reconstruction_metrics,
 )
-from store_core.errors import StoreError
+from store_core.errors import MissingInputError, StoreError
 from store_core.ingest import ITEMS_FILE, MANIFEST_FILE
 from store_core.last_level_assignment import assign_codes
 from store_core.model import build_backbone, save_model_files
@@ -89,7 +89,7 @@ def checkpoint_dir(cfg: StoreConfig) -> str:
 def _data_checksum(cfg: StoreConfig) -> str:
     manifest = Path(cfg.data_dir) / MANIFEST_FILE
     if not manifest.exists():
-        raise StoreError(f"{manifest} not found: run `store ingest` first")
+        raise MissingInputError(str(manifest), "ingest")
     outputs = json.loads(manifest.read_text())["outputs"]
     return str(outputs[ITEMS_FILE])
 
