@@ -133,6 +133,12 @@ def write_metadata(directory: str | Path, metadata: TokenizerMetadata) -> None:
     (Path(directory) / METADATA_FILE).write_text(text, encoding="utf-8")
 
 
+def metadata_mtime(directory: str | Path) -> float:
+    """Modification time (s since the epoch) of a checkpoint's metadata: changes when the
+    checkpoint is republished (retrained). Raises OSError when there is none."""
+    return (Path(directory) / METADATA_FILE).stat().st_mtime
+
+
 def has_metadata(directory: str | Path) -> bool:
     """Whether ``directory`` holds a published checkpoint (its ``metadata.json``)."""
     return (Path(directory) / METADATA_FILE).is_file()

@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 
 from store_core.bundle import RecommenderBundle, load_bundle
 from store_core.catalogue import BatchPlan
-from store_core.checkpoint import METADATA_FILE
+from store_core.checkpoint import metadata_mtime
 from store_core.config import StoreConfig
 from store_core.errors import StoreError
 from store_core.generate import BeamResult, SemanticIdTrie, constrained_beam_search
@@ -80,8 +80,7 @@ def worker_bundle(directory: str) -> RecommenderBundle:
     """The checkpoint in ``directory``, loaded once per process (reloaded when its
     ``metadata.json`` changes, i.e. after retraining). Raises what
     :func:`store_core.bundle.load_bundle` raises."""
-    stamp = (Path(directory) / METADATA_FILE).stat().st_mtime
-    return _cached_bundle(directory, stamp)
+    return _cached_bundle(directory, metadata_mtime(directory))
 
 
 def peak_rss_mb() -> float:
