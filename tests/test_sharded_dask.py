@@ -240,6 +240,22 @@ def held_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tup
     ):
         client.register_plugin(HoldFirstTask(str(marks)))
         yield cluster.scheduler_address, marks
+    _stop_orphans(tmp_path / "prefect-home")
+
+
+def _stop_orphans(prefect_home: Path) -> None:
+    """Stop what the cluster's workers left running: a worker with no PREFECT_API_URL
+    starts a temporary Prefect server in its own process, and when the test SIGKILLs that
+    worker the server is orphaned (found by the test's PREFECT_HOME in its environment)."""
+    import psutil
+
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.environ().get("PREFECT_HOME") == str(prefect_home):
+                proc.kill()
+                proc.wait(timeout=10)
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
 
 
 def _kill_held_worker(marks: Path, killed: list[int]) -> threading.Thread:
