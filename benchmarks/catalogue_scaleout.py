@@ -51,7 +51,12 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
-from benchmarks.catalogue_tokenization import BASE_OVERRIDES, build_workspace, synthetic_items
+from benchmarks.catalogue_tokenization import (
+    BASE_OVERRIDES,
+    build_workspace,
+    synthetic_items,
+    widen_disambiguation,
+)
 from benchmarks.machine import machine_info, write_results
 
 REPO = Path(__file__).resolve().parents[1]
@@ -69,24 +74,13 @@ def _child(spec_path: str) -> None:
     """One measured run in its own process; writes the result JSON."""
     spec = json.loads(Path(spec_path).read_text())
     from store_core import catalogue, storage
-    from store_core.bundle import RecommenderBundle
     from store_core.checkpoint import read_recommender_metadata
     from store_core.config import load_config
 
     cfg = load_config(spec["config"], spec["overrides"])
     checkpoint: str = spec["checkpoint"]
     metadata = read_recommender_metadata(checkpoint)
-    wide = 1 << metadata.pack_bits
-    load = catalogue.load_bundle
-
-    def load_widened(directory: str, device: Any = None) -> RecommenderBundle:
-        bundle = load(directory, device)
-        last = list(bundle.level_ids[-1])
-        bundle.level_ids = [*bundle.level_ids[:-1], last + [last[-1]] * (wide - len(last))]
-        return bundle
-
-    catalogue.load_bundle = load_widened
-    extra = {"level_sizes": [*metadata.level_sizes[:-1], wide]}
+    extra = widen_disambiguation(metadata)
     timing: dict[str, float] = {}
     write = storage.write_semantic_id_version
 

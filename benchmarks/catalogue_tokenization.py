@@ -54,12 +54,15 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from benchmarks.machine import machine_info, write_results
+
+if TYPE_CHECKING:
+    from store_core.checkpoint import RecommenderMetadata
 
 REPO = Path(__file__).resolve().parents[1]
 BASE_OVERRIDES = ("tracking.enabled=false",)
@@ -138,13 +141,34 @@ def synthetic_items(
 # --------------------------------------------------------------------------- child
 
 
+def widen_disambiguation(metadata: RecommenderMetadata) -> dict[str, Any]:
+    """Make every later :func:`store_core.catalogue.load_bundle` in this process report a
+    disambiguation level of ``2**pack_bits`` codes (the tiny codebook holds only a few
+    thousand IDs) and return the ``extra`` semantic-ID version metadata recording the
+    widened sizes. Only ``len()`` of the last level matters to tokenize_catalogue (the
+    capacity of a prefix); generation never emits disambiguation tokens."""
+    from store_core import catalogue
+    from store_core.bundle import RecommenderBundle
+
+    wide = 1 << metadata.pack_bits
+    load = catalogue.load_bundle
+
+    def load_widened(directory: str, device: Any = None) -> RecommenderBundle:
+        bundle = load(directory, device)
+        last = list(bundle.level_ids[-1])
+        bundle.level_ids = [*bundle.level_ids[:-1], last + [last[-1]] * (wide - len(last))]
+        return bundle
+
+    catalogue.load_bundle = load_widened
+    return {"level_sizes": [*metadata.level_sizes[:-1], wide]}
+
+
 def _child(spec_path: str) -> None:
     """One measured run (in its own process): tokenize the catalogue, report to JSON."""
     spec = json.loads(Path(spec_path).read_text())
     import torch
 
     from store_core import catalogue, storage
-    from store_core.bundle import RecommenderBundle
     from store_core.checkpoint import read_recommender_metadata
     from store_core.config import load_config
 
@@ -154,22 +178,9 @@ def _child(spec_path: str) -> None:
     checkpoint: str = spec["checkpoint"]
     metadata = read_recommender_metadata(checkpoint)
     bits = metadata.pack_bits
-    level_sizes = list(metadata.level_sizes)
     extra: dict[str, Any] | None = None
     if spec["widen"]:
-        wide = 1 << bits
-        load = catalogue.load_bundle
-
-        def load_widened(directory: str, device: Any = None) -> RecommenderBundle:
-            bundle = load(directory, device)
-            last = list(bundle.level_ids[-1])
-            # Only len() of the last level matters to tokenize_catalogue (the capacity of
-            # a prefix); generation never emits disambiguation tokens.
-            bundle.level_ids = [*bundle.level_ids[:-1], last + [last[-1]] * (wide - len(last))]
-            return bundle
-
-        catalogue.load_bundle = load_widened
-        extra = {"level_sizes": [*level_sizes[:-1], wide]}
+        extra = widen_disambiguation(metadata)
     # Split the run's peak at the commit: streaming (checkpoint load, generation, the
     # Parquet spool) before it, the DuckDB transaction (validation, ORDER BY, indexes) in it.
     phases: dict[str, float] = {}
