@@ -23,9 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from store_cli.guard import OneLineErrorsGroup, err
-from store_cli.guard import guard as _guard  # the names the verbs call them by
-from store_cli.guard import setup_logging as _setup_logging
+from store_cli.guard import OneLineErrorsGroup, err, guard, setup_logging
 from store_core import signals
 from store_core.config import StoreConfig, load_config
 from store_core.redaction import redact
@@ -65,17 +63,17 @@ def _entry() -> None:
 
 
 def _load(config: str | None, overrides: list[str] | None) -> StoreConfig:
-    return _guard(lambda: load_config(config, overrides or []))
+    return guard(lambda: load_config(config, overrides or []))
 
 
 @app.command()
 def ingest(config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
     """Read the source into Parquet (items, interactions, splits, manifest) and DuckDB."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     cfg = _load(config, set_)
     from store_core.stages import ingest_stage
 
-    outcome = _guard(lambda: ingest_stage(cfg))
+    outcome = guard(lambda: ingest_stage(cfg))
     result = outcome.result
     table = Table(title="ingest", show_header=False)
     for key, value in result.counts.items():
@@ -107,14 +105,14 @@ def train(
     """Train the LLM: Phase A (tokenizer) = dense tokens with reconstruction + clustering
     into semantic IDs; Phase B (recommender) = multi-task generative training of the same
     model. Runs under `deepspeed`/`torchrun` launchers for several processes."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     cfg = _load(config, set_)
     from store_core.stages import recommender_stage, tokenizer_stage
 
     phases = [phase] if phase else list(Phase)
     for selected in phases:
         if selected is Phase.tokenizer:
-            outcome = _guard(lambda: tokenizer_stage(cfg))
+            outcome = guard(lambda: tokenizer_stage(cfg))
             if outcome.result is None:  # a non-zero rank under a launcher
                 continue
             phase_a = outcome.result
@@ -127,7 +125,7 @@ def train(
             if outcome.run_id:
                 out.print(f"MLflow run: {outcome.run_id}")
         else:
-            rec = _guard(lambda: recommender_stage(cfg))
+            rec = guard(lambda: recommender_stage(cfg))
             if rec.result is None:
                 continue
             m = rec.result
@@ -163,11 +161,11 @@ def tokenize_catalogue(
     verbose: VerboseOpt = False,
 ) -> None:
     """Write a new version of every item's semantic ID into DuckDB (one transaction)."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     cfg = _load(config, set_)
     from store_core.stages import catalogue_stage
 
-    outcome = _guard(lambda: catalogue_stage(cfg, mode=mode.value)).result
+    outcome = guard(lambda: catalogue_stage(cfg, mode=mode.value)).result
     counts = ", ".join(f"{k} {v}" for k, v in outcome.counts.items())
     if outcome.version is None:
         out.print(f"catalogue unchanged ({counts}): no new version written")
@@ -179,11 +177,11 @@ def tokenize_catalogue(
 @app.command()
 def evaluate(config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
     """Evaluate STORE against TIGER-style, SASRec-CE and popularity on the test split."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     cfg = _load(config, set_)
     from store_core.stages import evaluate_stage
 
-    outcome = _guard(lambda: evaluate_stage(cfg)).result
+    outcome = guard(lambda: evaluate_stage(cfg)).result
     out.print(Path(outcome.report_path).read_text(encoding="utf-8"))
     out.print(f"report: {outcome.report_path}\nplot:   {outcome.plot_path}")
 
@@ -221,7 +219,7 @@ def recommend(
         bundle = load_bundle(recommender_dir(cfg))
         return run_recommend(cfg, bundle, items, k, exclude_history=exclude_history)
 
-    recs = _guard(go)
+    recs = guard(go)
     if as_json:
         for rec in recs:
             sys.stdout.write(json.dumps(rec.__dict__) + "\n")
@@ -243,11 +241,11 @@ def run(
 ) -> None:
     """Run the whole pipeline as the Prefect flow ``store`` (a local temporary server is
     started when PREFECT_API_URL is not set)."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     cfg = _load(config, set_)
     from flows.pipeline import store_pipeline
 
-    summary: dict[str, Any] = _guard(lambda: store_pipeline(config, set_ or [], evaluate))
+    summary: dict[str, Any] = guard(lambda: store_pipeline(config, set_ or [], evaluate))
     out.print("[bold green]pipeline finished[/]")
     out.print(f"Workspace: {cfg.workspace}")
     out.print(f"Parquet:   {summary['data_dir']}")
@@ -302,12 +300,12 @@ def serve(
     (unless PREFECT_API_URL is set), the deployments store/full-pipeline and
     store/nightly-retokenize, and with --mlflow an MLflow UI. Ctrl-C or
     `store serve --stop` stops everything."""
-    _setup_logging(verbose)
+    setup_logging(verbose)
     cfg = _load(config, set_)
     from store_core import serve as local
 
     if stop:
-        stopped = _guard(lambda: local.stop_running(cfg))
+        stopped = guard(lambda: local.stop_running(cfg))
         out.print("stopped" if stopped else f"no `store serve` running for {cfg.workspace}")
         return
     stack = local.LocalStack(
@@ -319,7 +317,7 @@ def serve(
         mlflow_port=mlflow_port,
         schedule=schedule,
     )
-    _guard(stack.start)
+    guard(stack.start)
     urls = stack.urls
     out.print("[bold green]store is being served[/] (Ctrl-C or `store serve --stop` stops it)")
     out.print(f"Prefect UI:   {urls['prefect_ui']}")
@@ -359,7 +357,7 @@ def query(
     cfg = _load(config, set_)
     from store_core.storage import query as run_query
 
-    columns, rows = _guard(lambda: run_query(cfg.duckdb_path, sql))
+    columns, rows = guard(lambda: run_query(cfg.duckdb_path, sql))
     if as_json:
         for row in rows:
             out.print_json(json.dumps(dict(zip(columns, row, strict=True)), default=str))
