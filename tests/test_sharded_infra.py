@@ -60,6 +60,33 @@ def test_helm_values_mount_the_workspace_pvc_single_thread() -> None:
     assert env["PREFECT_API_URL"].endswith(":4200/api")
     assert values["scheduler"]["servicePort"] == 8786
     assert values["jupyter"]["enabled"] is False
+    assert worker["resources"]["limits"]["cpu"] == 1  # the chart sets --nthreads only then
+    extra = worker["extraArgs"]
+    assert extra[extra.index("--preload") + 1] == "store_core.sharding"
+    assert worker["image"]["dask_worker"] == "dask-worker"
+
+
+ALIASES = REPO / "infra" / "docker" / "dask-aliases"
+
+
+@pytest.mark.parametrize(
+    ("alias", "verb"), [("dask-scheduler", "scheduler"), ("dask-worker", "worker")]
+)
+def test_image_aliases_run_the_dask_cli_the_chart_expects(alias: str, verb: str) -> None:
+    """The chart starts ``dask-scheduler`` / ``dask-worker``; distributed >= 2026.6 only
+    installs ``dask scheduler`` / ``dask worker``: the image's aliases run those."""
+    import os
+    import subprocess
+    import sys
+
+    dockerfile = (REPO / "infra" / "docker" / "Dockerfile").read_text()
+    assert f"infra/docker/dask-aliases/{alias}" in dockerfile
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    done = subprocess.run(
+        [str(ALIASES / alias), "--help"], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"Usage: dask {verb} [OPTIONS]")
 
 
 @pytest.mark.parametrize(
