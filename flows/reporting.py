@@ -190,7 +190,11 @@ def catalogue_report(
         headline_text = f"catalogue unchanged, current semantic-ID version {current_version}"
     else:
         headline_text = f"semantic-ID version {result.version} written"
-    line = f"tokenize-catalogue: {headline_text} ({counts_text(counts)} {against})"
+    line = f"tokenize-catalogue: {headline_text} ({counts_text(counts)} {against}"
+    if mode == "regenerate":  # every item's ID is generated: the categories do not say so
+        generated, reassigned = int(counts.get("generated", 0)), int(counts.get("reassigned", 0))
+        line += f"; regenerated {generated} IDs, {reassigned} of them changed"
+    line += ")"
     if model:
         line += f"; model {model}"
     markdown = (

@@ -1,7 +1,10 @@
 """The ``store`` command line: one verb per stage plus the whole pipeline.
 
 It lives outside the library: ``store_core`` never imports it, nor ``flows`` (Prefect);
-only the ``run`` verb imports ``flows.pipeline``, when it runs.
+``flows.pipeline`` is imported only when a verb runs a flow: ``run``, and
+``tokenize-catalogue`` / ``evaluate`` when ``inference.workers`` or ``inference.address``
+is set (their shard tasks then run on that Dask cluster, through the same flows the
+deployments run).
 
 Every verb takes ``--config`` (a YAML path or a shipped config name such as ``tiny``) and
 repeatable ``--set key.path=value`` overrides. User errors are printed without a
@@ -160,9 +163,17 @@ def tokenize_catalogue(
     ] = CatalogueMode.keep,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Write a new version of every item's semantic ID into DuckDB (one transaction)."""
+    """Write a new version of every item's semantic ID into DuckDB (one transaction).
+    With ``inference.workers`` / ``inference.address`` set, the shards run on Dask."""
     setup_logging(verbose)
     cfg = _load(config, set_)
+    if cfg.inference.scaled_out:  # shard tasks on the Dask cluster, through the flow
+        from flows.pipeline import catalogue_flow
+
+        summary = guard(lambda: catalogue_flow(config, set_ or [], None, mode.value))
+        out.print(str(summary["line"]))
+        out.print(f"DuckDB: {cfg.duckdb_path}")
+        return
     from store_core.stages import catalogue_stage
 
     outcome = guard(lambda: catalogue_stage(cfg, mode=mode.value)).result
@@ -176,14 +187,22 @@ def tokenize_catalogue(
 
 @app.command()
 def evaluate(config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt = False) -> None:
-    """Evaluate STORE against TIGER-style, SASRec-CE and popularity on the test split."""
+    """Evaluate STORE against TIGER-style, SASRec-CE and popularity on the test split.
+    With ``inference.workers`` / ``inference.address`` set, user shards run on Dask."""
     setup_logging(verbose)
     cfg = _load(config, set_)
-    from store_core.stages import evaluate_stage
+    if cfg.inference.scaled_out:  # user shards on the Dask cluster, through the flow
+        from flows.pipeline import evaluate_flow
 
-    outcome = guard(lambda: evaluate_stage(cfg)).result
-    out.print(Path(outcome.report_path).read_text(encoding="utf-8"))
-    out.print(f"report: {outcome.report_path}\nplot:   {outcome.plot_path}")
+        summary = guard(lambda: evaluate_flow(config, set_ or [], None))
+        report_path, plot_path = str(summary["report"]), str(summary["plot"])
+    else:
+        from store_core.stages import evaluate_stage
+
+        outcome = guard(lambda: evaluate_stage(cfg)).result
+        report_path, plot_path = outcome.report_path, outcome.plot_path
+    out.print(Path(report_path).read_text(encoding="utf-8"))
+    out.print(f"report: {report_path}\nplot:   {plot_path}")
 
 
 @app.command()

@@ -330,7 +330,8 @@ def _warn_in_process(cfg: StoreConfig, remote: Any) -> None:
     if cfg.inference.scaled_out and remote is None:
         logger.warning(
             "inference.workers / inference.address apply to the Prefect flows (store run, "
-            "the deployments); this stage runs in-process"
+            "store tokenize-catalogue, store evaluate, the deployments); this library call "
+            "runs in-process"
         )
 
 

@@ -1,7 +1,8 @@
 """The scaled-out stages on real Dask clusters, through the Prefect flows.
 
-* a local cluster started from the config (``inference.workers: 2``, 4 shards) writes the
-  same semantic IDs (every item, every code) as the in-process path;
+* ``store tokenize-catalogue`` with ``inference.workers=2`` (4 shards) runs the flow on a
+  local cluster started from the config and writes the same semantic IDs (every item,
+  every code) as the in-process path;
 * a cluster started the way users run one (``dask scheduler`` + two ``dask worker``
   processes on 127.0.0.1, connected by ``inference.address``): the same IDs in keep mode
   on a changed catalogue, and the same evaluation metrics;
@@ -72,14 +73,30 @@ def _sharded(workspace: Path, mode: str, *extra: str) -> dict[str, object]:
     return catalogue_flow("tiny", _overrides(workspace, *extra), None, mode)
 
 
-def test_local_cluster_from_config_writes_the_in_process_ids(
+def test_cli_verb_with_workers_runs_shards_on_a_local_cluster_with_the_in_process_ids(
     tiny_pipeline: Path, tmp_path: Path
 ) -> None:
+    """``store tokenize-catalogue --set inference.workers=2``: the verb runs the flow, whose
+    4 shard tasks run on a local cluster started from the config."""
+    from typer.testing import CliRunner
+
+    from store_cli.app import app
+
     expected = _in_process_ids(tiny_pipeline, tmp_path / "here", "regenerate")
     workspace = copy_workspace(tiny_pipeline, tmp_path / "there")
-    result = _sharded(workspace, "regenerate", "inference.workers=2", "inference.shards=4")
-    assert result["version"] == 1
-    assert result["counts"]["generated"] == 48  # type: ignore[index]
+    sets = [
+        arg
+        for item in _overrides(workspace, "inference.workers=2", "inference.shards=4")
+        for arg in ("--set", item)
+    ]
+    result = CliRunner().invoke(
+        app, ["tokenize-catalogue", "-c", "tiny", *sets, "--mode", "regenerate"]
+    )
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())  # rich wraps lines at the terminal width
+    assert "tokenize-catalogue: semantic-ID version 1 written (0 new, 0 changed" in flat
+    assert "; regenerated 48 IDs," in flat
+    assert storage.latest_version(str(workspace / "store.duckdb")) == 1
     got = _ids(workspace)
     assert got.num_rows == 48
     assert got.equals(expected)

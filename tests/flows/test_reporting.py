@@ -42,3 +42,16 @@ def test_first_version_says_what_it_was_counted_against() -> None:
         "0 removed, 48 unchanged against the IDs the tokenizer training assigned)"
     )
     assert report.headline["items_unchanged"] == 48.0
+
+
+def test_regenerate_says_how_many_ids_were_generated_and_changed() -> None:
+    counts = {"unchanged": 48, "generated": 48, "reassigned": 46}
+    outcome = StageOutcome("run-1", CatalogueOutcome(1, counts, 900.0, 0.05))
+    report = catalogue_report(
+        outcome, "regenerate", previous_version=None, current_version=1, model=None
+    )
+    assert report.line == (
+        "tokenize-catalogue: semantic-ID version 1 written (0 new, 0 changed, 0 restored, "
+        "0 removed, 48 unchanged against the IDs the tokenizer training assigned; "
+        "regenerated 48 IDs, 46 of them changed)"
+    )
