@@ -189,7 +189,9 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> No
 def test_cluster_by_address_gives_the_in_process_ids_and_metrics(
     tiny_pipeline: Path, tmp_path: Path, dask_cli_cluster: str
 ) -> None:
-    from flows.pipeline import evaluate_flow
+    from typer.testing import CliRunner
+
+    from store_cli.app import app
 
     changed = write_changed_catalogue(tmp_path / "changed-data")
     extra = [f"data.path={changed}", "evaluation.systems=[store]"]
@@ -209,7 +211,11 @@ def test_cluster_by_address_gives_the_in_process_ids_and_metrics(
     assert _ids(there).equals(_ids(here))
 
     evaluate_stage(expected_cfg)
-    evaluate_flow("tiny", _overrides(there, *extra, *remote), None)
+    sets = [arg for item in _overrides(there, *extra, *remote) for arg in ("--set", item)]
+    result = CliRunner().invoke(app, ["evaluate", "-c", "tiny", *sets])  # through the flow
+    assert result.exit_code == 0, result.output
+    flat = " ".join(result.output.split())  # rich wraps lines at the terminal width
+    assert "Beginning flow run" in flat and "for flow 'evaluate'" in flat
     metrics = _eval_rows(there)
     assert metrics == _eval_rows(here)
     assert metrics["recall_at_10/kept"] >= 0 and metrics["users/kept"] > 8
