@@ -251,7 +251,15 @@ def clean_leftovers(directory: str) -> list[str]:
     _prune(root)  # a kill after publishing, before pruning, leaves one checkpoint too many
     removed += [str(root / name) for name in sorted(before - {p.name for p in root.iterdir()})]
     for line in removed:
-        logger.warning("removed %s (left by an interrupted training run)", line)
+        if step_of(Path(line).name) is not None and Path(line).parent != best:
+            logger.warning(
+                "removed %s: no valid %s (a checkpoint cut short, or one written by a version "
+                "before checkpoint manifests, which cannot be resumed safely)",
+                line,
+                MANIFEST,
+            )
+        else:
+            logger.warning("removed %s (left by an interrupted training run)", line)
     return removed
 
 

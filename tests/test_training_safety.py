@@ -336,3 +336,21 @@ def test_store_serve_listens_on_loopback_only(tmp_path: Path) -> None:
         )
         proc.wait(timeout=60)
         log.close()
+
+
+def test_checkpoint_without_manifest_is_removed_with_a_message_that_says_why(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A ``step-N`` directory without ``complete.json`` (cut short, or written before the
+    manifest existed) is not resumed and is removed at start, and the warning says which
+    of the two it can be, not only "interrupted run"."""
+    directory = checkpoint_dir_after_a_run(tmp_path)
+    old = directory / "step-1"
+    old.mkdir()
+    (old / "mp_rank_00_model_states.pt").write_bytes(b"pickle")  # an old DeepSpeed layout
+    with caplog.at_level("WARNING", logger="store_core.training_checkpoints"):
+        removed = ckpt.clean_leftovers(str(directory))
+    assert removed == [str(old)]
+    (message,) = [r.getMessage() for r in caplog.records]
+    assert message.startswith(f"removed {old}: no valid {ckpt.MANIFEST} (a checkpoint cut short")
+    assert "cannot be resumed safely" in message
