@@ -80,7 +80,7 @@ def sinkhorn_balanced(distances: np.ndarray, epsilon: float, iters: int) -> np.n
 def sinkhorn_codes(codebook: q.Codebook, x: np.ndarray) -> np.ndarray:
     """Codes [N, L]: nearest, then LC-Rec's Sinkhorn rounds on the colliding items' last level."""
     codes = q.assign(codebook, x)  # [N, L]
-    last = codebook.num_levels - 1
+    last = codebook.cluster_levels - 1
     dist = level_distances(codebook, x, codes, last)  # [N, K]
     for _ in range(SINKHORN_ROUNDS):
         _, inverse, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
@@ -103,7 +103,7 @@ def method_report(
 ) -> dict[str, Any]:
     """Collision, usage, coherence and distortion figures of one set of codes [N, L]."""
     stats = codebook_stats(codes, codebook.codebook_size)
-    last = codebook.num_levels - 1
+    last = codebook.cluster_levels - 1
     dist = level_distances(codebook, x, codes, last)  # [N, K]
     rows = np.arange(len(codes))
     nearest = dist.min(axis=1)
@@ -147,7 +147,7 @@ def extract_vectors(cfg: Any, cache: Path | None) -> tuple[np.ndarray, np.ndarra
     texts = _items(cfg)[1]
     extract = {
         "max_text_tokens": cfg.model.max_text_tokens,
-        "num_query_tokens": cfg.semantic_id.num_levels,
+        "num_query_tokens": cfg.semantic_id.cluster_levels,
         "progress": False,
     }
     dense = extract_dense(model, tokenizer, texts, **extract)
@@ -208,7 +208,7 @@ def compare(
         for kind in kinds - {"store"}:
             books[kind] = q.fit_rqkmeans(
                 vectors[kind],
-                sid.num_levels,
+                sid.cluster_levels,
                 sid.codebook_size,
                 sid.pca_dim,
                 sid.kmeans_n_init,
@@ -275,7 +275,7 @@ def main() -> None:
         "overrides": args.overrides,
         "command": shlex.join(["python", "-m", "benchmarks.codebook_quality", *sys.argv[1:]]),
         "num_items": int(dense.shape[0]),
-        "num_levels": int(cfg.semantic_id.num_levels),
+        "cluster_levels": int(cfg.semantic_id.cluster_levels),
         "codebook_size": int(cfg.semantic_id.codebook_size),
         "results": results,
         "table": table,

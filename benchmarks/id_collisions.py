@@ -33,11 +33,11 @@ from benchmarks.machine import machine_info, write_results
 
 
 def collision_report(
-    codes: np.ndarray, num_levels: int, top: np.ndarray, targets: np.ndarray, k: int = 10
+    codes: np.ndarray, cluster_levels: int, top: np.ndarray, targets: np.ndarray, k: int = 10
 ) -> dict[str, Any]:
     """``codes`` [N, L+1] item codes; ``top`` [U, B] decoded item rows per user, best first
     (-1 for dead slots); ``targets`` [U] the target item row per user."""
-    groups = [tuple(row) for row in codes[:, :num_levels].tolist()]
+    groups = [tuple(row) for row in codes[:, :cluster_levels].tolist()]
     group_size = Counter(groups)
     shared = np.array([group_size[g] > 1 for g in groups])  # [N]
     hit = np.zeros(len(targets), dtype=bool)
@@ -94,7 +94,7 @@ def main() -> None:
         "overrides": args.overrides,
         "checkpoint": recommender_dir(cfg),
         "command": shlex.join(["python", "-m", "benchmarks.id_collisions", *sys.argv[1:]]),
-        **collision_report(decoded.codes, bundle.num_levels, top, targets),
+        **collision_report(decoded.codes, bundle.cluster_levels, top, targets),
     }
     print(json.dumps(report, indent=2), flush=True)
     write_results(report, f"{args.name or 'id_collisions_' + Path(args.config).stem}.json")

@@ -35,7 +35,7 @@ def main() -> None:
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
     texts = pq.read_table(Path(cfg.data_dir) / "items.parquet").column("text").to_pylist()
-    levels = cfg.semantic_id.num_levels
+    levels = cfg.semantic_id.cluster_levels
     report: dict[str, object] = {
         "config": args.config,
         "overrides": args.overrides,

@@ -422,7 +422,7 @@ def _codebook_row(bundle: RecommenderBundle, extra: dict[str, Any] | None) -> di
     row: dict[str, Any] = {
         "codebook_version": meta.codebook_version,
         "quantizer": meta.quantizer,
-        "num_levels": meta.num_levels,
+        "cluster_levels": meta.cluster_levels,
         "codebook_size": meta.codebook_size,
         "level_sizes": meta.level_sizes,
         "pack_bits": meta.pack_bits,

@@ -99,7 +99,7 @@ def training_hash(cfg: StoreConfig, data_checksum: str) -> str:
     relevant = {
         "model": cfg.model.model_dump(mode="json"),
         "train": cfg.tokenizer_train.model_dump(mode="json"),
-        "levels": cfg.semantic_id.num_levels,
+        "levels": cfg.semantic_id.cluster_levels,
         "diversity": cfg.semantic_id.diversity_weight,
         "data": data_checksum,
     }
@@ -131,7 +131,7 @@ def train_semantic_tokenizer(cfg: StoreConfig, run: Run | None = None) -> Tokeni
     texts: list[str] = items.column("text").to_pylist()
     fields = [dict(pairs) for pairs in items.column("fields").to_pylist()]
     sid_cfg, train_cfg, model_cfg = cfg.semantic_id, cfg.tokenizer_train, cfg.model
-    levels = sid_cfg.num_levels
+    levels = sid_cfg.cluster_levels
     run_hash = training_hash(cfg, data_checksum)
 
     model, tokenizer = build_backbone(model_cfg, texts, levels, train_cfg.seed)
@@ -214,7 +214,7 @@ def train_semantic_tokenizer(cfg: StoreConfig, run: Run | None = None) -> Tokeni
         quantizer=sid_cfg.quantizer,
         last_level_assignment=sid_cfg.last_level_assignment,
         last_level_capacity=sid_cfg.last_level_capacity,
-        num_levels=levels,
+        cluster_levels=levels,
         codebook_size=codebook.codebook_size,
         disambiguation_size=int(sids[:, -1].max()) + 1,
         data_manifest_items_sha256=data_checksum,
@@ -268,6 +268,7 @@ def load_outcome(cfg: StoreConfig) -> TokenizerOutcome:
     )
 
 
-def pack_bits(num_levels: int) -> int:
-    """Bits per level in the packed integer column (as many as fit in 63 bits, at most 16)."""
-    return min(16, 63 // num_levels)
+def pack_bits(id_length: int) -> int:
+    """Bits per code in the packed integer column for IDs of ``id_length`` (M = L + 1)
+    codes: as many as fit in 63 bits, at most 16."""
+    return min(16, 63 // id_length)

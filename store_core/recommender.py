@@ -139,7 +139,7 @@ SPARE_DISAMBIGUATION = 16
 def level_sizes(codes: np.ndarray, codebook: Codebook) -> list[int]:
     """Tokens per level: K per cluster level; used + spare codes for disambiguation."""
     last = int(codes[:, -1].max()) + 1 + SPARE_DISAMBIGUATION
-    return [codebook.codebook_size] * codebook.num_levels + [last]
+    return [codebook.codebook_size] * codebook.cluster_levels + [last]
 
 
 def add_semantic_id_tokens(
@@ -172,7 +172,7 @@ def _init_from_centroids(
         return
     with torch.no_grad():
         target_norm = weight[:reference_rows].norm(dim=1).mean()
-        for level in range(codebook.num_levels):
+        for level in range(codebook.cluster_levels):
             centres = np.asarray(codebook.centroids[level])  # [K, P]
             if codebook.pca_means is not None and codebook.pca_components is not None:
                 centres = codebook.pca_means[level] + centres @ codebook.pca_components[level]
@@ -226,7 +226,7 @@ def text_to_token_agreement(
     data: TaskData,
     builder: PromptBuilder,
     level_ids: list[list[int]],
-    num_levels: int,
+    cluster_levels: int,
     cfg: StoreConfig,
 ) -> dict[str, float]:
     """How often generating an ID from an item's text reproduces its clustered codes."""
@@ -238,13 +238,13 @@ def text_to_token_agreement(
     result = constrained_beam_search(
         model,
         prompts,
-        SemanticIdTrie.levelwise(level_ids[:num_levels]),
+        SemanticIdTrie.levelwise(level_ids[:cluster_levels]),
         beam_size=min(10, cfg.recommender.beam_size),
         pad_token_id=builder.pad_token_id,
         batch_size=cfg.recommender.eval_batch_size,
     )
-    generated = result.codes[:, 0, :num_levels]  # [P, L] best beam
-    truth = np.array([data.codes[item][:num_levels] for item in chosen])
+    generated = result.codes[:, 0, :cluster_levels]  # [P, L] best beam
+    truth = np.array([data.codes[item][:cluster_levels] for item in chosen])
     return {
         "agreement_full_id": float(np.mean(np.all(generated == truth, axis=1))),
         "agreement_first_code": float(np.mean(generated[:, 0] == truth[:, 0])),
@@ -373,7 +373,7 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
         return None
     trained = merged(result.model)
     agreement = text_to_token_agreement(
-        trained, inputs.data, inputs.builder, inputs.level_ids, inputs.codebook.num_levels, cfg
+        trained, inputs.data, inputs.builder, inputs.level_ids, inputs.codebook.cluster_levels, cfg
     )
     metrics: dict[str, Any] = {
         "variant": variant(cfg),

@@ -418,8 +418,8 @@ class ShardedSearch:
         self, bundle: RecommenderBundle, prompts: list[list[int]], cfg: StoreConfig
     ) -> BeamResult:
         started = time.perf_counter()
-        beam_size, levels = cfg.recommender.beam_size, len(bundle.level_ids)
-        codes = np.full((len(prompts), beam_size, levels), -1, dtype=np.int64)  # [P, B, M]
+        beam_size, id_length = cfg.recommender.beam_size, len(bundle.level_ids)
+        codes = np.full((len(prompts), beam_size, id_length), -1, dtype=np.int64)  # [P, B, M]
         scores = np.full((len(prompts), beam_size), -np.inf, dtype=np.float32)  # [P, B]
         items = np.full((len(prompts), beam_size), -1, dtype=np.int64)  # [P, B]
         shards, rows = cut_users(
