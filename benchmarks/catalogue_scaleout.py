@@ -155,7 +155,7 @@ def run_engine(
     """Tokenize the synthetic catalogue with one engine in a fresh subprocess."""
     from store_core.config import load_config
     from store_core.ingest import ITEMS_FILE
-    from store_core.recommender import recommender_dir
+    from store_core.recommender_training import recommender_dir
 
     workspace = scratch / name
     shutil.rmtree(workspace, ignore_errors=True)

@@ -101,7 +101,7 @@ def build_workspace(config: str, workspace: Path, overrides: list[str]) -> float
     from store_core.config import load_config
     from store_core.ingest import run_ingest
     from store_core.item_tokenizer import train_semantic_tokenizer
-    from store_core.recommender import train_recommender
+    from store_core.recommender_training import train_recommender
 
     started = time.perf_counter()
     cfg = load_config(config, [f"workspace={workspace}", *BASE_OVERRIDES, *overrides])
@@ -359,7 +359,7 @@ def main() -> None:
     from store_core.checkpoint import has_metadata, read_recommender_metadata
     from store_core.config import load_config
     from store_core.ingest import ITEMS_FILE
-    from store_core.recommender import recommender_dir
+    from store_core.recommender_training import recommender_dir
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

@@ -80,7 +80,7 @@ def main() -> None:
     from store_core.bundle import load_bundle
     from store_core.config import load_config
     from store_core.evaluation import decode_split
-    from store_core.recommender import recommender_dir
+    from store_core.recommender_training import recommender_dir
 
     cfg = load_config(args.config, args.overrides)
     bundle = load_bundle(recommender_dir(cfg))

@@ -33,7 +33,7 @@ from benchmarks.machine import machine_info, write_results
 from store_core.config import StoreConfig, TrainConfig, load_config
 from store_core.generate import SemanticIdTrie
 from store_core.model import count_parameters
-from store_core.recommender import PhaseBInputs, evaluate_split, prepare_phase_b
+from store_core.recommender_training import PhaseBInputs, evaluate_split, prepare_phase_b
 from store_core.tasks import SampleCollator
 from store_core.trainer import train
 

@@ -47,7 +47,7 @@ import torch
 from benchmarks.machine import machine_info, write_results
 from store_core.config import LossNormalization, RecSamples, TaskSpec, TrainConfig, load_config
 from store_core.model import count_parameters
-from store_core.recommender import PhaseBInputs, prepare_phase_b
+from store_core.recommender_training import PhaseBInputs, prepare_phase_b
 from store_core.tasks import (
     IdVocabulary,
     Sample,

@@ -45,7 +45,7 @@ from benchmarks.machine import machine_info
 
 if TYPE_CHECKING:
     from store_core.config import StoreConfig
-    from store_core.recommender import PhaseBInputs
+    from store_core.recommender_training import PhaseBInputs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 logger = logging.getLogger("benchmarks.store_budget")
@@ -144,7 +144,7 @@ def main() -> None:
     from store_core.config import load_config
     from store_core.evaluation import run_systems
     from store_core.ingest import resolve_source
-    from store_core.recommender import prepare_phase_b
+    from store_core.recommender_training import prepare_phase_b
     from store_core.stages import ingest_stage, recommender_stage, tokenizer_stage
 
     base = load_config(args.config, args.overrides)

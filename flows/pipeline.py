@@ -194,7 +194,7 @@ def production_model(cfg: StoreConfig) -> str | None:
     when tracking is off or no version has the alias yet; raises
     :class:`store_core.errors.StoreError` when the checkpoint is another version."""
     from store_core.errors import StoreError
-    from store_core.recommender import recommender_dir
+    from store_core.recommender_training import recommender_dir
 
     logger = get_run_logger()
     found = tracking.model_by_alias(cfg, tracking.PRODUCTION_ALIAS)
@@ -338,7 +338,7 @@ def promote(
 ) -> None:
     """Point ``@production`` at the version this run trained and link the version to the
     pipeline run (MLflow parent run, Prefect flow run) in its description and tags."""
-    from store_core.recommender import recommender_dir
+    from store_core.recommender_training import recommender_dir
 
     registered = model_version_of(recommender_dir(cfg))
     if registered is None or run.run_id is None:

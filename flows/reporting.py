@@ -23,7 +23,7 @@ from store_core.checkpoint import RegisteredVersion
 from store_core.evaluation import REPORT_METRICS, aggregate, labels
 from store_core.ingest import IngestResult
 from store_core.item_tokenizer import TokenizerOutcome
-from store_core.recommender import RecommenderOutcome
+from store_core.recommender_training import RecommenderOutcome
 from store_core.stages import EvaluationOutcome, StageOutcome
 
 #: The item categories both ingest (the ``items`` table) and tokenize-catalogue count.

@@ -193,7 +193,8 @@ def recommend(
         str | None, typer.Option(help="An ad-hoc history: comma-separated item ids, oldest first.")
     ] = None,
     k: Annotated[
-        int, typer.Option("-k", help="How many items: 1 to 1000 (store_core.recommend.MAX_K).")
+        int,
+        typer.Option("-k", help="How many items: 1 to 1000 (store_core.recommend_top_k.MAX_K)."),
     ] = 10,
     exclude_history: Annotated[
         bool, typer.Option(help="Never recommend an item from the (whole) history.")
@@ -208,9 +209,9 @@ def recommend(
         err.print("[bold red]error:[/] give exactly one of --user or --history")
         raise typer.Exit(code=2)
     from store_core.bundle import load_bundle
-    from store_core.recommend import check_request, user_history
-    from store_core.recommend import recommend as run_recommend
-    from store_core.recommender import recommender_dir
+    from store_core.recommend_top_k import check_request, user_history
+    from store_core.recommend_top_k import recommend as run_recommend
+    from store_core.recommender_training import recommender_dir
 
     def go() -> list[Any]:
         items = user_history(cfg, user) if user is not None else (history or "").split(",")
@@ -302,7 +303,7 @@ def serve(
     `store serve --stop` stops everything."""
     setup_logging(verbose)
     cfg = _load(config, set_)
-    from store_core import serve as local
+    from store_core import service_supervisor as local
 
     if stop:
         stopped = guard(lambda: local.stop_running(cfg))

@@ -190,7 +190,7 @@ SYSTEM_LABELS = {
 def generative_label(cfg: StoreConfig) -> str:
     """What a generative system's checkpoint is, e.g. STORE (recommendation only, STORE
     quantizer) when the ``store`` system is run with a recommendation-only mixture."""
-    from store_core.recommender import variant
+    from store_core.recommender_training import variant
 
     tasks = "multi-task" if variant(cfg) == "multitask" else "recommendation only"
     quantizer = {"store": "STORE", "rqkmeans": "RQ-KMeans"}.get(
@@ -236,7 +236,7 @@ def run_systems(
     from store_core.bundle import load_bundle
     from store_core.checkpoint import has_metadata
     from store_core.item_tokenizer import train_semantic_tokenizer
-    from store_core.recommender import recommender_dir, train_recommender
+    from store_core.recommender_training import recommender_dir, train_recommender
 
     results: list[SystemResult] = []
     ev = cfg.evaluation

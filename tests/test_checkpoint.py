@@ -20,7 +20,7 @@ from store_core.catalogue import _codebook_row
 from store_core.config import load_config
 from store_core.errors import StoreError
 from store_core.item_tokenizer import checkpoint_dir
-from store_core.recommender import recommender_dir
+from store_core.recommender_training import recommender_dir
 from store_core.schemas import SEMANTIC_ID_ROW_SCHEMA
 from tests.conftest import REPO, copy_workspace
 

@@ -253,7 +253,7 @@ def test_the_library_raises_one_kind_for_a_missing_input(tmp_path: Path) -> None
     from store_core.baselines.popularity import run_popularity
     from store_core.config import load_config
     from store_core.errors import MissingInputError
-    from store_core.recommend import user_history
+    from store_core.recommend_top_k import user_history
     from store_core.tasks import load_task_data
 
     cfg = load_config("tiny", [f"workspace={tmp_path / 'ws'}", "tracking.enabled=false"])

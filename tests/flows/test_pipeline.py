@@ -13,7 +13,7 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows import pipeline
 from flows.pipeline import fetch_source, store_pipeline
-from store_core import recommender, tracking
+from store_core import recommender_training, tracking
 from store_core.config import load_config
 from store_core.storage import query
 from tests.conftest import copy_workspace
@@ -92,7 +92,7 @@ def test_failed_stage_fails_the_flow_and_a_rerun_resumes_training(
     for trained in (ws / "models").glob("recommender-*"):
         shutil.rmtree(trained)  # Phase A stays trained; Phase B starts from nothing
     overrides = [f"workspace={ws}"]
-    real = recommender.multitask_loss
+    real = recommender_training.multitask_loss
     calls: list[int] = []
 
     def crash_after_25_steps(engine: Any, batch: Any, **kwargs: Any) -> Any:
@@ -101,7 +101,7 @@ def test_failed_stage_fails_the_flow_and_a_rerun_resumes_training(
             raise RuntimeError("simulated crash in Phase B")
         return real(engine, batch, **kwargs)
 
-    monkeypatch.setattr(recommender, "multitask_loss", crash_after_25_steps)
+    monkeypatch.setattr(recommender_training, "multitask_loss", crash_after_25_steps)
     state = store_pipeline("tiny", overrides, evaluate=False, return_state=True)
     assert state.is_failed()
     assert "simulated crash in Phase B" in str(state.message)
@@ -110,7 +110,7 @@ def test_failed_stage_fails_the_flow_and_a_rerun_resumes_training(
     assert stored.state is not None and stored.state.is_failed()
     assert "simulated crash in Phase B" in str(stored.state.message)
 
-    monkeypatch.setattr(recommender, "multitask_loss", real)
+    monkeypatch.setattr(recommender_training, "multitask_loss", real)
     summary = store_pipeline("tiny", overrides, evaluate=False)
     checkpoint = summary["stages"]["train_recommender"]["checkpoint_dir"]
     metrics = json.loads((Path(checkpoint) / "metrics.json").read_text())

@@ -28,7 +28,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from store_core import storage, tracking
-from store_core.serve import STATE_FILE, clean_environ, free_port
+from store_core.service_supervisor import STATE_FILE, clean_environ, free_port
 from tests.conftest import (
     ADDED_ITEMS,
     CHANGED_ITEMS,

@@ -1,4 +1,6 @@
-"""``store recommend``: top-K items for a user (or an ad-hoc history), always real items.
+"""Recommendation requests at inference (``store recommend``): the top-K items for a user
+(or an ad-hoc history) from a trained Phase B checkpoint, always real items. (Phase B
+training is :mod:`store_core.recommender_training`.)
 
 Candidates are the current semantic-ID version in DuckDB when one exists (so items added
 by the nightly job are recommendable), else the IDs stored with the checkpoint.
@@ -87,7 +89,7 @@ def check_request(history: Sequence[str], k: int) -> None:
     if k < 1:
         raise StoreError(f"-k must be at least 1, got {k}")
     if k > MAX_K:
-        raise StoreError(f"-k must be at most {MAX_K} (store_core.recommend.MAX_K), got {k}")
+        raise StoreError(f"-k must be at most {MAX_K} (store_core.recommend_top_k.MAX_K), got {k}")
     if not any(item.strip() for item in history):
         raise StoreError("the history is empty: give at least one item id")
 

@@ -1,4 +1,6 @@
-"""Stage 2b, Phase B: the same LLM learns to recommend by generating semantic IDs.
+"""Stage 2b, Phase B training: the same LLM learns to recommend by generating semantic IDs.
+(Answering recommendation requests with the trained model is
+:mod:`store_core.recommend_top_k`.)
 
 Starting from the Phase A checkpoint (the model that produced the IDs), the semantic-ID
 vocabulary is added (one token per level and code, plus the disambiguation codes), and
