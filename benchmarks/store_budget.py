@@ -237,7 +237,8 @@ def main() -> None:
     report["phase_b"] = {
         "train_steps": metrics["train_steps"],
         "epochs_run": round(metrics["train_steps"] * batch / samples_per_epoch, 3),
-        "best_epoch": metrics["best_epoch"],
+        "best_validation_round": outcome.best_validation_round,
+        "best_epoch": outcome.best_epoch,
         "best_val_ndcg_at_10": metrics["best_val_ndcg_at_10"],
         "stopped_early": metrics["stopped_early"],
         "train_tokens_per_s": metrics["train_tokens_per_s"],
@@ -251,7 +252,7 @@ def main() -> None:
     test = result.metrics
     print(
         f"STORE seed {args.seed}: {report['phase_b']['epochs_run']} epochs of Phase B "
-        f"(best validation at interval {metrics['best_epoch']}), test R@10 "
+        f"(best at {outcome.best_when()}), test R@10 "
         f"{test['recall_at_10']:.4f} N@10 {test['ndcg_at_10']:.4f}, invalid-ID rate "
         f"{test['invalid_id_rate']:.4f}; {seconds['total']:.0f} s in all; wrote {out}",
         flush=True,

@@ -141,9 +141,8 @@ def recommender_report(
     assert result is not None  # the flow process is rank 0
     best = result.best_val_ndcg_at_10
     model_uri = registered.uri if registered else None
-    line = (
-        f"train-recommender: best validation NDCG@10 {fmt(best)} at epoch "
-        f"{result.best_epoch}" + (f"; registered {model_uri}" if model_uri else "")
+    line = f"train-recommender: best validation NDCG@10 {fmt(best)} at {result.best_when()}" + (
+        f"; registered {model_uri}" if model_uri else ""
     )
     markdown = "\n".join(
         [
@@ -152,7 +151,8 @@ def recommender_report(
             "| | |",
             "|---|---|",
             f"| best validation NDCG@10 | {fmt(best)} |",
-            f"| best epoch | {result.best_epoch} |",
+            f"| best validation round | {result.best_validation_round} |",
+            f"| its epoch | {result.best_epoch} |",
             f"| registered model | `{model_uri or 'not registered (tracking off)'}` |",
             f"| checkpoint | `{result.checkpoint_dir}` |",
             "",

@@ -131,7 +131,7 @@ def train(
             m = rec.result
             out.print(
                 f"recommender ({m.variant}): best validation NDCG@10 "
-                f"{m.best_val_ndcg_at_10 or float('nan'):.4f} at epoch {m.best_epoch}; "
+                f"{m.best_val_ndcg_at_10 or float('nan'):.4f} at {m.best_when()}; "
                 f"text->token agreement {m.agreement_full_id:.3f} (first code "
                 f"{m.agreement_first_code:.3f})"
             )

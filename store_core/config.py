@@ -505,7 +505,8 @@ class TrainConfig(StrictModel):
         None,
         gt=0,
         description="Validate (and early-stop) every N optimizer steps instead of at each "
-        "epoch end (phases with validation only).",
+        "epoch end (phases with validation only); each validation is a round, recorded "
+        "with its fractional epoch.",
     )
     group_by_length: bool = Field(
         True,
@@ -621,7 +622,10 @@ class RecommenderConfig(StrictModel):
         1000, gt=0, description="Validate on at most this many users (seeded sample)."
     )
     early_stopping_patience: int = Field(
-        3, ge=1, description="Stop after this many epochs without a better validation NDCG@10."
+        3,
+        ge=1,
+        description="Stop after this many validation rounds (epoch ends, or every "
+        "eval_every steps) without a better validation NDCG@10.",
     )
     eval_batch_size: int = Field(32, gt=0, description="Users per decoding batch.")
 

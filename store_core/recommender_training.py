@@ -5,15 +5,16 @@
 Starting from the Phase A checkpoint (the model that produced the IDs), the semantic-ID
 vocabulary is added (one token per level and code, plus the disambiguation codes), and
 the model is trained on a mixture of prompt/completion tasks (recommendation, alignment,
-reconstruction, ...), loss on the completion only. Each epoch ends with constrained beam
-search on the validation users; training stops early on NDCG@10 and keeps the best
-epoch's weights. Afterwards the model's text -> token ability is measured against the
-clustering's IDs. The output is again one checkpoint directory,
+reconstruction, ...), loss on the completion only. Each validation round (an epoch end,
+or every ``eval_every`` steps) runs constrained beam search on the validation users;
+training stops early on NDCG@10 and keeps the best round's weights. Afterwards the
+model's text -> token ability is measured against the clustering's IDs. The output is
+again one checkpoint directory,
 ``<workspace>/models/recommender-<quantizer>-<multitask|rec>/`` (layout:
 :mod:`store_core.checkpoint`): the trained LLM with its semantic-ID tokens, the codebook,
 IDs and stats copied from the Phase A checkpoint, the typed metadata (level sizes, tasks,
-history length, prompt format, ...) and ``metrics.json`` (validation curve, best epoch,
-agreement).
+history length, prompt format, ...) and ``metrics.json`` (validation curve, best
+validation round and its epoch, agreement).
 
 Initialising the new rows: a cluster level's token ``<a_k>`` gets, as its input
 embedding, the direction of its cluster centre mapped back from PCA space to the dense
@@ -85,14 +86,38 @@ class RecommenderOutcome:
 
     @property
     def best_val_ndcg_at_10(self) -> float | None:
-        """Validation NDCG@10 of the kept epoch (None: no validation ran)."""
+        """Validation NDCG@10 of the kept round (None: no validation ran)."""
         value = self.metrics.get("best_val_ndcg_at_10")
         return None if value is None else float(value)
 
     @property
-    def best_epoch(self) -> int | None:
-        value = self.metrics.get("best_epoch")
+    def best_validation_round(self) -> int | None:
+        """The validation round (1, 2, ...) whose weights were kept (None: no validation
+        ran). ``metrics.json`` written before the round had its own name called it
+        ``best_epoch``."""
+        if "best_validation_round" in self.metrics:
+            value = self.metrics["best_validation_round"]
+        else:
+            value = self.metrics.get("best_epoch")
         return None if value is None else int(value)
+
+    @property
+    def best_epoch(self) -> float | None:
+        """The epoch (epochs of data trained on, fractional when ``eval_every`` validates
+        mid-epoch) of the kept weights; None when no validation ran or ``metrics.json`` is
+        older than this record (its ``best_epoch`` was the validation round)."""
+        if "best_validation_round" not in self.metrics:
+            return None
+        value = self.metrics.get("best_epoch")
+        return None if value is None else float(value)
+
+    def best_when(self) -> str:
+        """``validation round R (epoch E)`` of the kept weights, for log lines and reports."""
+        if self.best_validation_round is None:
+            return "no validation round"
+        epoch = self.best_epoch
+        suffix = "" if epoch is None else f" (epoch {epoch:g})"
+        return f"validation round {self.best_validation_round}{suffix}"
 
     @property
     def agreement_full_id(self) -> float:
@@ -393,6 +418,7 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
         "train_tokens_per_s": round(result.tokens_per_s, 1),
         "final_train_loss": result.final_loss,
         "validation": result.validation,
+        "best_validation_round": result.best_validation_round,
         "best_epoch": result.best_epoch,
         "best_val_ndcg_at_10": result.best_metric,
         "stopped_early": result.stopped_early,
@@ -422,14 +448,15 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
         metadata = metadata.model_copy(update={"checkpoint_id": ckpt.weights_id(staging)})
         ckpt.write_metadata(staging, metadata)
         (staging / ckpt.METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    outcome = RecommenderOutcome(target, metrics)
     logger.info(
-        "recommender (%s): best validation NDCG@10 %.4f at epoch %s -> %s",
+        "recommender (%s): best validation NDCG@10 %.4f at %s -> %s",
         variant(cfg),
         result.best_metric or float("nan"),
-        result.best_epoch,
+        outcome.best_when(),
         target,
     )
-    return RecommenderOutcome(target, metrics)
+    return outcome
 
 
 def load_outcome(cfg: StoreConfig) -> RecommenderOutcome:

@@ -156,7 +156,7 @@ def recommender_stage(
     cfg: StoreConfig, parent_run_id: str | None = None
 ) -> StageOutcome[RecommenderOutcome | None]:
     """Phase B: multi-task training with validation; logs per-task losses (step metrics),
-    validation metrics per epoch, agreement, and the checkpoint.
+    validation metrics per validation round, agreement, and the checkpoint.
 
     Rank 0 holds the workspace's writer lock for the whole phase:
     :class:`store_core.locking.WorkspaceLocked` when another writer keeps it longer than
