@@ -32,6 +32,7 @@ from store_core.errors import MissingInputError, StoreError
 from store_core.generate import SemanticIdTrie, constrained_beam_search
 from store_core.ingest import INTERACTIONS_FILE, ITEMS_FILE
 from store_core.semantic_ids import format_sid
+from store_core.splits import recent_history
 
 #: The largest ``k`` a request may ask for. The beam is at least ``k`` wide and decoding
 #: holds ``k x (L + 1)`` cache positions per request, so ``k`` is bounded by what stays
@@ -115,7 +116,7 @@ def recommend(
     if unknown:
         raise StoreError(f"items without a semantic ID: {', '.join(unknown[:5])}")
     history_len = bundle.trained(cfg).history_len
-    recent = list(history)[-history_len:]
+    recent = recent_history(list(history), history_len)
     prompt = bundle.builder.recommendation([code_of[i] for i in recent])
     allowed = np.arange(len(item_ids))  # [N'] candidate rows the trie may return
     if exclude_history:

@@ -51,6 +51,7 @@ from store_core.model import grow_embeddings, load_checkpoint, save_model_files
 from store_core.prompts import PROMPT_FORMAT, PromptBuilder, lookup_sid_tokens
 from store_core.quantizer import Codebook, load_codebook
 from store_core.semantic_ids import vocabulary
+from store_core.splits import seeded_subset
 from store_core.tasks import (
     EvalSplit,
     IdVocabulary,
@@ -209,13 +210,6 @@ def _init_from_centroids(
             weight[index] = vectors.to(weight.device)
 
 
-def _sample(values: list[Any], limit: int | None, seed: int) -> list[int]:
-    if limit is None or len(values) <= limit:
-        return list(range(len(values)))
-    picked = np.random.default_rng(seed).choice(len(values), size=limit, replace=False)
-    return sorted(picked.tolist())
-
-
 def evaluate_split(
     model: torch.nn.Module,
     data: TaskData,
@@ -230,7 +224,7 @@ def evaluate_split(
 ) -> tuple[dict[str, float], np.ndarray]:
     """Constrained beam search for the users of ``split``; metrics and per-user ranks."""
     users, prompts, targets = eval_prompts(data, builder, cfg.recommender.history_len, split)
-    chosen = _sample(users, limit, cfg.recommender_train.seed)
+    chosen = seeded_subset(len(users), limit, cfg.recommender_train.seed)
     prompts = [prompts[i] for i in chosen]
     targets = [targets[i] for i in chosen]
     result = constrained_beam_search(
@@ -259,7 +253,8 @@ def text_to_token_agreement(
     """How often generating an ID from an item's text reproduces its clustered codes."""
     catalogue = data.catalogue_items()
     chosen = [
-        catalogue[i] for i in _sample(catalogue, AGREEMENT_SAMPLE, cfg.recommender_train.seed)
+        catalogue[i]
+        for i in seeded_subset(len(catalogue), AGREEMENT_SAMPLE, cfg.recommender_train.seed)
     ]
     prompts = [builder.alignment(data.texts[item]) for item in chosen]
     result = constrained_beam_search(

@@ -76,7 +76,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast, get_args
+from typing import Any, cast, get_args
 
 import fsspec
 import numpy as np
@@ -88,7 +88,13 @@ from store_core.config import LossNormalization, RecSamples, TaskName, TaskSpec
 from store_core.errors import DataError, MissingInputError, StoreError
 from store_core.model import model_device
 from store_core.prompts import PromptBuilder
-from store_core.splits import group_splits
+from store_core.splits import (
+    EvalSplit,
+    group_splits,
+    history_before,
+    recent_history,
+    split_history,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -101,9 +107,6 @@ ITEMS_FILE = "items.parquet"
 SPLITS_FILE = "splits.parquet"
 
 Batch = dict[str, torch.Tensor]
-
-#: The held-out splits :func:`eval_prompts` renders.
-EvalSplit = Literal["valid", "test"]
 
 
 @dataclass(frozen=True)
@@ -177,6 +180,13 @@ class TaskData:
     def display_title(self, item_id: str) -> str:
         """The item's title, or its text when the title is null or empty."""
         return self.titles.get(item_id) or self.texts[item_id]
+
+    def history(self, user: str, split: EvalSplit) -> list[str]:
+        """The user's whole history before their ``split`` target, oldest first
+        (:func:`store_core.splits.split_history`)."""
+        return split_history(
+            self.train_sequences.get(user, []), self.valid_targets.get(user), split
+        )
 
 
 def _read_table(uri: str, columns: list[str]) -> dict[str, list[Any]]:
@@ -287,7 +297,7 @@ def _prefixes(data: TaskData, history_len: int) -> list[tuple[list[str], str]]:
     for user in sorted(data.train_sequences):
         sequence = data.train_sequences[user]
         for t in range(1, len(sequence)):
-            pairs.append((sequence[max(0, t - history_len) : t], sequence[t]))
+            pairs.append((history_before(sequence, t, history_len), sequence[t]))
     return pairs
 
 
@@ -442,10 +452,7 @@ def eval_prompts(
     users = sorted(targets)
     prompts = []
     for user in users:
-        history = list(data.train_sequences.get(user, []))
-        if split == "test" and user in data.valid_targets:
-            history.append(data.valid_targets[user])
-        recent = history[max(0, len(history) - history_len) :]
+        recent = recent_history(data.history(user, split), history_len)
         prompts.append(builder.recommendation([data.codes[i] for i in recent]))
     return users, prompts, [targets[u] for u in users]
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import fsspec
 import numpy as np
@@ -35,11 +35,9 @@ import torch
 
 from store_core.errors import DataError, MissingInputError
 from store_core.ingest import ITEMS_FILE, SPLITS_FILE
-from store_core.splits import group_splits
+from store_core.splits import EvalSplit, group_splits, recent_history, split_history
 
 logger = logging.getLogger(__name__)
-
-EvalSplit = Literal["valid", "test"]
 
 PAD = 0
 
@@ -94,14 +92,9 @@ class SequenceData:
         ``n`` keeps the most recent ``n`` items (None: all of them).
         """
         self._targets(split)  # validates the split name
-        seq = self.train_sequences.get(user, np.zeros(0, dtype=np.int64))
-        if split == "test" and user in self.valid_targets:
-            seq = np.append(seq, np.int64(self.valid_targets[user]))
-        if n is not None:
-            if n < 1:
-                raise ValueError(f"history length must be >= 1, got {n}")
-            seq = seq[max(0, len(seq) - n) :]
-        return seq.astype(np.int64, copy=False)
+        train = self.train_sequences.get(user, np.zeros(0, dtype=np.int64)).tolist()
+        history = split_history(train, self.valid_targets.get(user), split)
+        return np.asarray(recent_history(history, n), dtype=np.int64)
 
     def histories(self, split: EvalSplit, n: int | None = None) -> list[np.ndarray]:
         """:meth:`history` of every one of :meth:`eval_users`, in that order."""
