@@ -158,12 +158,10 @@ def extract_vectors(cfg: Any, cache: Path | None) -> tuple[np.ndarray, np.ndarra
 
 
 def _items(cfg: Any) -> tuple[list[str], list[str], list[frozenset[str]] | None]:
-    import pyarrow.parquet as pq
-
     from store_core.coherence import category_sets
-    from store_core.ingest import ITEMS_FILE
+    from store_core.data_files import read_items
 
-    items = pq.read_table(f"{cfg.data_dir}/{ITEMS_FILE}")
+    items = read_items(cfg.data_dir)
     fields = [dict(pairs) for pairs in items.column("fields").to_pylist()]
     cats = category_sets(fields)
     return (

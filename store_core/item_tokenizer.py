@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from store_core import checkpoint as ckpt
 from store_core import quantizer as q
 from store_core.codebook_stats import codebook_stats, plot_usage
 from store_core.coherence import category_sets, semantic_coherence
 from store_core.config import StoreConfig
+from store_core.data_files import ITEMS_FILE, MANIFEST_FILE, read_items
 from store_core.dense_tokenizer import (
     PhaseABatchCollator,
     extract_dense,
@@ -43,7 +43,6 @@ from store_core.dense_tokenizer import (
     reconstruction_metrics,
 )
 from store_core.errors import MissingInputError, StoreError
-from store_core.ingest import ITEMS_FILE, MANIFEST_FILE
 from store_core.last_level_assignment import assign_codes
 from store_core.model import build_backbone, save_model_files
 from store_core.tracking import Run
@@ -126,7 +125,7 @@ def train_semantic_tokenizer(cfg: StoreConfig, run: Run | None = None) -> Tokeni
     if rank() == 0:
         recover_directory(checkpoint_dir(cfg))
     data_checksum = _data_checksum(cfg)
-    items = pq.read_table(f"{cfg.data_dir}/{ITEMS_FILE}")
+    items = read_items(cfg.data_dir)
     item_ids: list[str] = items.column("item_id").to_pylist()
     texts: list[str] = items.column("text").to_pylist()
     fields = [dict(pairs) for pairs in items.column("fields").to_pylist()]

@@ -23,14 +23,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from store_core import storage
 from store_core.bundle import RecommenderBundle
 from store_core.config import StoreConfig
-from store_core.errors import MissingInputError, StoreError
+from store_core.data_files import read_interactions, read_items
+from store_core.errors import StoreError
 from store_core.generate import SemanticIdTrie, constrained_beam_search
-from store_core.ingest import INTERACTIONS_FILE, ITEMS_FILE
 from store_core.semantic_ids import format_sid
 from store_core.splits import recent_history
 
@@ -54,10 +53,9 @@ def user_history(cfg: StoreConfig, user_id: str) -> list[str]:
 
     Raises :class:`MissingInputError` before ``store ingest`` and :class:`StoreError` for
     a user without interactions."""
-    path = Path(cfg.data_dir) / INTERACTIONS_FILE
-    if not path.exists():
-        raise MissingInputError(str(path), "ingest")
-    table = pq.read_table(path, filters=[("user_id", "=", user_id)])
+    table = read_interactions(
+        cfg.data_dir, ["item_id", "position"], filters=[("user_id", "=", user_id)]
+    )
     if table.num_rows == 0:
         raise StoreError(f"user '{user_id}' has no interactions in {cfg.data_dir}")
     order = np.argsort(np.asarray(table.column("position").to_pylist()))
@@ -155,7 +153,7 @@ def recommend(
 
 
 def _titles(cfg: StoreConfig) -> dict[str, str | None]:
-    table = pq.read_table(Path(cfg.data_dir) / ITEMS_FILE, columns=["item_id", "title"])
+    table = read_items(cfg.data_dir, ["item_id", "title"])
     return dict(
         zip(table.column("item_id").to_pylist(), table.column("title").to_pylist(), strict=True)
     )

@@ -78,14 +78,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast, get_args
 
-import fsspec
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
 from store_core.config import LossNormalization, RecSamples, TaskName, TaskSpec
-from store_core.errors import DataError, MissingInputError, StoreError
+from store_core.data_files import SPLITS_FILE, read_items, read_splits
+from store_core.errors import StoreError
 from store_core.model import model_device
 from store_core.prompts import PromptBuilder
 from store_core.splits import (
@@ -103,8 +103,6 @@ IGNORE_INDEX = -100
 #: Fixed task order: ``task_ids`` in a batch index into it.
 TASK_ORDER: tuple[str, ...] = get_args(TaskName)
 
-ITEMS_FILE = "items.parquet"
-SPLITS_FILE = "splits.parquet"
 
 Batch = dict[str, torch.Tensor]
 
@@ -189,15 +187,8 @@ class TaskData:
         )
 
 
-def _read_table(uri: str, columns: list[str]) -> dict[str, list[Any]]:
-    try:
-        with fsspec.open(uri, "rb") as handle:
-            table = pq.read_table(handle, columns=columns)
-    except FileNotFoundError:
-        raise MissingInputError(uri, "ingest") from None
-    except (KeyError, ValueError) as exc:  # missing column, not Parquet
-        raise DataError(f"cannot read columns {columns}: {exc}", file=uri) from exc
-    return {name: table.column(name).to_pylist() for name in columns}
+def _columns(table: pa.Table) -> dict[str, list[Any]]:
+    return {name: table.column(name).to_pylist() for name in table.column_names}
 
 
 def load_task_data(data_dir: str, codes: Mapping[str, Sequence[int]]) -> TaskData:
@@ -206,10 +197,8 @@ def load_task_data(data_dir: str, codes: Mapping[str, Sequence[int]]) -> TaskDat
     Every item of a train/valid/test row must have codes (:class:`StoreError` otherwise:
     the semantic IDs are older than the data).
     """
-    items = _read_table(f"{data_dir}/{ITEMS_FILE}", ["item_id", "title", "text"])
-    rows = _read_table(
-        f"{data_dir}/{SPLITS_FILE}", ["user_id", "item_id", "position", "split", "cold_start"]
-    )
+    items = _columns(read_items(data_dir, ["item_id", "title", "text"]))
+    rows = _columns(read_splits(data_dir))
     grouped = group_splits(
         rows["user_id"], rows["item_id"], rows["position"], rows["split"], rows["cold_start"]
     )
