@@ -246,22 +246,22 @@ def run(
     cfg = _load(config, set_)
     from flows.pipeline import store_pipeline
 
-    summary: dict[str, Any] = guard(lambda: store_pipeline(config, set_ or [], evaluate))
+    summary = guard(lambda: store_pipeline(config, set_ or [], evaluate))
     out.print("[bold green]pipeline finished[/]")
     out.print(f"Workspace: {cfg.workspace}")
-    out.print(f"Parquet:   {summary['data_dir']}")
-    out.print(f"DuckDB:    {summary['duckdb']}")
-    out.print(f"Models:    {summary['models_dir']}")
-    catalogue = summary["stages"]["tokenize_catalogue"]
-    out.print(f"Semantic IDs: {catalogue['line'].removeprefix('tokenize-catalogue: ')}")
-    if summary["stages"].get("evaluate"):
-        out.print(f"Report:    {summary['stages']['evaluate']['report']}")
-    if summary.get("mlflow_run_id"):
-        uri = redact(str(summary["mlflow_tracking_uri"]))
+    out.print(f"Parquet:   {summary.data_dir}")
+    out.print(f"DuckDB:    {summary.duckdb}")
+    out.print(f"Models:    {summary.models_dir}")
+    catalogue = summary.catalogue
+    out.print(f"Semantic IDs: {catalogue.line.removeprefix('tokenize-catalogue: ')}")
+    if summary.evaluation is not None:
+        out.print(f"Report:    {summary.evaluation.report}")
+    if summary.mlflow_run_id:
+        uri = redact(str(summary.mlflow_tracking_uri))
         out.print(
-            f"MLflow:    run {summary['mlflow_run_url']}"
-            if summary.get("mlflow_run_url")
-            else f"MLflow:    run {summary['mlflow_run_id']} at {uri}"
+            f"MLflow:    run {summary.mlflow_run_url}"
+            if summary.mlflow_run_url
+            else f"MLflow:    run {summary.mlflow_run_id} at {uri}"
             f"  (UI: mlflow ui --backend-store-uri {uri})"
         )
 

@@ -148,8 +148,13 @@ def _launched(cfg: StoreConfig, phase: str, marker: str, load: Callable[[StoreCo
     return load(cfg)
 
 
+def _is_number(value: Any) -> bool:
+    """Whether ``value`` can be an MLflow metric: an int or float, not a bool (or None)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _numeric_or_levels(key: str, value: Any) -> bool:
-    return key == "levels" or (isinstance(value, int | float) and not isinstance(value, bool))
+    return key == "levels" or _is_number(value)
 
 
 def recommender_stage(
@@ -184,13 +189,7 @@ def recommender_stage(
             outcome = train_recommender(cfg, run)
         assert outcome is not None
         metrics = outcome.metrics
-        run.log_metrics(
-            {
-                k: float(v)
-                for k, v in metrics.items()
-                if isinstance(v, int | float) and not isinstance(v, bool) and v is not None
-            }
-        )
+        run.log_metrics({k: float(v) for k, v in metrics.items() if _is_number(v)})
         for name in (ckpt.METRICS_FILE, ckpt.METADATA_FILE):
             run.log_artifact(f"{outcome.checkpoint_dir}/{name}")
         run.log_artifacts(outcome.checkpoint_dir, "checkpoint")
