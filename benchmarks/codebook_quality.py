@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.machine import machine_info, write_results
+from benchmarks.machine import command_line, machine_info, write_results
 from store_core import quantizer as q
 from store_core.codebook_stats import codebook_stats
 from store_core.coherence import semantic_coherence
@@ -271,7 +269,7 @@ def main() -> None:
         "machine": machine_info(),
         "config": args.config,
         "overrides": args.overrides,
-        "command": shlex.join(["python", "-m", "benchmarks.codebook_quality", *sys.argv[1:]]),
+        "command": command_line("benchmarks.codebook_quality"),
         "num_items": int(dense.shape[0]),
         "cluster_levels": int(cfg.semantic_id.cluster_levels),
         "codebook_size": int(cfg.semantic_id.codebook_size),

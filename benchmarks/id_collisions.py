@@ -21,15 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.machine import machine_info, write_results
+from benchmarks.machine import command_line, machine_info, write_results
 
 
 def collision_report(
@@ -93,7 +91,7 @@ def main() -> None:
         "config": args.config,
         "overrides": args.overrides,
         "checkpoint": recommender_dir(cfg),
-        "command": shlex.join(["python", "-m", "benchmarks.id_collisions", *sys.argv[1:]]),
+        "command": command_line("benchmarks.id_collisions"),
         **collision_report(decoded.codes, bundle.cluster_levels, top, targets),
     }
     print(json.dumps(report, indent=2), flush=True)

@@ -34,14 +34,12 @@ import json
 import logging
 import math
 import os
-import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import command_line, machine_info
 
 if TYPE_CHECKING:
     from store_core.config import StoreConfig
@@ -163,7 +161,7 @@ def main() -> None:
             "overrides": args.overrides,
             "seed": args.seed,
             "workspace": cfg.workspace,
-            "command": shlex.join(["python", "-m", "benchmarks.store_budget", *sys.argv[1:]]),
+            "command": command_line("benchmarks.store_budget"),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "deepspeed": cfg.recommender_train.deepspeed.enabled,
             "batch_size": cfg.recommender_train.batch_size,
