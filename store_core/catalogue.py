@@ -310,7 +310,7 @@ def _tokenize(
     ``tmp_path``, commit them as one version."""
     db = cfg.duckdb_path
     base, issued, base_version = _base_rows(bundle, db)
-    levels = len(bundle.level_ids)
+    id_length = len(bundle.level_ids)
     bits = bundle.pack_bits
     state = DisambiguationState(issued, len(bundle.level_ids[-1]))
     counts = dict.fromkeys(COUNT_KEYS, 0)
@@ -326,7 +326,7 @@ def _tokenize(
         for number, batch in enumerate(_batches(items_path, batch_size, remote is None)):
             ids: list[str] = batch.column("item_id").to_pylist()
             hashes: list[str] = batch.column("content_hash").to_pylist()
-            codes = np.zeros((len(ids), levels), dtype=np.int64)
+            codes = np.zeros((len(ids), id_length), dtype=np.int64)
             methods = [METHOD_GENERATED] * len(ids)
             todo: list[int] = []
             for i, (item, content) in enumerate(zip(ids, hashes, strict=True)):

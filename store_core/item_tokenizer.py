@@ -130,13 +130,13 @@ def train_semantic_tokenizer(cfg: StoreConfig, run: Run | None = None) -> Tokeni
     texts: list[str] = items.column("text").to_pylist()
     fields = [dict(pairs) for pairs in items.column("fields").to_pylist()]
     sid_cfg, train_cfg, model_cfg = cfg.semantic_id, cfg.tokenizer_train, cfg.model
-    levels = sid_cfg.cluster_levels
+    cluster_levels = sid_cfg.cluster_levels
     run_hash = training_hash(cfg, data_checksum)
 
-    model, tokenizer = build_backbone(model_cfg, texts, levels, train_cfg.seed)
+    model, tokenizer = build_backbone(model_cfg, texts, cluster_levels, train_cfg.seed)
     held_out = _holdout(len(texts), train_cfg.seed)
     train_texts = [t for t, h in zip(texts, held_out, strict=True) if not h]
-    collate = PhaseABatchCollator(tokenizer, model_cfg.max_text_tokens, levels)
+    collate = PhaseABatchCollator(tokenizer, model_cfg.max_text_tokens, cluster_levels)
     loss_fn = partial(phase_a_loss, diversity_weight=sid_cfg.diversity_weight)
     started = time.perf_counter()
     result = train(
@@ -155,7 +155,7 @@ def train_semantic_tokenizer(cfg: StoreConfig, run: Run | None = None) -> Tokeni
     trained = result.model
     extract: dict[str, Any] = {
         "max_text_tokens": model_cfg.max_text_tokens,
-        "num_query_tokens": levels,
+        "num_query_tokens": cluster_levels,
     }
 
     started = time.perf_counter()
@@ -168,7 +168,7 @@ def train_semantic_tokenizer(cfg: StoreConfig, run: Run | None = None) -> Tokeni
         vectors = extract_text_embedding(trained, tokenizer, texts, **extract)  # [N, D]
         codebook = q.fit_rqkmeans(
             vectors,
-            levels,
+            cluster_levels,
             sid_cfg.codebook_size,
             sid_cfg.pca_dim,
             sid_cfg.kmeans_n_init,
@@ -213,7 +213,7 @@ def train_semantic_tokenizer(cfg: StoreConfig, run: Run | None = None) -> Tokeni
         quantizer=sid_cfg.quantizer,
         last_level_assignment=sid_cfg.last_level_assignment,
         last_level_capacity=sid_cfg.last_level_capacity,
-        cluster_levels=levels,
+        cluster_levels=cluster_levels,
         codebook_size=codebook.codebook_size,
         disambiguation_size=int(sids[:, -1].max()) + 1,
         data_manifest_items_sha256=data_checksum,
