@@ -25,15 +25,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.machine import machine_info, write_results
+from benchmarks.machine import command_line, machine_info, write_results
 
 
 def ranks_of(items: np.ndarray, alive: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -68,7 +66,7 @@ def main() -> None:
     from store_core.bundle import load_bundle
     from store_core.config import load_config
     from store_core.evaluation import decode_split
-    from store_core.recommender import recommender_dir
+    from store_core.recommender_training import recommender_dir
 
     cfg = load_config(args.config, args.overrides)
     bundle = load_bundle(recommender_dir(cfg))
@@ -105,7 +103,7 @@ def main() -> None:
         "config": args.config,
         "overrides": args.overrides,
         "checkpoint": recommender_dir(cfg),
-        "command": shlex.join(["python", "-m", "benchmarks.beam_search_gap", *sys.argv[1:]]),
+        "command": command_line("benchmarks.beam_search_gap"),
         "users": len(narrow.users),
         "catalogue_items": catalogue,
         "runs": runs,

@@ -154,8 +154,8 @@ def run_engine(
 ) -> dict[str, Any]:
     """Tokenize the synthetic catalogue with one engine in a fresh subprocess."""
     from store_core.config import load_config
-    from store_core.ingest import ITEMS_FILE
-    from store_core.recommender import recommender_dir
+    from store_core.data_files import ITEMS_FILE
+    from store_core.recommender_training import recommender_dir
 
     workspace = scratch / name
     shutil.rmtree(workspace, ignore_errors=True)
@@ -216,14 +216,14 @@ def main() -> None:
         _child(args.child)
         return
     from store_core.config import load_config
-    from store_core.ingest import ITEMS_FILE
+    from store_core.data_files import ITEMS_FILE, read_items
 
     scratch = Path(tempfile.mkdtemp(prefix="store-scaleout-"))
     try:
         trained = Path(args.trained) if args.trained else scratch / "trained"
         build_s = 0.0 if args.trained else build_workspace("tiny", trained, [])
         cfg = load_config("tiny", [f"workspace={trained}", *BASE_OVERRIDES])
-        source = pq.read_table(Path(cfg.data_dir) / ITEMS_FILE)
+        source = read_items(cfg.data_dir)
         items = synthetic_items(source, args.items, cfg.data.text_template, cfg.data.max_text_chars)
         pq.write_table(items, scratch / ITEMS_FILE, compression="zstd", row_group_size=1 << 20)
         engines: list[tuple[str, list[str]]] = [] if args.no_inprocess else [("inprocess", [])]

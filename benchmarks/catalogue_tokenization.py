@@ -101,7 +101,7 @@ def build_workspace(config: str, workspace: Path, overrides: list[str]) -> float
     from store_core.config import load_config
     from store_core.ingest import run_ingest
     from store_core.item_tokenizer import train_semantic_tokenizer
-    from store_core.recommender import train_recommender
+    from store_core.recommender_training import train_recommender
 
     started = time.perf_counter()
     cfg = load_config(config, [f"workspace={workspace}", *BASE_OVERRIDES, *overrides])
@@ -246,7 +246,7 @@ def run_size(
     scratch: Path,
 ) -> dict[str, Any]:
     from store_core.config import load_config
-    from store_core.ingest import ITEMS_FILE
+    from store_core.data_files import ITEMS_FILE
 
     workspace = scratch / f"size-{num_items}"
     overrides = [f"workspace={workspace}", *BASE_OVERRIDES, *args.overrides]
@@ -358,8 +358,8 @@ def main() -> None:
 
     from store_core.checkpoint import has_metadata, read_recommender_metadata
     from store_core.config import load_config
-    from store_core.ingest import ITEMS_FILE
-    from store_core.recommender import recommender_dir
+    from store_core.data_files import read_items
+    from store_core.recommender_training import recommender_dir
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
@@ -377,7 +377,7 @@ def main() -> None:
         if not has_metadata(checkpoint):
             raise SystemExit(f"{checkpoint}: not a trained recommender (run `store train`)")
         metadata = read_recommender_metadata(checkpoint)
-        source = pq.read_table(Path(cfg.data_dir) / ITEMS_FILE, columns=["fields"])
+        source = read_items(cfg.data_dir, ["fields"])
         report: dict[str, Any] = {
             "machine": machine_info(),
             "config": {

@@ -36,8 +36,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
-import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -45,7 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.machine import machine_info, write_results
+from benchmarks.machine import command_line, machine_info, write_results
 from store_core import quantizer as q
 from store_core.codebook_stats import codebook_stats
 from store_core.coherence import semantic_coherence
@@ -80,7 +78,7 @@ def sinkhorn_balanced(distances: np.ndarray, epsilon: float, iters: int) -> np.n
 def sinkhorn_codes(codebook: q.Codebook, x: np.ndarray) -> np.ndarray:
     """Codes [N, L]: nearest, then LC-Rec's Sinkhorn rounds on the colliding items' last level."""
     codes = q.assign(codebook, x)  # [N, L]
-    last = codebook.num_levels - 1
+    last = codebook.cluster_levels - 1
     dist = level_distances(codebook, x, codes, last)  # [N, K]
     for _ in range(SINKHORN_ROUNDS):
         _, inverse, counts = np.unique(codes, axis=0, return_inverse=True, return_counts=True)
@@ -103,7 +101,7 @@ def method_report(
 ) -> dict[str, Any]:
     """Collision, usage, coherence and distortion figures of one set of codes [N, L]."""
     stats = codebook_stats(codes, codebook.codebook_size)
-    last = codebook.num_levels - 1
+    last = codebook.cluster_levels - 1
     dist = level_distances(codebook, x, codes, last)  # [N, K]
     rows = np.arange(len(codes))
     nearest = dist.min(axis=1)
@@ -147,7 +145,7 @@ def extract_vectors(cfg: Any, cache: Path | None) -> tuple[np.ndarray, np.ndarra
     texts = _items(cfg)[1]
     extract = {
         "max_text_tokens": cfg.model.max_text_tokens,
-        "num_query_tokens": cfg.semantic_id.num_levels,
+        "num_query_tokens": cfg.semantic_id.cluster_levels,
         "progress": False,
     }
     dense = extract_dense(model, tokenizer, texts, **extract)
@@ -158,12 +156,10 @@ def extract_vectors(cfg: Any, cache: Path | None) -> tuple[np.ndarray, np.ndarra
 
 
 def _items(cfg: Any) -> tuple[list[str], list[str], list[frozenset[str]] | None]:
-    import pyarrow.parquet as pq
-
     from store_core.coherence import category_sets
-    from store_core.ingest import ITEMS_FILE
+    from store_core.data_files import read_items
 
-    items = pq.read_table(f"{cfg.data_dir}/{ITEMS_FILE}")
+    items = read_items(cfg.data_dir)
     fields = [dict(pairs) for pairs in items.column("fields").to_pylist()]
     cats = category_sets(fields)
     return (
@@ -208,7 +204,7 @@ def compare(
         for kind in kinds - {"store"}:
             books[kind] = q.fit_rqkmeans(
                 vectors[kind],
-                sid.num_levels,
+                sid.cluster_levels,
                 sid.codebook_size,
                 sid.pca_dim,
                 sid.kmeans_n_init,
@@ -273,9 +269,9 @@ def main() -> None:
         "machine": machine_info(),
         "config": args.config,
         "overrides": args.overrides,
-        "command": shlex.join(["python", "-m", "benchmarks.codebook_quality", *sys.argv[1:]]),
+        "command": command_line("benchmarks.codebook_quality"),
         "num_items": int(dense.shape[0]),
-        "num_levels": int(cfg.semantic_id.num_levels),
+        "cluster_levels": int(cfg.semantic_id.cluster_levels),
         "codebook_size": int(cfg.semantic_id.codebook_size),
         "results": results,
         "table": table,

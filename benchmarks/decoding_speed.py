@@ -119,7 +119,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     model_cfg, sid_cfg = ModelConfig(), SemanticIdConfig()
-    levels, codebook = sid_cfg.num_levels, sid_cfg.codebook_size
+    levels, codebook = sid_cfg.cluster_levels, sid_cfg.codebook_size
     level_sizes = [codebook] * levels + [DISAMBIGUATION]
     text_vocab = model_cfg.vocab_size
     level_tokens: list[list[int]] = []

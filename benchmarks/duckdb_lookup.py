@@ -132,7 +132,7 @@ def main() -> None:
         codebook_row = {
             "codebook_version": "bench-synthetic",
             "quantizer": "synthetic",
-            "num_levels": LEVELS,
+            "cluster_levels": LEVELS,
             "codebook_size": CODEBOOK,
             "level_sizes": level_sizes,
             "pack_bits": bits,

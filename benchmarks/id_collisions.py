@@ -21,23 +21,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from benchmarks.machine import machine_info, write_results
+from benchmarks.machine import command_line, machine_info, write_results
 
 
 def collision_report(
-    codes: np.ndarray, num_levels: int, top: np.ndarray, targets: np.ndarray, k: int = 10
+    codes: np.ndarray, cluster_levels: int, top: np.ndarray, targets: np.ndarray, k: int = 10
 ) -> dict[str, Any]:
     """``codes`` [N, L+1] item codes; ``top`` [U, B] decoded item rows per user, best first
     (-1 for dead slots); ``targets`` [U] the target item row per user."""
-    groups = [tuple(row) for row in codes[:, :num_levels].tolist()]
+    groups = [tuple(row) for row in codes[:, :cluster_levels].tolist()]
     group_size = Counter(groups)
     shared = np.array([group_size[g] > 1 for g in groups])  # [N]
     hit = np.zeros(len(targets), dtype=bool)
@@ -80,7 +78,7 @@ def main() -> None:
     from store_core.bundle import load_bundle
     from store_core.config import load_config
     from store_core.evaluation import decode_split
-    from store_core.recommender import recommender_dir
+    from store_core.recommender_training import recommender_dir
 
     cfg = load_config(args.config, args.overrides)
     bundle = load_bundle(recommender_dir(cfg))
@@ -93,8 +91,8 @@ def main() -> None:
         "config": args.config,
         "overrides": args.overrides,
         "checkpoint": recommender_dir(cfg),
-        "command": shlex.join(["python", "-m", "benchmarks.id_collisions", *sys.argv[1:]]),
-        **collision_report(decoded.codes, bundle.num_levels, top, targets),
+        "command": command_line("benchmarks.id_collisions"),
+        **collision_report(decoded.codes, bundle.cluster_levels, top, targets),
     }
     print(json.dumps(report, indent=2), flush=True)
     write_results(report, f"{args.name or 'id_collisions_' + Path(args.config).stem}.json")

@@ -5,8 +5,16 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
+import sys
 from pathlib import Path
 from typing import Any
+
+
+def command_line(module: str) -> str:
+    """The command that reruns this benchmark as it was started (``python -m <module>``
+    and this process's arguments), for its report."""
+    return shlex.join(["python", "-m", module, *sys.argv[1:]])
 
 
 def machine_info() -> dict[str, Any]:

@@ -15,10 +15,9 @@ import time
 from functools import partial
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from benchmarks.machine import machine_info
 from store_core.config import load_config
+from store_core.data_files import read_items
 from store_core.dense_tokenizer import PhaseABatchCollator, extract_dense, phase_a_loss
 from store_core.model import build_backbone, count_parameters
 from store_core.trainer import train
@@ -34,8 +33,8 @@ def main() -> None:
     parser.add_argument("--extract-items", type=int, default=1000)
     args = parser.parse_args()
     cfg = load_config(args.config, args.overrides)
-    texts = pq.read_table(Path(cfg.data_dir) / "items.parquet").column("text").to_pylist()
-    levels = cfg.semantic_id.num_levels
+    texts = read_items(cfg.data_dir, ["text"]).column("text").to_pylist()
+    levels = cfg.semantic_id.cluster_levels
     report: dict[str, object] = {
         "config": args.config,
         "overrides": args.overrides,

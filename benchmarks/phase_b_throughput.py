@@ -19,9 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -29,11 +27,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.machine import machine_info, write_results
+from benchmarks.machine import command_line, machine_info, write_results
 from store_core.config import StoreConfig, TrainConfig, load_config
 from store_core.generate import SemanticIdTrie
 from store_core.model import count_parameters
-from store_core.recommender import PhaseBInputs, evaluate_split, prepare_phase_b
+from store_core.recommender_training import PhaseBInputs, evaluate_split, prepare_phase_b
 from store_core.tasks import SampleCollator
 from store_core.trainer import train
 
@@ -115,7 +113,7 @@ def main() -> None:
         "steps": args.steps,
         "samples_per_task": inputs.samples_per_task,
         "mean_sequence_tokens": round(seq_tokens, 1),
-        "command": shlex.join(["python", "-m", "benchmarks.phase_b_throughput", *sys.argv[1:]]),
+        "command": command_line("benchmarks.phase_b_throughput"),
     }
     print(json.dumps(report, indent=2), flush=True)
     runs: dict[str, dict[str, float]] = {}

@@ -34,9 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import shlex
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -44,10 +42,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.machine import machine_info, write_results
+from benchmarks.machine import command_line, machine_info, write_results
 from store_core.config import LossNormalization, RecSamples, TaskSpec, TrainConfig, load_config
 from store_core.model import count_parameters
-from store_core.recommender import PhaseBInputs, prepare_phase_b
+from store_core.recommender_training import PhaseBInputs, prepare_phase_b
 from store_core.tasks import (
     IdVocabulary,
     Sample,
@@ -202,7 +200,7 @@ def main() -> None:
         "loss_normalization": rec.loss_normalization,
         "steps": args.steps,
         "rounds": args.rounds,
-        "command": shlex.join(["python", "-m", "benchmarks.rec_samples_throughput", *sys.argv[1:]]),
+        "command": command_line("benchmarks.rec_samples_throughput"),
     }
     for mode, samples in modes.items():
         report[f"{mode}_rows"] = len(samples)

@@ -23,13 +23,11 @@ import json
 import logging
 import math
 import os
-import shlex
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import command_line, machine_info
 from store_core.config import load_config
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -76,7 +74,7 @@ def main() -> None:
             "overrides": args.overrides,
             "seeds": args.seeds,
             "epochs": args.epochs,
-            "command": shlex.join(["python", "-m", "benchmarks.sasrec_budget", *sys.argv[1:]]),
+            "command": command_line("benchmarks.sasrec_budget"),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "sasrec": cfg.evaluation.sasrec.model_dump(),
         },

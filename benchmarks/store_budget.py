@@ -34,18 +34,16 @@ import json
 import logging
 import math
 import os
-import shlex
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from benchmarks.machine import machine_info
+from benchmarks.machine import command_line, machine_info
 
 if TYPE_CHECKING:
     from store_core.config import StoreConfig
-    from store_core.recommender import PhaseBInputs
+    from store_core.recommender_training import PhaseBInputs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 logger = logging.getLogger("benchmarks.store_budget")
@@ -144,7 +142,7 @@ def main() -> None:
     from store_core.config import load_config
     from store_core.evaluation import run_systems
     from store_core.ingest import resolve_source
-    from store_core.recommender import prepare_phase_b
+    from store_core.recommender_training import prepare_phase_b
     from store_core.stages import ingest_stage, recommender_stage, tokenizer_stage
 
     base = load_config(args.config, args.overrides)
@@ -163,7 +161,7 @@ def main() -> None:
             "overrides": args.overrides,
             "seed": args.seed,
             "workspace": cfg.workspace,
-            "command": shlex.join(["python", "-m", "benchmarks.store_budget", *sys.argv[1:]]),
+            "command": command_line("benchmarks.store_budget"),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "deepspeed": cfg.recommender_train.deepspeed.enabled,
             "batch_size": cfg.recommender_train.batch_size,
@@ -237,7 +235,8 @@ def main() -> None:
     report["phase_b"] = {
         "train_steps": metrics["train_steps"],
         "epochs_run": round(metrics["train_steps"] * batch / samples_per_epoch, 3),
-        "best_epoch": metrics["best_epoch"],
+        "best_validation_round": outcome.best_validation_round,
+        "best_epoch": outcome.best_epoch,
         "best_val_ndcg_at_10": metrics["best_val_ndcg_at_10"],
         "stopped_early": metrics["stopped_early"],
         "train_tokens_per_s": metrics["train_tokens_per_s"],
@@ -251,7 +250,7 @@ def main() -> None:
     test = result.metrics
     print(
         f"STORE seed {args.seed}: {report['phase_b']['epochs_run']} epochs of Phase B "
-        f"(best validation at interval {metrics['best_epoch']}), test R@10 "
+        f"(best at {outcome.best_when()}), test R@10 "
         f"{test['recall_at_10']:.4f} N@10 {test['ndcg_at_10']:.4f}, invalid-ID rate "
         f"{test['invalid_id_rate']:.4f}; {seconds['total']:.0f} s in all; wrote {out}",
         flush=True,

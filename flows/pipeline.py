@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Literal
 
 from store_core.telemetry import disable_telemetry
 
@@ -43,7 +43,17 @@ from prefect.tasks import exponential_backoff  # noqa: E402
 from prefect.utilities.urls import url_for  # noqa: E402
 
 from flows import reporting  # noqa: E402
-from flows.reporting import StageReport  # noqa: E402
+from flows.reporting import (  # noqa: E402
+    CatalogueSummary,
+    EvaluationSummary,
+    IngestSummary,
+    PipelineSummary,
+    RecommenderSummary,
+    S,
+    StageReport,
+    StageSummary,
+    TokenizerSummary,
+)
 from flows.scaleout import remote_beams, remote_search  # noqa: E402
 from store_core import storage, tracking  # noqa: E402
 from store_core.config import StoreConfig, load_config  # noqa: E402
@@ -99,9 +109,9 @@ def fetch_source(config: str | None, overrides: list[str]) -> ResolvedSource:
     return resolve_source(load_config(config, overrides))
 
 
-def publish_stage(cfg: StoreConfig, report: StageReport) -> dict[str, Any]:
+def publish_stage(cfg: StoreConfig, report: StageReport[S]) -> S:
     """Log the stage's result line and publish its artifact on the current (subflow) run;
-    returns what the subflow returns: its data plus the line and headline metrics."""
+    returns what the subflow returns: the stage's typed summary."""
     get_run_logger().info("%s", report.line)
     create_markdown_artifact(
         report.markdown,
@@ -110,7 +120,7 @@ def publish_stage(cfg: StoreConfig, report: StageReport) -> dict[str, Any]:
         ),
         description=report.line,
     )
-    return {**report.data, "line": report.line, "headline": report.headline}
+    return report.summary
 
 
 @flow(name="ingest")
@@ -118,7 +128,7 @@ def ingest_flow(
     config: str | None = None,
     overrides: list[str] | None = None,
     parent_run_id: str | None = None,
-) -> dict[str, Any]:
+) -> IngestSummary:
     """Stage 1: source -> Parquet + manifest + DuckDB ``items``."""
     cfg = load_config(config, overrides)
     source = fetch_source(config, overrides or [])
@@ -130,7 +140,7 @@ def tokenizer_flow(
     config: str | None = None,
     overrides: list[str] | None = None,
     parent_run_id: str | None = None,
-) -> dict[str, Any]:
+) -> TokenizerSummary:
     """Stage 2a: Phase A training + clustering into unique semantic IDs."""
     cfg = load_config(config, overrides)
     return publish_stage(cfg, reporting.tokenizer_report(tokenizer_stage(cfg, parent_run_id)))
@@ -141,7 +151,7 @@ def recommender_flow(
     config: str | None = None,
     overrides: list[str] | None = None,
     parent_run_id: str | None = None,
-) -> dict[str, Any]:
+) -> RecommenderSummary:
     """Stage 2b: Phase B multi-task training with validation and early stopping."""
     cfg = load_config(config, overrides)
     outcome = recommender_stage(cfg, parent_run_id)
@@ -157,7 +167,7 @@ def catalogue_flow(
     parent_run_id: str | None = None,
     mode: str = "keep",
     use_alias: bool = False,
-) -> dict[str, Any]:
+) -> CatalogueSummary:
     """Stage 3: every item's semantic ID as a new DuckDB version (one transaction).
     With ``use_alias`` (the nightly job) the model is the registry's ``@production``
     version, which must be the workspace's checkpoint."""
@@ -194,7 +204,7 @@ def production_model(cfg: StoreConfig) -> str | None:
     when tracking is off or no version has the alias yet; raises
     :class:`store_core.errors.StoreError` when the checkpoint is another version."""
     from store_core.errors import StoreError
-    from store_core.recommender import recommender_dir
+    from store_core.recommender_training import recommender_dir
 
     logger = get_run_logger()
     found = tracking.model_by_alias(cfg, tracking.PRODUCTION_ALIAS)
@@ -223,7 +233,7 @@ def evaluate_flow(
     config: str | None = None,
     overrides: list[str] | None = None,
     parent_run_id: str | None = None,
-) -> dict[str, Any]:
+) -> EvaluationSummary:
     """Stage 4: STORE vs the baselines on the test split; report + plot + eval_results,
     and in MLflow the results as a table and a comparison figure."""
     cfg = load_config(config, overrides)
@@ -251,9 +261,9 @@ class _Stages:
     def __init__(self, run: tracking.Run, planned: list[str]) -> None:
         self.run = run
         self.planned = planned
-        self.results: dict[str, Any] = {}
+        self.results: dict[str, StageSummary] = {}
 
-    def __call__(self, name: str, call: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def __call__(self, name: str, call: Callable[[], StageSummary]) -> StageSummary:
         logger = get_run_logger()
         position = f"{self.planned.index(name) + 1}/{len(self.planned)}"
         label = name.replace("_", "-")
@@ -261,10 +271,10 @@ class _Stages:
         started = time.monotonic()
         result = call()
         elapsed = time.monotonic() - started
-        headline = {k: round(v, 4) for k, v in result.get("headline", {}).items()}
+        headline = {k: round(v, 4) for k, v in result.headline.items()}
         self.run.log_metrics({**headline, f"duration_s/{name}": round(elapsed, 1)})
         self.results[name] = result
-        logger.info("stage %s done in %.0f s: %s", position, elapsed, result.get("line", label))
+        logger.info("stage %s done in %.0f s: %s", position, elapsed, result.line or label)
         return result
 
 
@@ -274,7 +284,7 @@ def store_pipeline(
     overrides: list[str] | None = None,
     evaluate: bool = True,
     job: Job = "full",
-) -> dict[str, Any]:
+) -> PipelineSummary:
     """``job="full"``: every stage in order, each as a subflow with its own nested MLflow
     run; at the end the registered model's ``@production`` alias points at the version
     this run trained. ``job="retokenize"``: ingest the current catalogue, then give new
@@ -307,38 +317,33 @@ def store_pipeline(
                 ),
             )
             if job == "full":
-                promote(cfg, stage.results["train_recommender"], run, prefect_url)
+                promote(cfg, run, prefect_url)
             if job == "full" and evaluate:
                 stage("evaluate", lambda: evaluate_flow(config, overrides, run.run_id))
         finally:
             run.set_description(
                 parent_description(job, prefect_url, deployment.name, stage.results)
             )
-    stages = stage.results
-    summary = {
-        "job": job,
-        "workspace": cfg.workspace,
-        "data_dir": cfg.data_dir,
-        "duckdb": cfg.duckdb_path,
-        "mlflow_run_id": run.run_id,
-        "mlflow_run_url": run.url(tracking.ui_url(cfg)),
-        "mlflow_tracking_uri": (
-            redact(tracking.tracking_uri(cfg)) if cfg.tracking.enabled else None
-        ),
-        "models_dir": cfg.models_dir,
-        "stages": stages,
-    }
+    summary = PipelineSummary(
+        job=job,
+        workspace=cfg.workspace,
+        data_dir=cfg.data_dir,
+        duckdb=cfg.duckdb_path,
+        models_dir=cfg.models_dir,
+        mlflow_run_id=run.run_id,
+        mlflow_run_url=run.url(tracking.ui_url(cfg)),
+        mlflow_tracking_uri=redact(tracking.tracking_uri(cfg)) if cfg.tracking.enabled else None,
+        stages=dict(stage.results),
+    )
     publish_artifacts(cfg, summary)
     get_run_logger().info("pipeline finished: outputs under %s", cfg.workspace)
     return summary
 
 
-def promote(
-    cfg: StoreConfig, recommender: dict[str, Any], run: tracking.Run, prefect_url: str | None
-) -> None:
+def promote(cfg: StoreConfig, run: tracking.Run, prefect_url: str | None) -> None:
     """Point ``@production`` at the version this run trained and link the version to the
     pipeline run (MLflow parent run, Prefect flow run) in its description and tags."""
-    from store_core.recommender import recommender_dir
+    from store_core.recommender_training import recommender_dir
 
     registered = model_version_of(recommender_dir(cfg))
     if registered is None or run.run_id is None:
@@ -367,7 +372,10 @@ def promote(
 
 
 def parent_description(
-    job: str, prefect_url: str | None, deployment_name: str | None, stages: dict[str, Any]
+    job: str,
+    prefect_url: str | None,
+    deployment_name: str | None,
+    stages: dict[str, StageSummary],
 ) -> str:
     """The MLflow parent run's description (Markdown): the Prefect flow run as a link,
     then each finished stage's result line."""
@@ -376,12 +384,12 @@ def parent_description(
         f"**STORE pipeline ({job})**: Prefect flow run {where}"
         + (f", deployment `{deployment_name}`" if deployment_name else ""),
         "",
-        *(f"- {stage['line']}" for stage in stages.values() if stage.get("line")),
+        *(f"- {stage.line}" for stage in stages.values() if stage.line),
     ]
     return "\n".join(lines) + "\n"
 
 
-def publish_artifacts(cfg: StoreConfig, summary: dict[str, Any]) -> None:
+def publish_artifacts(cfg: StoreConfig, summary: PipelineSummary) -> None:
     """Markdown artifacts on the flow run the user triggered (shown in the Prefect UI):
     the run summary, the catalogue changes and, after a full run, the evaluation. Keys
     are scoped to the experiment (:func:`flows.reporting.artifact_key`)."""
@@ -389,17 +397,17 @@ def publish_artifacts(cfg: StoreConfig, summary: dict[str, Any]) -> None:
     create_markdown_artifact(
         run_summary_markdown(summary),
         key=reporting.artifact_key(experiment, RUN_ARTIFACT),
-        description=f"store ({summary['job']}): where the outputs are",
+        description=f"store ({summary.job}): where the outputs are",
     )
-    catalogue = summary["stages"]["tokenize_catalogue"]
+    catalogue = summary.catalogue
     create_markdown_artifact(
-        catalogue["summary_markdown"],
+        catalogue.summary_markdown,
         key=reporting.artifact_key(experiment, CATALOGUE_ARTIFACT),
-        description=catalogue["line"],
+        description=catalogue.line,
     )
-    evaluation = summary["stages"].get("evaluate")
-    if evaluation:
-        with open(evaluation["report"]) as report:
+    evaluation = summary.evaluation
+    if evaluation is not None:
+        with open(evaluation.report) as report:
             text = report.read()
         create_markdown_artifact(
             text,
@@ -408,41 +416,41 @@ def publish_artifacts(cfg: StoreConfig, summary: dict[str, Any]) -> None:
         )
 
 
-def run_summary_markdown(summary: dict[str, Any]) -> str:
+def run_summary_markdown(summary: PipelineSummary) -> str:
     """Where a run's outputs are, as the Markdown of the run-summary artifact."""
-    catalogue = summary["stages"]["tokenize_catalogue"]
-    if summary.get("mlflow_run_url"):
-        mlflow_cell = f"[{summary['mlflow_run_id']}]({summary['mlflow_run_url']})"
-    elif summary.get("mlflow_run_id"):
-        mlflow_cell = f"`{summary['mlflow_run_id']}` at `{summary['mlflow_tracking_uri']}`"
+    catalogue = summary.catalogue
+    if summary.mlflow_run_url:
+        mlflow_cell = f"[{summary.mlflow_run_id}]({summary.mlflow_run_url})"
+    elif summary.mlflow_run_id:
+        mlflow_cell = f"`{summary.mlflow_run_id}` at `{summary.mlflow_tracking_uri}`"
     else:
         mlflow_cell = "tracking off"
-    version = catalogue["current_version"]
+    version = catalogue.current_version
     version_text = (
         f"semantic-ID version {version} written"
-        if catalogue["written"]
+        if catalogue.written
         else f"unchanged, current semantic-ID version {version}"
     )
     lines = [
-        f"# store ({summary['job']})",
+        f"# store ({summary.job})",
         "",
         "| output | where |",
         "|---|---|",
-        f"| workspace | `{summary['workspace']}` |",
-        f"| Parquet | `{summary['data_dir']}` |",
-        f"| DuckDB | `{summary['duckdb']}` ({version_text}) |",
-        f"| models | `{summary['models_dir']}` |",
+        f"| workspace | `{summary.workspace}` |",
+        f"| Parquet | `{summary.data_dir}` |",
+        f"| DuckDB | `{summary.duckdb}` ({version_text}) |",
+        f"| models | `{summary.models_dir}` |",
         f"| MLflow run | {mlflow_cell} |",
         "",
         "| stage | result |",
         "|---|---|",
         *(
-            f"| {name} | {stage['line'].split(': ', 1)[-1]} |"
-            for name, stage in summary["stages"].items()
+            f"| {name} | {stage.line.split(': ', 1)[-1]} |"
+            for name, stage in summary.stages.items()
         ),
         "",
         "| items | count |",
         "|---|---:|",
-        *(f"| {k} | {v} |" for k, v in catalogue["counts"].items()),
+        *(f"| {k} | {v} |" for k, v in catalogue.counts.items()),
     ]
     return "\n".join(lines) + "\n"

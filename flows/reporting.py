@@ -1,10 +1,12 @@
 """What each stage shows its users: the one place that reads the stages' results.
 
-For every stage, :class:`StageReport` holds one result line (the Prefect flow-run log),
-a Markdown summary (the Prefect artifact on the stage's subflow run), headline metrics
-(logged on the MLflow parent run, so pipeline runs compare in the runs table) and the
-plain data the flow returns to the next stage. Floats are rounded for people (4
-significant decimals); no Python dict or list reaches a line.
+For every stage, :class:`StageReport` holds a Markdown summary (the Prefect artifact on
+the stage's subflow run) and the typed :class:`StageSummary` the stage's subflow returns:
+its one result line (the Prefect flow-run log), headline metrics (logged on the MLflow
+parent run, so pipeline runs compare in the runs table) and the stage's own fields
+(:class:`IngestSummary`, ...). The flow ``store`` returns a :class:`PipelineSummary`.
+Floats are rounded for people (4 significant decimals); no Python dict or list reaches a
+line.
 
 Sources: :mod:`store_core.stages` (the outcomes), :mod:`store_core.evaluation` (the
 aggregation over seeds and the system labels).
@@ -14,16 +16,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 from store_core.catalogue import COUNT_KEYS, CatalogueOutcome
 from store_core.checkpoint import RegisteredVersion
 from store_core.evaluation import REPORT_METRICS, aggregate, labels
 from store_core.ingest import IngestResult
 from store_core.item_tokenizer import TokenizerOutcome
-from store_core.recommender import RecommenderOutcome
+from store_core.recommender_training import RecommenderOutcome
 from store_core.stages import EvaluationOutcome, StageOutcome
 
 #: The item categories both ingest (the ``items`` table) and tokenize-catalogue count.
@@ -33,15 +35,113 @@ HEADLINE_METRICS = ("recall_at_10", "ndcg_at_10")
 
 
 @dataclass(frozen=True)
-class StageReport:
-    """What one stage shows: ``line`` (one log line), ``markdown`` (its artifact),
-    ``headline`` (metric name -> value for the parent run) and ``data`` (returned)."""
+class StageSummary:
+    """What a stage's subflow returns: ``stage`` (its name in the pipeline), ``run_id``
+    (its MLflow run; None with tracking off), ``line`` (its one log line) and
+    ``headline`` (metric name -> value for the parent run)."""
 
     stage: str
+    run_id: str | None
     line: str
+    headline: dict[str, float]
+
+
+@dataclass(frozen=True)
+class IngestSummary(StageSummary):
+    files: dict[str, str]  # output name -> path
+    counts: dict[str, int]  # items, users, interactions, ...
+    catalog_changes: dict[str, int]  # the items table: new, changed, ...
+
+
+@dataclass(frozen=True)
+class TokenizerSummary(StageSummary):
+    checkpoint_dir: str
+    codebook_version: str
+    collision_rate: float
+
+
+@dataclass(frozen=True)
+class RecommenderSummary(StageSummary):
+    checkpoint_dir: str
+    best_val_ndcg_at_10: float | None
+    model_uri: str | None  # the registered model version; None when not registered
+
+
+@dataclass(frozen=True)
+class CatalogueSummary(StageSummary):
+    version: int | None  # the version written; None when the catalogue was unchanged
+    current_version: int | None
+    written: bool
+    counts: dict[str, int]
+    model: str | None  # how the model was chosen (the nightly job's alias)
+    summary_markdown: str
+
+
+@dataclass(frozen=True)
+class EvaluationSummary(StageSummary):
+    report: str  # the Markdown report's path
+    plot: str
+
+
+S = TypeVar("S", bound=StageSummary)
+
+
+@dataclass(frozen=True)
+class PipelineSummary:
+    """What the flow ``store`` returns: where the outputs are and each stage's summary
+    (``stages``: stage name -> summary, in the order they ran)."""
+
+    job: str
+    workspace: str
+    data_dir: str
+    duckdb: str
+    models_dir: str
+    mlflow_run_id: str | None
+    mlflow_run_url: str | None
+    mlflow_tracking_uri: str | None  # credentials redacted
+    stages: dict[str, StageSummary]
+
+    def stage(self, name: str, kind: type[S]) -> S | None:
+        """The summary of stage ``name`` (None when it did not run); TypeError when it is
+        not a ``kind``."""
+        found = self.stages.get(name)
+        if found is not None and not isinstance(found, kind):
+            raise TypeError(f"stage {name} returned a {type(found).__name__}, not {kind}")
+        return found
+
+    @property
+    def catalogue(self) -> CatalogueSummary:
+        """The tokenize-catalogue stage's summary (every job runs it)."""
+        found = self.stage("tokenize_catalogue", CatalogueSummary)
+        if found is None:
+            raise KeyError("the pipeline did not run tokenize_catalogue")
+        return found
+
+    @property
+    def evaluation(self) -> EvaluationSummary | None:
+        """The evaluation's summary; None when it did not run."""
+        return self.stage("evaluate", EvaluationSummary)
+
+
+@dataclass(frozen=True)
+class StageReport(Generic[S]):
+    """What one stage shows: ``markdown`` (its artifact) and ``summary`` (what its
+    subflow returns, with the log line and headline metrics)."""
+
     markdown: str
-    headline: dict[str, float] = field(default_factory=dict)
-    data: dict[str, Any] = field(default_factory=dict)
+    summary: S
+
+    @property
+    def stage(self) -> str:
+        return self.summary.stage
+
+    @property
+    def line(self) -> str:
+        return self.summary.line
+
+    @property
+    def headline(self) -> dict[str, float]:
+        return self.summary.headline
 
 
 def fmt(value: Any) -> str:
@@ -65,7 +165,7 @@ def artifact_key(experiment: str, name: str) -> str:
     return f"{slug}-{name}"
 
 
-def ingest_report(outcome: StageOutcome[IngestResult]) -> StageReport:
+def ingest_report(outcome: StageOutcome[IngestResult]) -> StageReport[IngestSummary]:
     result = outcome.result
     counts, changes = result.counts, result.catalog_changes
     line = (
@@ -93,16 +193,21 @@ def ingest_report(outcome: StageOutcome[IngestResult]) -> StageReport:
         "users": float(counts["users"]),
         "interactions": float(counts["interactions"]),
     }
-    data = {
-        "run_id": outcome.run_id,
-        "files": result.files,
-        "counts": counts,
-        "catalog_changes": changes,
-    }
-    return StageReport("ingest", line, markdown, headline, data)
+    summary = IngestSummary(
+        "ingest",
+        outcome.run_id,
+        line,
+        headline,
+        files=dict(result.files),
+        counts=dict(counts),
+        catalog_changes=dict(changes),
+    )
+    return StageReport(markdown, summary)
 
 
-def tokenizer_report(outcome: StageOutcome[TokenizerOutcome | None]) -> StageReport:
+def tokenizer_report(
+    outcome: StageOutcome[TokenizerOutcome | None],
+) -> StageReport[TokenizerSummary]:
     result = outcome.result
     assert result is not None  # the flow process is rank 0
     stats = result.stats
@@ -125,25 +230,27 @@ def tokenizer_report(outcome: StageOutcome[TokenizerOutcome | None]) -> StageRep
             "",
         ]
     )
-    data = {
-        "run_id": outcome.run_id,
-        "checkpoint_dir": result.checkpoint_dir,
-        "codebook_version": result.codebook_version,
-        "collision_rate": rate,
-    }
-    return StageReport("train_tokenizer", line, markdown, {"collision_rate": rate}, data)
+    summary = TokenizerSummary(
+        "train_tokenizer",
+        outcome.run_id,
+        line,
+        {"collision_rate": rate},
+        checkpoint_dir=str(result.checkpoint_dir),
+        codebook_version=result.codebook_version,
+        collision_rate=rate,
+    )
+    return StageReport(markdown, summary)
 
 
 def recommender_report(
     outcome: StageOutcome[RecommenderOutcome | None], registered: RegisteredVersion | None
-) -> StageReport:
+) -> StageReport[RecommenderSummary]:
     result = outcome.result
     assert result is not None  # the flow process is rank 0
     best = result.best_val_ndcg_at_10
     model_uri = registered.uri if registered else None
-    line = (
-        f"train-recommender: best validation NDCG@10 {fmt(best)} at epoch "
-        f"{result.best_epoch}" + (f"; registered {model_uri}" if model_uri else "")
+    line = f"train-recommender: best validation NDCG@10 {fmt(best)} at {result.best_when()}" + (
+        f"; registered {model_uri}" if model_uri else ""
     )
     markdown = "\n".join(
         [
@@ -152,20 +259,24 @@ def recommender_report(
             "| | |",
             "|---|---|",
             f"| best validation NDCG@10 | {fmt(best)} |",
-            f"| best epoch | {result.best_epoch} |",
+            f"| best validation round | {result.best_validation_round} |",
+            f"| its epoch | {result.best_epoch} |",
             f"| registered model | `{model_uri or 'not registered (tracking off)'}` |",
             f"| checkpoint | `{result.checkpoint_dir}` |",
             "",
         ]
     )
     headline = {"best_val_ndcg_at_10": float(best)} if best is not None else {}
-    data = {
-        "run_id": outcome.run_id,
-        "checkpoint_dir": result.checkpoint_dir,
-        "best_val_ndcg_at_10": best,
-        "model_uri": model_uri,
-    }
-    return StageReport("train_recommender", line, markdown, headline, data)
+    summary = RecommenderSummary(
+        "train_recommender",
+        outcome.run_id,
+        line,
+        headline,
+        checkpoint_dir=str(result.checkpoint_dir),
+        best_val_ndcg_at_10=best,
+        model_uri=model_uri,
+    )
+    return StageReport(markdown, summary)
 
 
 def catalogue_report(
@@ -175,7 +286,7 @@ def catalogue_report(
     previous_version: int | None,
     current_version: int | None,
     model: str | None,
-) -> StageReport:
+) -> StageReport[CatalogueSummary]:
     """``previous_version``: the newest version before this run (None: none yet);
     ``current_version``: the newest after it; ``model``: how the model was chosen (e.g.
     ``models:/name@production (version 3)``)."""
@@ -204,16 +315,19 @@ def catalogue_report(
     headline = {f"items_{key}": float(counts.get(key, 0)) for key in ITEM_CATEGORIES}
     if current_version is not None:
         headline["semantic_id_version"] = float(current_version)
-    data = {
-        "run_id": outcome.run_id,
-        "version": result.version,
-        "current_version": current_version,
-        "written": result.version is not None,
-        "counts": {key: int(counts.get(key, 0)) for key in COUNT_KEYS},
-        "model": model,
-        "summary_markdown": markdown,
-    }
-    return StageReport("tokenize_catalogue", line, markdown, headline, data)
+    summary = CatalogueSummary(
+        "tokenize_catalogue",
+        outcome.run_id,
+        line,
+        headline,
+        version=result.version,
+        current_version=current_version,
+        written=result.version is not None,
+        counts={key: int(counts.get(key, 0)) for key in COUNT_KEYS},
+        model=model,
+        summary_markdown=markdown,
+    )
+    return StageReport(markdown, summary)
 
 
 def evaluation_table(results: Sequence[Any]) -> dict[str, list[Any]]:
@@ -259,7 +373,7 @@ def comparison_figure(results: Sequence[Any]) -> Any:
     return fig
 
 
-def evaluate_report(outcome: StageOutcome[EvaluationOutcome]) -> StageReport:
+def evaluate_report(outcome: StageOutcome[EvaluationOutcome]) -> StageReport[EvaluationSummary]:
     result = outcome.result
     results = result.results
     table = evaluation_table(results)
@@ -278,5 +392,12 @@ def evaluate_report(outcome: StageOutcome[EvaluationOutcome]) -> StageReport:
     )
     line = f"evaluate: Recall@10 / NDCG@10 on the test split: {pairs}"
     markdown = Path(result.report_path).read_text()
-    data = {"run_id": outcome.run_id, "report": result.report_path, "plot": result.plot_path}
-    return StageReport("evaluate", line, markdown, headline, data)
+    summary = EvaluationSummary(
+        "evaluate",
+        outcome.run_id,
+        line,
+        headline,
+        report=str(result.report_path),
+        plot=str(result.plot_path),
+    )
+    return StageReport(markdown, summary)

@@ -171,7 +171,7 @@ def remote_beams(cfg: StoreConfig) -> ShardedBeams | None:
     or None when the stage runs in-process."""
     if not cfg.inference.scaled_out:
         return None
-    from store_core.recommender import recommender_dir
+    from store_core.recommender_training import recommender_dir
 
     return ShardedBeams(prefect_runner(cfg), cfg, recommender_dir(cfg), cfg.inference.shards)
 

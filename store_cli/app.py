@@ -134,7 +134,7 @@ def train(
             m = rec.result
             out.print(
                 f"recommender ({m.variant}): best validation NDCG@10 "
-                f"{m.best_val_ndcg_at_10 or float('nan'):.4f} at epoch {m.best_epoch}; "
+                f"{m.best_val_ndcg_at_10 or float('nan'):.4f} at {m.best_when()}; "
                 f"text->token agreement {m.agreement_full_id:.3f} (first code "
                 f"{m.agreement_first_code:.3f})"
             )
@@ -212,7 +212,8 @@ def recommend(
         str | None, typer.Option(help="An ad-hoc history: comma-separated item ids, oldest first.")
     ] = None,
     k: Annotated[
-        int, typer.Option("-k", help="How many items: 1 to 1000 (store_core.recommend.MAX_K).")
+        int,
+        typer.Option("-k", help="How many items: 1 to 1000 (store_core.recommend_top_k.MAX_K)."),
     ] = 10,
     exclude_history: Annotated[
         bool, typer.Option(help="Never recommend an item from the (whole) history.")
@@ -227,9 +228,9 @@ def recommend(
         err.print("[bold red]error:[/] give exactly one of --user or --history")
         raise typer.Exit(code=2)
     from store_core.bundle import load_bundle
-    from store_core.recommend import check_request, user_history
-    from store_core.recommend import recommend as run_recommend
-    from store_core.recommender import recommender_dir
+    from store_core.recommend_top_k import check_request, user_history
+    from store_core.recommend_top_k import recommend as run_recommend
+    from store_core.recommender_training import recommender_dir
 
     def go() -> list[Any]:
         items = user_history(cfg, user) if user is not None else (history or "").split(",")
@@ -264,22 +265,22 @@ def run(
     cfg = _load(config, set_)
     from flows.pipeline import store_pipeline
 
-    summary: dict[str, Any] = guard(lambda: store_pipeline(config, set_ or [], evaluate))
+    summary = guard(lambda: store_pipeline(config, set_ or [], evaluate))
     out.print("[bold green]pipeline finished[/]")
     out.print(f"Workspace: {cfg.workspace}")
-    out.print(f"Parquet:   {summary['data_dir']}")
-    out.print(f"DuckDB:    {summary['duckdb']}")
-    out.print(f"Models:    {summary['models_dir']}")
-    catalogue = summary["stages"]["tokenize_catalogue"]
-    out.print(f"Semantic IDs: {catalogue['line'].removeprefix('tokenize-catalogue: ')}")
-    if summary["stages"].get("evaluate"):
-        out.print(f"Report:    {summary['stages']['evaluate']['report']}")
-    if summary.get("mlflow_run_id"):
-        uri = redact(str(summary["mlflow_tracking_uri"]))
+    out.print(f"Parquet:   {summary.data_dir}")
+    out.print(f"DuckDB:    {summary.duckdb}")
+    out.print(f"Models:    {summary.models_dir}")
+    catalogue = summary.catalogue
+    out.print(f"Semantic IDs: {catalogue.line.removeprefix('tokenize-catalogue: ')}")
+    if summary.evaluation is not None:
+        out.print(f"Report:    {summary.evaluation.report}")
+    if summary.mlflow_run_id:
+        uri = redact(str(summary.mlflow_tracking_uri))
         out.print(
-            f"MLflow:    run {summary['mlflow_run_url']}"
-            if summary.get("mlflow_run_url")
-            else f"MLflow:    run {summary['mlflow_run_id']} at {uri}"
+            f"MLflow:    run {summary.mlflow_run_url}"
+            if summary.mlflow_run_url
+            else f"MLflow:    run {summary.mlflow_run_id} at {uri}"
             f"  (UI: mlflow ui --backend-store-uri {uri})"
         )
 
@@ -321,7 +322,7 @@ def serve(
     `store serve --stop` stops everything."""
     setup_logging(verbose)
     cfg = _load(config, set_)
-    from store_core import serve as local
+    from store_core import service_supervisor as local
 
     if stop:
         stopped = guard(lambda: local.stop_running(cfg))

@@ -36,9 +36,9 @@ class RecommenderBundle:
     _warned: set[str] = field(default_factory=set, repr=False)
 
     @property
-    def num_levels(self) -> int:
+    def cluster_levels(self) -> int:
         """L: cluster levels (the ID has L + 1 codes)."""
-        return self.metadata.num_levels
+        return self.metadata.cluster_levels
 
     @property
     def codebook_version(self) -> str:

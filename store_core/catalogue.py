@@ -68,7 +68,9 @@ from store_core import signals, storage
 from store_core.bundle import RecommenderBundle, load_bundle
 from store_core.checkpoint import METHOD_CLUSTER, read_stats, semantic_id_rows
 from store_core.config import StoreConfig
-from store_core.ingest import ITEMS_FILE, recover_outputs
+from store_core.data_files import items_path as items_file
+from store_core.data_files import open_parquet
+from store_core.ingest import recover_outputs
 from store_core.locking import workspace_writer
 from store_core.new_items import DisambiguationState, IdSpaceReport, choose_ids, generate_ids
 from store_core.progress import progress
@@ -173,7 +175,7 @@ def _base_rows(
 
 
 def _batches(path: str, batch_size: int, text: bool = True) -> Iterator[pa.RecordBatch]:
-    parquet = pq.ParquetFile(path)
+    parquet = open_parquet(path)
     yield from parquet.iter_batches(
         batch_size=batch_size,
         columns=["item_id", "text", "content_hash"] if text else ["item_id", "content_hash"],
@@ -308,13 +310,13 @@ def _tokenize(
     ``tmp_path``, commit them as one version."""
     db = cfg.duckdb_path
     base, issued, base_version = _base_rows(bundle, db)
-    levels = len(bundle.level_ids)
+    id_length = len(bundle.level_ids)
     bits = bundle.pack_bits
     state = DisambiguationState(issued, len(bundle.level_ids[-1]))
     counts = dict.fromkeys(COUNT_KEYS, 0)
     seen: set[str] = set()
-    items_path = f"{cfg.data_dir}/{ITEMS_FILE}"
-    total = pq.ParquetFile(items_path).metadata.num_rows
+    items_path = items_file(cfg.data_dir)
+    total = open_parquet(items_path).metadata.num_rows
     if remote is not None:
         remote.start(plan_batches(items_path, batch_size, base, mode), Path(tmp_path).parent)
     writer = pq.ParquetWriter(tmp_path, storage.SEMANTIC_ID_ROWS_SCHEMA)
@@ -324,7 +326,7 @@ def _tokenize(
         for number, batch in enumerate(_batches(items_path, batch_size, remote is None)):
             ids: list[str] = batch.column("item_id").to_pylist()
             hashes: list[str] = batch.column("content_hash").to_pylist()
-            codes = np.zeros((len(ids), levels), dtype=np.int64)
+            codes = np.zeros((len(ids), id_length), dtype=np.int64)
             methods = [METHOD_GENERATED] * len(ids)
             todo: list[int] = []
             for i, (item, content) in enumerate(zip(ids, hashes, strict=True)):
@@ -422,7 +424,7 @@ def _codebook_row(bundle: RecommenderBundle, extra: dict[str, Any] | None) -> di
     row: dict[str, Any] = {
         "codebook_version": meta.codebook_version,
         "quantizer": meta.quantizer,
-        "num_levels": meta.num_levels,
+        "cluster_levels": meta.cluster_levels,
         "codebook_size": meta.codebook_size,
         "level_sizes": meta.level_sizes,
         "pack_bits": meta.pack_bits,

@@ -22,8 +22,9 @@ stages and the nightly job) reads it through this module only:
 ...). Consumers take these from the checkpoint, never from the current config; a config
 that says otherwise is named in a warning (:func:`warn_overrides`). The file has a
 ``format_version`` (:data:`FORMAT_VERSION`); metadata without one (written before it
-existed, format 1) loads when it holds the same fields, else reading it raises a one-line
-:class:`~store_core.errors.StoreError` that says to retrain.
+existed, format 1) and format-2 metadata load when they hold the same fields (a field a
+later format renamed is read under its old name, :data:`RENAMED_FIELDS`), else reading
+it raises a one-line :class:`~store_core.errors.StoreError` that says to retrain.
 
 A checkpoint directory is published atomically by
 :func:`store_core.workspace.staged_directory` (the one directory publish; ingest's
@@ -70,8 +71,13 @@ LEGACY_MODEL_VERSION_FILE = "mlflow_model.json"
 
 #: The ``format_version`` this release writes. 1: metadata without the field (older
 #: releases); 2: the field, ``checkpoint_id``, Phase B's own copy of ``stats.json``, the
-#: registry record next to the directory, ``method``/``active`` in ``semantic_ids.parquet``.
-FORMAT_VERSION = 2
+#: registry record next to the directory, ``method``/``active`` in ``semantic_ids.parquet``;
+#: 3: ``cluster_levels`` (L) where formats 1 and 2 wrote ``num_levels``.
+FORMAT_VERSION = 3
+
+#: Metadata fields renamed by a format -> (the format that renamed it, the new name).
+#: Reading older metadata maps the old name to the new one.
+RENAMED_FIELDS: dict[str, tuple[int, str]] = {"num_levels": (3, "cluster_levels")}
 
 
 # --------------------------------------------------------------------------------------
@@ -87,7 +93,7 @@ class TokenizerMetadata(BaseModel):
     quantizer: str
     last_level_assignment: str
     last_level_capacity: int
-    num_levels: int  # L: cluster levels (an ID has L + 1 codes)
+    cluster_levels: int  # L: cluster levels (an ID has L + 1 codes)
     codebook_size: int  # K
     disambiguation_size: int  # codes of the last level in use at training time
     data_manifest_items_sha256: str
@@ -160,6 +166,9 @@ def _read(directory: str | Path, kind: type[M], missing: str) -> M:
             f"{path}: checkpoint format {version!r} is newer than this release reads "
             f"({FORMAT_VERSION}): upgrade STORE or retrain with `store train`"
         )
+    for old_name, (renamed_in, new_name) in RENAMED_FIELDS.items():
+        if version < renamed_in and old_name in raw and new_name not in raw:
+            raw[new_name] = raw.pop(old_name)
     try:
         return kind.model_validate({**raw, "format_version": version})
     except ValidationError as exc:
@@ -206,7 +215,7 @@ TRAINED_SETTINGS: dict[str, tuple[Callable[[StoreConfig], object], str]] = {
     "recommender.history_len": (lambda c: c.recommender.history_len, "history_len"),
     "recommender.rec_samples": (lambda c: c.recommender.rec_samples, "rec_samples"),
     "model.max_text_tokens": (lambda c: c.model.max_text_tokens, "max_text_tokens"),
-    "semantic_id.num_levels": (lambda c: c.semantic_id.num_levels, "num_levels"),
+    "semantic_id.cluster_levels": (lambda c: c.semantic_id.cluster_levels, "cluster_levels"),
 }
 # Not semantic_id.codebook_size: the quantizer caps K for small catalogues, so the
 # checkpoint's K (``codebook_size``, ``level_sizes``) legitimately differs from the config.

@@ -43,7 +43,7 @@ def codebook_stats(codes: np.ndarray, k: int) -> dict[str, Any]:
     the collision rate exceeds :data:`COLLISION_WARN_RATE`.
     """
     arr = _check_codes(codes, "codes")  # [N, L]
-    n, num_levels = arr.shape
+    n, cluster_levels = arr.shape
     if n == 0:
         raise ValueError("codebook_stats needs at least one item")
     if arr.max() >= k:
@@ -51,7 +51,7 @@ def codebook_stats(codes: np.ndarray, k: int) -> dict[str, Any]:
     _, inverse, counts = np.unique(arr, axis=0, return_inverse=True, return_counts=True)
     shared = counts[inverse.reshape(-1)] > 1  # [N]
     levels: list[dict[str, Any]] = []
-    for level in range(num_levels):
+    for level in range(cluster_levels):
         freq = np.bincount(arr[:, level], minlength=k)  # [K]
         p = freq[freq > 0] / n
         entropy = float(-(p * np.log(p)).sum())
@@ -66,7 +66,7 @@ def codebook_stats(codes: np.ndarray, k: int) -> dict[str, Any]:
         )
     stats: dict[str, Any] = {
         "num_items": int(n),
-        "num_levels": int(num_levels),
+        "cluster_levels": int(cluster_levels),
         "codebook_size": int(k),
         "collision_rate": float(shared.mean()),
         "colliding_ids": int((counts > 1).sum()),
@@ -88,7 +88,7 @@ def codebook_stats(codes: np.ndarray, k: int) -> dict[str, Any]:
         logger.warning(
             "codebook collisions: %.1f%% of items share their %d codes (up to %d per ID)",
             100 * stats["collision_rate"],
-            num_levels,
+            cluster_levels,
             stats["max_items_per_id"],
         )
     return stats
@@ -113,10 +113,10 @@ def plot_usage(codes: np.ndarray, k: int, path: str | Path) -> None:
     from matplotlib.figure import Figure
 
     arr = _check_codes(codes, "codes")
-    num_levels = arr.shape[1]
-    fig = Figure(figsize=(4.0 * num_levels, 3.0), layout="constrained")
+    cluster_levels = arr.shape[1]
+    fig = Figure(figsize=(4.0 * cluster_levels, 3.0), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(1, num_levels, squeeze=False)[0]
+    axes = fig.subplots(1, cluster_levels, squeeze=False)[0]
     for level, ax in enumerate(axes):
         freq = np.sort(np.bincount(arr[:, level], minlength=k))[::-1]
         p = freq[freq > 0] / max(1, arr.shape[0])

@@ -58,11 +58,16 @@ def check_heads(hidden_size: int, num_heads: int) -> None:
         )
 
 
-def packed_bits_per_code(num_levels: int) -> int:
-    """Bits per code in the packed semantic-ID column: ``num_levels`` cluster codes plus
-    the disambiguation code share 63 bits, at most 16 each (as
-    :func:`store_core.item_tokenizer.pack_bits` packs them)."""
-    return min(16, 63 // (num_levels + 1))
+def packed_bits_per_code(cluster_levels: int) -> int:
+    """Bits per code in the packed semantic-ID column: ``cluster_levels`` (L) cluster codes
+    plus the disambiguation code share 63 bits, at most 16 each (as
+    :func:`store_core.item_tokenizer.pack_bits` packs the ``id_length`` = L + 1 codes)."""
+    return min(16, 63 // (cluster_levels + 1))
+
+
+#: Config keys a release renamed -> their new name. The old key is refused (never read as
+#: the new one), with a message naming the new key.
+RENAMED_KEYS: dict[str, str] = {"semantic_id.num_levels": "semantic_id.cluster_levels"}
 
 
 class _AnyField(dict[str, str]):
@@ -400,12 +405,18 @@ class ModelConfig(StrictModel):
 class SemanticIdConfig(StrictModel):
     """How items become semantic IDs (Phase A dense tokens + clustering)."""
 
-    num_levels: int = Field(3, ge=1, le=8, description="L: dense tokens / codes per item.")
+    cluster_levels: int = Field(
+        3,
+        ge=1,
+        le=8,
+        description="L: cluster levels, the dense tokens per item and the cluster codes of "
+        "its semantic ID (the ID has L + 1 codes: the disambiguation code last).",
+    )
     codebook_size: int = Field(
         256,
         ge=2,
         description="K: codes per level (capped for small catalogues); at most "
-        "2^min(16, 63 // (num_levels + 1)), the bits each code gets in the packed ID column.",
+        "2^min(16, 63 // (cluster_levels + 1)), the bits each code gets in the packed ID column.",
     )
     quantizer: Literal["store", "rqkmeans"] = Field(
         "store",
@@ -440,11 +451,12 @@ class SemanticIdConfig(StrictModel):
 
     @model_validator(mode="after")
     def _fits_packed_ids(self) -> SemanticIdConfig:
-        bits = packed_bits_per_code(self.num_levels)
+        bits = packed_bits_per_code(self.cluster_levels)
         if self.codebook_size > 1 << bits:
             raise ValueError(
                 f"codebook_size {self.codebook_size} does not fit the packed semantic-ID "
-                f"column: with num_levels {self.num_levels} each of the {self.num_levels + 1} "
+                f"column: with cluster_levels {self.cluster_levels} each of the "
+                f"{self.cluster_levels + 1} "
                 f"codes gets {bits} bits, so codebook_size may be at most {1 << bits}"
             )
         return self
@@ -493,7 +505,8 @@ class TrainConfig(StrictModel):
         None,
         gt=0,
         description="Validate (and early-stop) every N optimizer steps instead of at each "
-        "epoch end (phases with validation only).",
+        "epoch end (phases with validation only); each validation is a round, recorded "
+        "with its fractional epoch.",
     )
     group_by_length: bool = Field(
         True,
@@ -609,7 +622,10 @@ class RecommenderConfig(StrictModel):
         1000, gt=0, description="Validate on at most this many users (seeded sample)."
     )
     early_stopping_patience: int = Field(
-        3, ge=1, description="Stop after this many epochs without a better validation NDCG@10."
+        3,
+        ge=1,
+        description="Stop after this many validation rounds (epoch ends, or every "
+        "eval_every steps) without a better validation NDCG@10.",
     )
     eval_batch_size: int = Field(32, gt=0, description="Users per decoding batch.")
 
@@ -1215,7 +1231,9 @@ def validate_config(
         for err in exc.errors():
             loc = [str(p) for p in err["loc"]]
             key = ".".join(loc)
-            if err["type"] == "extra_forbidden":
+            if err["type"] == "extra_forbidden" and key in RENAMED_KEYS:
+                line = f"{key} was renamed to {RENAMED_KEYS[key]}"
+            elif err["type"] == "extra_forbidden":
                 line = f"unknown key '{key}'"
             else:
                 message = str(err["msg"]).removeprefix("Value error, ")

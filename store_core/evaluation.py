@@ -29,6 +29,7 @@ from store_core.config import StoreConfig
 from store_core.errors import StoreError
 from store_core.generate import BeamResult, SemanticIdTrie, constrained_beam_search
 from store_core.metrics import rank_of, ranking_metrics
+from store_core.splits import EVAL_SAMPLE_SEED, seeded_subset
 from store_core.tasks import EvalSplit, TaskData, eval_prompts, load_task_data
 
 logger = logging.getLogger(__name__)
@@ -47,14 +48,6 @@ class SystemResult:
     seed: int
     metrics: dict[str, float]
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def _history(data: TaskData, user: str, split: EvalSplit) -> list[str]:
-    """The user's whole history before the target (the rule SASRec's reference uses)."""
-    history = list(data.train_sequences.get(user, []))
-    if split == "test" and user in data.valid_targets:
-        history.append(data.valid_targets[user])
-    return history
 
 
 def _prefixed(metrics: dict[str, float], prefix: str) -> dict[str, float]:
@@ -112,9 +105,7 @@ def decode_split(
     history_len = bundle.trained(cfg).history_len
     users, prompts, targets = eval_prompts(data, bundle.builder, history_len, split)
     if max_users is not None and len(users) > max_users:
-        keep = sorted(
-            np.random.default_rng(0).choice(len(users), size=max_users, replace=False).tolist()
-        )
+        keep = seeded_subset(len(users), max_users, EVAL_SAMPLE_SEED)
         users = [users[i] for i in keep]
         prompts = [prompts[i] for i in keep]
         targets = [targets[i] for i in keep]
@@ -157,7 +148,7 @@ def evaluate_generative(
     for u, (user, target) in enumerate(zip(users, targets, strict=True)):
         beam = result.items[u][alive[u]]
         ranks[u] = rank_of(row_of[target], beam)
-        history = {row_of[i] for i in _history(data, user, split)}
+        history = {row_of[i] for i in data.history(user, split)}
         filtered = np.array([i for i in beam.tolist() if i not in history], dtype=np.int64)
         ranks_excluded[u] = rank_of(row_of[target], filtered)
         top10.update(beam[:10].tolist())
@@ -190,7 +181,7 @@ SYSTEM_LABELS = {
 def generative_label(cfg: StoreConfig) -> str:
     """What a generative system's checkpoint is, e.g. STORE (recommendation only, STORE
     quantizer) when the ``store`` system is run with a recommendation-only mixture."""
-    from store_core.recommender import variant
+    from store_core.recommender_training import variant
 
     tasks = "multi-task" if variant(cfg) == "multitask" else "recommendation only"
     quantizer = {"store": "STORE", "rqkmeans": "RQ-KMeans"}.get(
@@ -236,7 +227,7 @@ def run_systems(
     from store_core.bundle import load_bundle
     from store_core.checkpoint import has_metadata
     from store_core.item_tokenizer import train_semantic_tokenizer
-    from store_core.recommender import recommender_dir, train_recommender
+    from store_core.recommender_training import recommender_dir, train_recommender
 
     results: list[SystemResult] = []
     ev = cfg.evaluation

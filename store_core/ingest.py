@@ -32,6 +32,13 @@ import pyarrow.parquet as pq
 
 from store_core import splits as split_rules
 from store_core.config import DataConfig, StoreConfig
+from store_core.data_files import (
+    COLD_ITEMS_FILE,
+    INTERACTIONS_FILE,
+    ITEMS_FILE,
+    MANIFEST_FILE,
+    SPLITS_FILE,
+)
 from store_core.errors import DataError
 from store_core.locking import workspace_writer
 from store_core.readers import RawCatalog, read_source
@@ -52,11 +59,6 @@ from store_core.workspace import recover_directory, sha256_of, staged_directory
 
 logger = logging.getLogger(__name__)
 
-ITEMS_FILE = "items.parquet"
-INTERACTIONS_FILE = "interactions.parquet"
-SPLITS_FILE = "splits.parquet"
-COLD_ITEMS_FILE = "cold_start_items.parquet"
-MANIFEST_FILE = "manifest.json"
 ROW_GROUP_SIZE = 8192
 
 

@@ -28,13 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from store_core import checkpoint as ckpt
 from store_core import quantizer as q
 from store_core.codebook_stats import codebook_stats, plot_usage
 from store_core.coherence import category_sets, semantic_coherence
 from store_core.config import StoreConfig
+from store_core.data_files import ITEMS_FILE, MANIFEST_FILE, read_items
 from store_core.dense_tokenizer import (
     PhaseABatchCollator,
     extract_dense,
@@ -43,7 +43,6 @@ from store_core.dense_tokenizer import (
     reconstruction_metrics,
 )
 from store_core.errors import MissingInputError, StoreError
-from store_core.ingest import ITEMS_FILE, MANIFEST_FILE
 from store_core.last_level_assignment import assign_codes
 from store_core.model import build_backbone, save_model_files
 from store_core.tracking import Run
@@ -99,7 +98,7 @@ def training_hash(cfg: StoreConfig, data_checksum: str) -> str:
     relevant = {
         "model": cfg.model.model_dump(mode="json"),
         "train": cfg.tokenizer_train.model_dump(mode="json"),
-        "levels": cfg.semantic_id.num_levels,
+        "levels": cfg.semantic_id.cluster_levels,
         "diversity": cfg.semantic_id.diversity_weight,
         "data": data_checksum,
     }
@@ -126,18 +125,18 @@ def train_semantic_tokenizer(cfg: StoreConfig, run: Run | None = None) -> Tokeni
     if rank() == 0:
         recover_directory(checkpoint_dir(cfg))
     data_checksum = _data_checksum(cfg)
-    items = pq.read_table(f"{cfg.data_dir}/{ITEMS_FILE}")
+    items = read_items(cfg.data_dir)
     item_ids: list[str] = items.column("item_id").to_pylist()
     texts: list[str] = items.column("text").to_pylist()
     fields = [dict(pairs) for pairs in items.column("fields").to_pylist()]
     sid_cfg, train_cfg, model_cfg = cfg.semantic_id, cfg.tokenizer_train, cfg.model
-    levels = sid_cfg.num_levels
+    cluster_levels = sid_cfg.cluster_levels
     run_hash = training_hash(cfg, data_checksum)
 
-    model, tokenizer = build_backbone(model_cfg, texts, levels, train_cfg.seed)
+    model, tokenizer = build_backbone(model_cfg, texts, cluster_levels, train_cfg.seed)
     held_out = _holdout(len(texts), train_cfg.seed)
     train_texts = [t for t, h in zip(texts, held_out, strict=True) if not h]
-    collate = PhaseABatchCollator(tokenizer, model_cfg.max_text_tokens, levels)
+    collate = PhaseABatchCollator(tokenizer, model_cfg.max_text_tokens, cluster_levels)
     loss_fn = partial(phase_a_loss, diversity_weight=sid_cfg.diversity_weight)
     started = time.perf_counter()
     result = train(
@@ -156,7 +155,7 @@ def train_semantic_tokenizer(cfg: StoreConfig, run: Run | None = None) -> Tokeni
     trained = result.model
     extract: dict[str, Any] = {
         "max_text_tokens": model_cfg.max_text_tokens,
-        "num_query_tokens": levels,
+        "num_query_tokens": cluster_levels,
     }
 
     started = time.perf_counter()
@@ -169,7 +168,7 @@ def train_semantic_tokenizer(cfg: StoreConfig, run: Run | None = None) -> Tokeni
         vectors = extract_text_embedding(trained, tokenizer, texts, **extract)  # [N, D]
         codebook = q.fit_rqkmeans(
             vectors,
-            levels,
+            cluster_levels,
             sid_cfg.codebook_size,
             sid_cfg.pca_dim,
             sid_cfg.kmeans_n_init,
@@ -214,7 +213,7 @@ def train_semantic_tokenizer(cfg: StoreConfig, run: Run | None = None) -> Tokeni
         quantizer=sid_cfg.quantizer,
         last_level_assignment=sid_cfg.last_level_assignment,
         last_level_capacity=sid_cfg.last_level_capacity,
-        num_levels=levels,
+        cluster_levels=cluster_levels,
         codebook_size=codebook.codebook_size,
         disambiguation_size=int(sids[:, -1].max()) + 1,
         data_manifest_items_sha256=data_checksum,
@@ -268,6 +267,7 @@ def load_outcome(cfg: StoreConfig) -> TokenizerOutcome:
     )
 
 
-def pack_bits(num_levels: int) -> int:
-    """Bits per level in the packed integer column (as many as fit in 63 bits, at most 16)."""
-    return min(16, 63 // num_levels)
+def pack_bits(id_length: int) -> int:
+    """Bits per code in the packed integer column for IDs of ``id_length`` (M = L + 1)
+    codes: as many as fit in 63 bits, at most 16."""
+    return min(16, 63 // id_length)

@@ -72,10 +72,10 @@ def level_distances(codebook: Codebook, x: np.ndarray, codes: np.ndarray, level:
     shapes that do not match the codebook.
     """
     cb = codebook
-    if not 0 <= level < cb.num_levels:
-        raise ValueError(f"level must be in 0..{cb.num_levels - 1}, got {level}")
+    if not 0 <= level < cb.cluster_levels:
+        raise ValueError(f"level must be in 0..{cb.cluster_levels - 1}, got {level}")
     arr = np.asarray(x)
-    expected = (cb.num_levels, cb.input_dim) if cb.kind == "store" else (cb.input_dim,)
+    expected = (cb.cluster_levels, cb.input_dim) if cb.kind == "store" else (cb.input_dim,)
     if arr.shape[1:] != expected or len(arr) != len(codes):
         raise ValueError(f"x has shape {arr.shape}, expected [{len(codes)}, {expected}]")
     if cb.kind == "store":
@@ -163,7 +163,7 @@ def assign_codes(
     codes = assign(codebook, x)  # [N, L]
     if method == "nearest" or codes.shape[0] == 0:
         return codes
-    last = codebook.num_levels - 1
+    last = codebook.cluster_levels - 1
     dist = level_distances(codebook, x, codes, last)  # [N, K]
     codes[:, last] = capacity_last_codes(dist, codes[:, :last], capacity)
     return codes

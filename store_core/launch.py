@@ -87,7 +87,7 @@ def run_phase(cfg: StoreConfig, phase: str) -> None:
     """Train ``phase`` ("tokenizer" or "recommender") under the launcher; raises
     :class:`StoreError` with the launcher's exit status when any rank fails."""
     from store_core.distributed import variables_set_here
-    from store_core.serve import clean_environ, free_port
+    from store_core.service_supervisor import clean_environ, free_port
 
     config_path = child_config(cfg, phase)
     port = cfg.launcher.master_port or free_port()

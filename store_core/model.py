@@ -106,7 +106,7 @@ def query_token_ids(tokenizer: PreTrainedTokenizerBase, num_query_tokens: int) -
         if not isinstance(token_id, int) or token_id == tokenizer.unk_token_id:
             raise StoreError(
                 f"tokenizer has no query token {token}: the checkpoint was not prepared for "
-                f"{num_query_tokens} dense tokens (semantic_id.num_levels)"
+                f"{num_query_tokens} dense tokens (semantic_id.cluster_levels)"
             )
         ids.append(token_id)
     return ids

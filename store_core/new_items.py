@@ -45,12 +45,12 @@ def generate_ids(
     batch_size: int = 32,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Beams of cluster codes for each text: codes [P, B, L] and scores [P, B]."""
-    num_levels = len(level_ids) - 1
+    cluster_levels = len(level_ids) - 1
     prompts = [builder.alignment(text) for text in texts]
     result = constrained_beam_search(
         model,
         prompts,
-        SemanticIdTrie.levelwise(level_ids[:num_levels]),
+        SemanticIdTrie.levelwise(level_ids[:cluster_levels]),
         beam_size=beam_size,
         pad_token_id=builder.pad_token_id,
         batch_size=batch_size,

@@ -148,7 +148,7 @@ class PromptBuilder:
         self._title_separator = self._encode([TITLE_SEPARATOR], truncate=False)[0]
 
     @property
-    def num_levels(self) -> int:
+    def id_length(self) -> int:
         """M: tokens per semantic ID."""
         return len(self.sid_table)
 
@@ -195,9 +195,9 @@ class PromptBuilder:
 
     def sid_token_ids(self, codes: Sequence[int]) -> list[int]:
         """The M token ids of the semantic ID ``codes`` (ValueError if malformed)."""
-        if len(codes) != self.num_levels:
+        if len(codes) != self.id_length:
             raise ValueError(
-                f"semantic ID {list(codes)} has {len(codes)} codes, expected M={self.num_levels}"
+                f"semantic ID {list(codes)} has {len(codes)} codes, expected M={self.id_length}"
             )
         ids: list[int] = []
         for level, code in enumerate(codes):

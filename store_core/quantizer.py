@@ -42,7 +42,7 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, cast, get_args
+from typing import Any, Literal, cast, get_args
 
 import fsspec
 import numpy as np
@@ -78,7 +78,7 @@ class Codebook:
 
     kind: QuantizerKind
     """'store' (per-position PCA + k-means) or 'rqkmeans' (residual k-means)."""
-    num_levels: int
+    cluster_levels: int
     """L: cluster levels (codes per item before disambiguation)."""
     codebook_size: int
     """K actually used (after :func:`effective_k`): codes per level."""
@@ -96,13 +96,15 @@ class Codebook:
     def __post_init__(self) -> None:
         if self.kind not in get_args(QuantizerKind):
             raise ValueError(f"kind must be one of {get_args(QuantizerKind)}, got {self.kind!r}")
-        if self.num_levels < 1 or self.codebook_size < 1 or self.input_dim < 1:
-            raise ValueError("num_levels, codebook_size and input_dim must be >= 1")
-        if len(self.centroids) != self.num_levels:
-            raise ValueError(f"{len(self.centroids)} centroid arrays for {self.num_levels} levels")
+        if self.cluster_levels < 1 or self.codebook_size < 1 or self.input_dim < 1:
+            raise ValueError("cluster_levels, codebook_size and input_dim must be >= 1")
+        if len(self.centroids) != self.cluster_levels:
+            raise ValueError(
+                f"{len(self.centroids)} centroid arrays for {self.cluster_levels} levels"
+            )
         if (self.pca_means is None) != (self.pca_components is None):
             raise ValueError("pca_means and pca_components must both be set or both be None")
-        transforms = self.num_levels if self.kind == "store" else 1
+        transforms = self.cluster_levels if self.kind == "store" else 1
         proj_dims = [self.input_dim] * transforms
         if self.pca_means is not None and self.pca_components is not None:
             if len(self.pca_means) != transforms or len(self.pca_components) != transforms:
@@ -148,7 +150,7 @@ def _frozen(array: np.ndarray) -> np.ndarray:
 
 def _content_hash(cb: Codebook) -> str:
     digest = hashlib.sha256()
-    header = [cb.kind, cb.num_levels, cb.codebook_size, cb.input_dim]
+    header = [cb.kind, cb.cluster_levels, cb.codebook_size, cb.input_dim]
     digest.update(json.dumps(header).encode())
     for name, array in sorted(cb.arrays().items()):
         digest.update(f"{name}|{array.dtype.str}|{array.shape}".encode())
@@ -183,13 +185,13 @@ def fit_store(
     and ``pca_dim`` by N and D (None: no PCA). Level l uses seed ``seed + l``.
     """
     x = _check_input(dense, ndim=3, what="dense")  # [N, L, D]
-    n, num_levels, dim = x.shape
+    n, cluster_levels, dim = x.shape
     k_eff = _effective_k_logged(n, k)
     order = _canonical_order(x.reshape(n, -1))  # [N]
     means: list[np.ndarray] = []
     comps: list[np.ndarray] = []
     centroids: list[np.ndarray] = []
-    for level in range(num_levels):
+    for level in range(cluster_levels):
         pca = _fit_pca(x[order, level], pca_dim, seed + level)
         if pca is not None:
             means.append(pca[0])
@@ -200,20 +202,22 @@ def fit_store(
         centroids.append(cent)
     codebook = Codebook(
         kind="store",
-        num_levels=num_levels,
+        cluster_levels=cluster_levels,
         codebook_size=k_eff,
         input_dim=dim,
         pca_means=tuple(means) if pca_dim is not None else None,
         pca_components=tuple(comps) if pca_dim is not None else None,
         centroids=tuple(centroids),
     )
-    logger.info("fitted store codebook %s: N=%d L=%d K=%d", codebook.version, n, num_levels, k_eff)
+    logger.info(
+        "fitted store codebook %s: N=%d L=%d K=%d", codebook.version, n, cluster_levels, k_eff
+    )
     return codebook
 
 
 def fit_rqkmeans(
     emb: np.ndarray,
-    num_levels: int,
+    cluster_levels: int,
     k: int,
     pca_dim: int | None = 32,
     n_init: int = 4,
@@ -225,8 +229,8 @@ def fit_rqkmeans(
     clusters x - sum of the centroids chosen at the levels before. Level l uses seed
     ``seed + l``; K is capped by :func:`effective_k`.
     """
-    if num_levels < 1:
-        raise ValueError(f"num_levels must be >= 1, got {num_levels}")
+    if cluster_levels < 1:
+        raise ValueError(f"cluster_levels must be >= 1, got {cluster_levels}")
     x = _check_input(emb, ndim=2, what="emb")  # [N, D]
     n, dim = x.shape
     k_eff = _effective_k_logged(n, k)
@@ -235,14 +239,14 @@ def fit_rqkmeans(
     mean, comp = pca if pca is not None else (None, None)
     residual = _project(x, mean, comp)  # [N, P]
     centroids: list[np.ndarray] = []
-    for level in range(num_levels):
+    for level in range(cluster_levels):
         cent = _fit_kmeans(residual[order], k_eff, n_init, seed + level, level)
         centroids.append(cent)
         residual = residual - cent[_nearest(residual, cent)]
         logger.info("rqkmeans level %d: mean residual norm %.4f", level, _mean_norm(residual))
     codebook = Codebook(
         kind="rqkmeans",
-        num_levels=num_levels,
+        cluster_levels=cluster_levels,
         codebook_size=k_eff,
         input_dim=dim,
         pca_means=(pca[0],) if pca is not None else None,
@@ -250,7 +254,7 @@ def fit_rqkmeans(
         centroids=tuple(centroids),
     )
     logger.info(
-        "fitted rqkmeans codebook %s: N=%d L=%d K=%d", codebook.version, n, num_levels, k_eff
+        "fitted rqkmeans codebook %s: N=%d L=%d K=%d", codebook.version, n, cluster_levels, k_eff
     )
     return codebook
 
@@ -265,12 +269,13 @@ def assign(codebook: Codebook, x: np.ndarray) -> np.ndarray:
     cb = codebook
     if cb.kind == "store":
         arr = _check_input(x, ndim=3, what="x", allow_empty=True)  # [N, L, D]
-        if arr.shape[1:] != (cb.num_levels, cb.input_dim):
+        if arr.shape[1:] != (cb.cluster_levels, cb.input_dim):
             raise ValueError(
-                f"x has shape {arr.shape}, codebook expects [N, {cb.num_levels}, {cb.input_dim}]"
+                f"x has shape {arr.shape}, codebook expects "
+                f"[N, {cb.cluster_levels}, {cb.input_dim}]"
             )
-        codes = np.empty((arr.shape[0], cb.num_levels), dtype=np.int64)  # [N, L]
-        for level in range(cb.num_levels):
+        codes = np.empty((arr.shape[0], cb.cluster_levels), dtype=np.int64)  # [N, L]
+        for level in range(cb.cluster_levels):
             points = _project(arr[:, level], *_transform(cb, level))  # [N, P]
             codes[:, level] = _nearest(points, cb.centroids[level])
         return codes
@@ -278,7 +283,7 @@ def assign(codebook: Codebook, x: np.ndarray) -> np.ndarray:
     if arr.shape[1] != cb.input_dim:
         raise ValueError(f"x has shape {arr.shape}, codebook expects [N, {cb.input_dim}]")
     residual = _project(arr, *_transform(cb, 0))  # [N, P]
-    codes = np.empty((arr.shape[0], cb.num_levels), dtype=np.int64)
+    codes = np.empty((arr.shape[0], cb.cluster_levels), dtype=np.int64)
     for level, cent in enumerate(cb.centroids):
         codes[:, level] = _nearest(residual, cent)
         residual = residual - cent[codes[:, level]]
@@ -421,23 +426,23 @@ def extend_disambiguation(
     ``item_ids`` must be unique and not already present in ``existing``'s items.
     """
     new = _check_codes(codes, "codes")  # [N, L]
-    n, num_levels = new.shape
+    n, cluster_levels = new.shape
     if len(item_ids) != n:
         raise ValueError(f"{len(item_ids)} item_ids for {n} rows of codes")
     ids = np.asarray([str(i) for i in item_ids], dtype=object)
     if len(set(ids.tolist())) != n:
         raise ValueError("item_ids must be unique")
     old = _check_codes(existing, "existing")  # [M, L+1]
-    if old.shape[1] != num_levels + 1:
-        raise ValueError(f"existing IDs have {old.shape[1]} levels, expected {num_levels + 1}")
-    out = np.empty((n, num_levels + 1), dtype=np.int64)
-    out[:, :num_levels] = new
+    if old.shape[1] != cluster_levels + 1:
+        raise ValueError(f"existing IDs have {old.shape[1]} levels, expected {cluster_levels + 1}")
+    out = np.empty((n, cluster_levels + 1), dtype=np.int64)
+    out[:, :cluster_levels] = new
     if n == 0:
         return out
     id_rank = np.empty(n, dtype=np.int64)
     id_rank[np.argsort(ids.astype(str), kind="stable")] = np.arange(n)
     # Sort by (c0, ..., c_{L-1}, item_id): np.lexsort takes the primary key last.
-    order = np.lexsort((id_rank, *(new[:, lv] for lv in reversed(range(num_levels)))))
+    order = np.lexsort((id_rank, *(new[:, lv] for lv in reversed(range(cluster_levels)))))
     sorted_codes = new[order]  # [N, L]
     starts = np.ones(n, dtype=bool)
     starts[1:] = (sorted_codes[1:] != sorted_codes[:-1]).any(axis=1)
@@ -448,11 +453,11 @@ def extend_disambiguation(
     if old.shape[0]:
         next_free: dict[tuple[int, ...], int] = {}
         for row in old.tolist():
-            prefix = tuple(row[:num_levels])
-            next_free[prefix] = max(next_free.get(prefix, 0), row[num_levels] + 1)
+            prefix = tuple(row[:cluster_levels])
+            next_free[prefix] = max(next_free.get(prefix, 0), row[cluster_levels] + 1)
         for g, row_index in enumerate(first):
             offset[g] = next_free.get(tuple(sorted_codes[row_index].tolist()), 0)
-    out[order, num_levels] = offset[group] + within
+    out[order, cluster_levels] = offset[group] + within
     return out
 
 
@@ -485,7 +490,7 @@ def save_codebook(codebook: Codebook, directory: str | Path) -> None:
     header = {
         "format": _FORMAT,
         "kind": codebook.kind,
-        "num_levels": codebook.num_levels,
+        "cluster_levels": codebook.cluster_levels,
         "codebook_size": codebook.codebook_size,
         "input_dim": codebook.input_dim,
         "pca": codebook.pca_means is not None,
@@ -495,6 +500,15 @@ def save_codebook(codebook: Codebook, directory: str | Path) -> None:
     with fsspec.open(f"{uri}/{HEADER_FILE}", "w") as handle:
         handle.write(json.dumps(header, indent=2) + "\n")
     logger.info("saved codebook %s to %s", codebook.version, uri)
+
+
+#: The header key older releases wrote for ``cluster_levels`` (read, never written).
+_LEGACY_LEVELS_KEY = "num_levels"
+
+
+def _levels_key(header: dict[str, Any]) -> str:
+    """The header key holding L: ``cluster_levels``, or the name older releases wrote."""
+    return "cluster_levels" if "cluster_levels" in header else _LEGACY_LEVELS_KEY
 
 
 def load_codebook(directory: str | Path) -> Codebook:
@@ -513,19 +527,19 @@ def load_codebook(directory: str | Path) -> Codebook:
     try:
         if header.get("format") != _FORMAT:
             raise DataError(f"unknown codebook format {header.get('format')!r}", file=header_uri)
-        num_levels = int(header["num_levels"])
-        transforms = num_levels if header["kind"] == "store" else 1
+        cluster_levels = int(header[_levels_key(header)])
+        transforms = cluster_levels if header["kind"] == "store" else 1
         pca = bool(header["pca"])
         codebook = Codebook(
             kind=cast(QuantizerKind, header["kind"]),
-            num_levels=num_levels,
+            cluster_levels=cluster_levels,
             codebook_size=int(header["codebook_size"]),
             input_dim=int(header["input_dim"]),
             pca_means=tuple(arrays[f"pca_mean.{i}"] for i in range(transforms)) if pca else None,
             pca_components=(
                 tuple(arrays[f"pca_components.{i}"] for i in range(transforms)) if pca else None
             ),
-            centroids=tuple(arrays[f"centroids.{lv}"] for lv in range(num_levels)),
+            centroids=tuple(arrays[f"centroids.{lv}"] for lv in range(cluster_levels)),
         )
     except KeyError as exc:
         raise DataError(f"codebook lacks {exc}", file=uri) from None

@@ -102,14 +102,14 @@ def vocabulary(level_sizes: Sequence[int]) -> list[str]:
 # --------------------------------------------------------------------------- packing
 
 
-def _check_layout(num_levels: int, bits: int) -> None:
-    if num_levels < 1:
-        raise ValueError(f"need at least one level, got {num_levels}")
+def _check_layout(id_length: int, bits: int) -> None:
+    if id_length < 1:
+        raise ValueError(f"need at least one level, got {id_length}")
     if bits < 1:
         raise ValueError(f"bits must be >= 1, got {bits}")
-    if num_levels * bits > 63:
+    if id_length * bits > 63:
         raise ValueError(
-            f"{num_levels} levels x {bits} bits = {num_levels * bits} bits do not fit in a "
+            f"{id_length} levels x {bits} bits = {id_length * bits} bits do not fit in a "
             "signed int64 (63 bits): use fewer bits per level"
         )
 
@@ -123,8 +123,8 @@ def pack_codes(codes: np.ndarray, bits: int = 16) -> np.ndarray:
     arr = np.asarray(codes)
     if arr.ndim != 2:
         raise ValueError(f"codes must be a 2-D [N, M] array, got shape {arr.shape}")
-    num_levels = arr.shape[1]
-    _check_layout(num_levels, bits)
+    id_length = arr.shape[1]
+    _check_layout(id_length, bits)
     if arr.size and not np.issubdtype(arr.dtype, np.integer):
         raise ValueError(f"codes must be integers, got dtype {arr.dtype}")
     arr = arr.astype(np.int64, copy=False)
@@ -132,42 +132,42 @@ def pack_codes(codes: np.ndarray, bits: int = 16) -> np.ndarray:
         bad = arr[(arr < 0) | (arr >= (1 << bits))][0]
         raise ValueError(f"code {int(bad)} does not fit in {bits} bits (0..{(1 << bits) - 1})")
     packed = np.zeros(arr.shape[0], dtype=np.int64)  # [N]
-    for level in range(num_levels):
+    for level in range(id_length):
         packed = (packed << bits) | arr[:, level]
     return packed
 
 
-def unpack_codes(packed: np.ndarray, num_levels: int, bits: int = 16) -> np.ndarray:
-    """Inverse of :func:`pack_codes`: packed [N] int64 -> codes [N, num_levels] int64."""
-    _check_layout(num_levels, bits)
+def unpack_codes(packed: np.ndarray, id_length: int, bits: int = 16) -> np.ndarray:
+    """Inverse of :func:`pack_codes`: packed [N] int64 -> codes [N, id_length] int64."""
+    _check_layout(id_length, bits)
     values = np.asarray(packed, dtype=np.int64)
     if values.ndim != 1:
         raise ValueError(f"packed must be a 1-D [N] array, got shape {values.shape}")
-    if values.size and (values.min() < 0 or values.max() >= (1 << (num_levels * bits))):
-        raise ValueError(f"packed values out of range for {num_levels} levels x {bits} bits")
+    if values.size and (values.min() < 0 or values.max() >= (1 << (id_length * bits))):
+        raise ValueError(f"packed values out of range for {id_length} levels x {bits} bits")
     mask = (1 << bits) - 1
-    codes = np.empty((values.shape[0], num_levels), dtype=np.int64)  # [N, M]
-    for level in range(num_levels):
-        shift = bits * (num_levels - 1 - level)
+    codes = np.empty((values.shape[0], id_length), dtype=np.int64)  # [N, M]
+    for level in range(id_length):
+        shift = bits * (id_length - 1 - level)
         codes[:, level] = (values >> shift) & mask
     return codes
 
 
-def prefix_range(prefix: Sequence[int], num_levels: int, bits: int = 16) -> tuple[int, int]:
+def prefix_range(prefix: Sequence[int], id_length: int, bits: int = 16) -> tuple[int, int]:
     """Inclusive ``(lo, hi)`` of the packed IDs that start with ``prefix``.
 
     ``packed BETWEEN lo AND hi`` selects exactly the IDs whose first ``len(prefix)`` codes
     equal ``prefix``; an empty prefix covers every ID.
     """
-    _check_layout(num_levels, bits)
-    if len(prefix) > num_levels:
-        raise ValueError(f"prefix has {len(prefix)} codes, IDs have only {num_levels} levels")
+    _check_layout(id_length, bits)
+    if len(prefix) > id_length:
+        raise ValueError(f"prefix has {len(prefix)} codes, IDs have only {id_length} levels")
     lo = 0
     for code in prefix:
         if not 0 <= int(code) < (1 << bits):
             raise ValueError(f"code {code} does not fit in {bits} bits (0..{(1 << bits) - 1})")
         lo = (lo << bits) | int(code)
-    free_bits = bits * (num_levels - len(prefix))
+    free_bits = bits * (id_length - len(prefix))
     lo <<= free_bits
     hi = lo | ((1 << free_bits) - 1)
     return lo, hi

@@ -180,7 +180,9 @@ def cut_catalogue(
 
 def _read_texts(items_path: str, start: int, stop: int) -> list[str]:
     """The ``text`` of rows ``start .. stop - 1``, reading only the row groups they span."""
-    parquet = pq.ParquetFile(items_path)
+    from store_core.data_files import open_parquet
+
+    parquet = open_parquet(items_path)
     groups, offset, first = [], 0, None
     for group in range(parquet.metadata.num_row_groups):
         size = parquet.metadata.row_group(group).num_rows
@@ -260,10 +262,10 @@ class ShardedBeams:
         checkpoint: str,
         shards: int,
     ) -> None:
-        from store_core.ingest import ITEMS_FILE
+        from store_core.data_files import items_path
 
         self.runner = runner
-        self.items_path = f"{cfg.data_dir}/{ITEMS_FILE}"
+        self.items_path = items_path(cfg.data_dir)
         self.checkpoint = checkpoint
         self.shards = shards
         self.eval_batch_size = cfg.recommender.eval_batch_size
@@ -418,8 +420,8 @@ class ShardedSearch:
         self, bundle: RecommenderBundle, prompts: list[list[int]], cfg: StoreConfig
     ) -> BeamResult:
         started = time.perf_counter()
-        beam_size, levels = cfg.recommender.beam_size, len(bundle.level_ids)
-        codes = np.full((len(prompts), beam_size, levels), -1, dtype=np.int64)  # [P, B, M]
+        beam_size, id_length = cfg.recommender.beam_size, len(bundle.level_ids)
+        codes = np.full((len(prompts), beam_size, id_length), -1, dtype=np.int64)  # [P, B, M]
         scores = np.full((len(prompts), beam_size), -np.inf, dtype=np.float32)  # [P, B]
         items = np.full((len(prompts), beam_size), -1, dtype=np.int64)  # [P, B]
         shards, rows = cut_users(

@@ -25,7 +25,9 @@ The rules (also written into the data manifest):
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, Literal, TypeVar
 
 import numpy as np
 
@@ -167,3 +169,71 @@ def group_splits(
         elif label == SPLIT_TEST:
             test[user] = item
     return UserSplits(train, valid, test, frozenset(cold))
+
+
+# --------------------------------------------------------------------------------------
+# the history before a target (one rule for training prompts, evaluation, baselines and
+# `store recommend`)
+# --------------------------------------------------------------------------------------
+#: The split an evaluation reads its targets from.
+EvalSplit = Literal["valid", "test"]
+
+#: A user's items, oldest first: a list (item ids or rows) or a 1-D numpy array.
+Items = TypeVar("Items", list[Any], np.ndarray)
+
+T = TypeVar("T")
+
+
+def history_before(sequence: Items, target: int, history_len: int | None) -> Items:
+    """The at most ``history_len`` items of ``sequence`` right before position ``target``,
+    oldest first (None: every item before it); of the same type as ``sequence``.
+
+    The one truncation rule: a target at position 0 has an empty history, a shorter one
+    than ``history_len`` is kept whole. ValueError when ``history_len`` < 1 or ``target``
+    is outside ``0..len(sequence)`` (``len``: the target just past the end, i.e. the
+    history of a next item not in ``sequence``).
+    """
+    if history_len is not None and history_len < 1:
+        raise ValueError(f"history length must be >= 1, got {history_len}")
+    if not 0 <= target <= len(sequence):
+        raise ValueError(f"target position {target} outside 0..{len(sequence)}")
+    start = 0 if history_len is None else max(0, target - history_len)
+    return sequence[start:target]
+
+
+def recent_history(history: Items, history_len: int | None) -> Items:
+    """The last ``history_len`` items of ``history`` (the prompt of the item after it):
+    :func:`history_before` with the target just past the end."""
+    return history_before(history, len(history), history_len)
+
+
+def split_history(train: Sequence[T], valid_target: T | None, split: EvalSplit) -> list[T]:
+    """A user's whole history before their ``split`` target, oldest first: valid, the
+    train sequence; test, the train sequence then the validation item (when there is
+    one). ValueError for another split."""
+    if split not in ("valid", "test"):
+        raise ValueError(f"split must be 'valid' or 'test', got {split!r}")
+    history = list(train)
+    if split == "test" and valid_target is not None:
+        history.append(valid_target)
+    return history
+
+
+# --------------------------------------------------------------------------------------
+# sampling users (one rule for validation, evaluation and the agreement sample)
+# --------------------------------------------------------------------------------------
+#: The seed :func:`store_core.evaluation.decode_split` samples test users with
+#: (``evaluation.max_users``): fixed, so every system and training seed is scored on the
+#: same users. Validation samples with the training seed (``recommender_train.seed``).
+EVAL_SAMPLE_SEED = 0
+
+
+def seeded_subset(count: int, limit: int | None, seed: int) -> list[int]:
+    """Positions (ascending) of at most ``limit`` of ``count`` things (users, items), drawn
+    without replacement by ``numpy.random.default_rng(seed)``; all of them when ``limit``
+    is None or at least ``count``. The same (count, limit, seed) always give the same
+    positions."""
+    if limit is None or count <= limit:
+        return list(range(count))
+    picked = np.random.default_rng(seed).choice(count, size=limit, replace=False)
+    return sorted(picked.tolist())

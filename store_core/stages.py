@@ -4,7 +4,7 @@ Each function takes the validated config (and optionally the parent MLflow run i
 the library code for its stage, logs counts/artifacts to a nested MLflow run and returns
 a :class:`StageOutcome` whose ``result`` is the stage's typed result:
 :class:`~store_core.ingest.IngestResult`, :class:`~store_core.item_tokenizer.
-TokenizerOutcome`, :class:`~store_core.recommender.RecommenderOutcome`,
+TokenizerOutcome`, :class:`~store_core.recommender_training.RecommenderOutcome`,
 :class:`~store_core.catalogue.CatalogueOutcome` and :class:`EvaluationOutcome`.
 
 Every stage handles SIGTERM like Ctrl-C (:func:`store_core.signals.handle_sigterm`,
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
     from store_core.catalogue import CatalogueOutcome
     from store_core.evaluation import SystemResult
     from store_core.item_tokenizer import TokenizerOutcome
-    from store_core.recommender import RecommenderOutcome
+    from store_core.recommender_training import RecommenderOutcome
 
 logger = logging.getLogger(__name__)
 
@@ -148,22 +148,27 @@ def _launched(cfg: StoreConfig, phase: str, marker: str, load: Callable[[StoreCo
     return load(cfg)
 
 
+def _is_number(value: Any) -> bool:
+    """Whether ``value`` can be an MLflow metric: an int or float, not a bool (or None)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def _numeric_or_levels(key: str, value: Any) -> bool:
-    return key == "levels" or (isinstance(value, int | float) and not isinstance(value, bool))
+    return key == "levels" or _is_number(value)
 
 
 def recommender_stage(
     cfg: StoreConfig, parent_run_id: str | None = None
 ) -> StageOutcome[RecommenderOutcome | None]:
     """Phase B: multi-task training with validation; logs per-task losses (step metrics),
-    validation metrics per epoch, agreement, and the checkpoint.
+    validation metrics per validation round, agreement, and the checkpoint.
 
     Rank 0 holds the workspace's writer lock for the whole phase:
     :class:`store_core.locking.WorkspaceLocked` when another writer keeps it longer than
     the lock timeout; :class:`store_core.errors.StoreError` for a failed launched run.
     """
-    from store_core import recommender
-    from store_core.recommender import recommender_dir, train_recommender
+    from store_core import recommender_training
+    from store_core.recommender_training import recommender_dir, train_recommender
     from store_core.trainer import rank
 
     if rank() != 0:
@@ -178,19 +183,13 @@ def recommender_stage(
         if launch.launched(cfg):
             marker = f"{recommender_dir(cfg)}/{ckpt.METRICS_FILE}"
             outcome: RecommenderOutcome | None = _launched(
-                cfg, "recommender", marker, recommender.load_outcome
+                cfg, "recommender", marker, recommender_training.load_outcome
             )
         else:
             outcome = train_recommender(cfg, run)
         assert outcome is not None
         metrics = outcome.metrics
-        run.log_metrics(
-            {
-                k: float(v)
-                for k, v in metrics.items()
-                if isinstance(v, int | float) and not isinstance(v, bool) and v is not None
-            }
-        )
+        run.log_metrics({k: float(v) for k, v in metrics.items() if _is_number(v)})
         for name in (ckpt.METRICS_FILE, ckpt.METADATA_FILE):
             run.log_artifact(f"{outcome.checkpoint_dir}/{name}")
         run.log_artifacts(outcome.checkpoint_dir, "checkpoint")
@@ -261,7 +260,7 @@ def catalogue_stage(
 
     from store_core import storage
     from store_core.catalogue import tokenize_catalogue
-    from store_core.recommender import recommender_dir
+    from store_core.recommender_training import recommender_dir
 
     if mode not in CATALOGUE_MODES:
         raise ConfigError(f"mode must be one of {', '.join(CATALOGUE_MODES)}, got {mode!r}")

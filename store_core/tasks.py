@@ -76,19 +76,25 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, cast, get_args
+from typing import Any, cast, get_args
 
-import fsspec
 import numpy as np
-import pyarrow.parquet as pq
+import pyarrow as pa
 import torch
 import torch.nn.functional as F
 
 from store_core.config import LossNormalization, RecSamples, TaskName, TaskSpec
-from store_core.errors import DataError, MissingInputError, StoreError
+from store_core.data_files import SPLITS_FILE, read_items, read_splits
+from store_core.errors import StoreError
 from store_core.model import model_device
 from store_core.prompts import PromptBuilder
-from store_core.splits import group_splits
+from store_core.splits import (
+    EvalSplit,
+    group_splits,
+    history_before,
+    recent_history,
+    split_history,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,13 +103,8 @@ IGNORE_INDEX = -100
 #: Fixed task order: ``task_ids`` in a batch index into it.
 TASK_ORDER: tuple[str, ...] = get_args(TaskName)
 
-ITEMS_FILE = "items.parquet"
-SPLITS_FILE = "splits.parquet"
 
 Batch = dict[str, torch.Tensor]
-
-#: The held-out splits :func:`eval_prompts` renders.
-EvalSplit = Literal["valid", "test"]
 
 
 @dataclass(frozen=True)
@@ -178,16 +179,16 @@ class TaskData:
         """The item's title, or its text when the title is null or empty."""
         return self.titles.get(item_id) or self.texts[item_id]
 
+    def history(self, user: str, split: EvalSplit) -> list[str]:
+        """The user's whole history before their ``split`` target, oldest first
+        (:func:`store_core.splits.split_history`)."""
+        return split_history(
+            self.train_sequences.get(user, []), self.valid_targets.get(user), split
+        )
 
-def _read_table(uri: str, columns: list[str]) -> dict[str, list[Any]]:
-    try:
-        with fsspec.open(uri, "rb") as handle:
-            table = pq.read_table(handle, columns=columns)
-    except FileNotFoundError:
-        raise MissingInputError(uri, "ingest") from None
-    except (KeyError, ValueError) as exc:  # missing column, not Parquet
-        raise DataError(f"cannot read columns {columns}: {exc}", file=uri) from exc
-    return {name: table.column(name).to_pylist() for name in columns}
+
+def _columns(table: pa.Table) -> dict[str, list[Any]]:
+    return {name: table.column(name).to_pylist() for name in table.column_names}
 
 
 def load_task_data(data_dir: str, codes: Mapping[str, Sequence[int]]) -> TaskData:
@@ -196,10 +197,8 @@ def load_task_data(data_dir: str, codes: Mapping[str, Sequence[int]]) -> TaskDat
     Every item of a train/valid/test row must have codes (:class:`StoreError` otherwise:
     the semantic IDs are older than the data).
     """
-    items = _read_table(f"{data_dir}/{ITEMS_FILE}", ["item_id", "title", "text"])
-    rows = _read_table(
-        f"{data_dir}/{SPLITS_FILE}", ["user_id", "item_id", "position", "split", "cold_start"]
-    )
+    items = _columns(read_items(data_dir, ["item_id", "title", "text"]))
+    rows = _columns(read_splits(data_dir))
     grouped = group_splits(
         rows["user_id"], rows["item_id"], rows["position"], rows["split"], rows["cold_start"]
     )
@@ -287,7 +286,7 @@ def _prefixes(data: TaskData, history_len: int) -> list[tuple[list[str], str]]:
     for user in sorted(data.train_sequences):
         sequence = data.train_sequences[user]
         for t in range(1, len(sequence)):
-            pairs.append((sequence[max(0, t - history_len) : t], sequence[t]))
+            pairs.append((history_before(sequence, t, history_len), sequence[t]))
     return pairs
 
 
@@ -442,10 +441,7 @@ def eval_prompts(
     users = sorted(targets)
     prompts = []
     for user in users:
-        history = list(data.train_sequences.get(user, []))
-        if split == "test" and user in data.valid_targets:
-            history.append(data.valid_targets[user])
-        recent = history[max(0, len(history) - history_len) :]
+        recent = recent_history(data.history(user, split), history_len)
         prompts.append(builder.recommendation([data.codes[i] for i in recent]))
     return users, prompts, [targets[u] for u in users]
 

@@ -20,7 +20,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,16 +60,21 @@ class TrainResult:
     samples_per_s: float
     targets_per_s: float = 0.0  # from the loss's ``targets`` metric (0 when it has none)
     history: list[dict[str, float]] = field(default_factory=list)
+    #: One record per validation: ``validation_round`` (1, 2, ...), ``epoch`` (the epochs
+    #: of data trained on so far, fractional when ``eval_every`` validates mid-epoch),
+    #: ``step`` (optimizer steps) and the validation metrics.
     validation: list[dict[str, float]] = field(default_factory=list)
     best_metric: float | None = None
-    best_epoch: int | None = None
+    best_validation_round: int | None = None
+    best_epoch: float | None = None  # the epoch of the best validation round
     stopped_early: bool = False
 
 
 @dataclass(frozen=True)
 class EarlyStopping:
-    """Validate at every epoch end; keep the best weights; stop after ``patience`` epochs
-    without improvement of ``monitor`` (higher is better)."""
+    """Validate at every epoch end (or every ``eval_every`` steps); keep the best weights;
+    stop after ``patience`` validation rounds without improvement of ``monitor`` (higher is
+    better)."""
 
     validate: Callable[[nn.Module], dict[str, float]]
     monitor: str
@@ -415,36 +420,69 @@ def _resume(
     return checkpoints.load(engine, checkpoint_dir, found)
 
 
+def validation_round_of(record: Mapping[str, float]) -> int:
+    """The validation round of a record of ``TrainResult.validation`` (``metrics.json``'s
+    ``validation``). Records written before the round had its own name call it ``epoch``."""
+    return int(record.get("validation_round", record["epoch"]))
+
+
+def _epoch_of(record: Mapping[str, float] | None) -> float | None:
+    """The epoch of a validation record; None for records written before it was recorded
+    (their ``epoch`` was the validation round)."""
+    if record is None or "validation_round" not in record:
+        return None
+    return float(record["epoch"])
+
+
 def _validate(
     engine: Any,
     cfg: TrainConfig,
     stopping: EarlyStopping,
     state: checkpoints.TrainerState,
-    epoch: int,
+    when: tuple[int, float],
     log: Callable[[dict[str, float]], None],
 ) -> dict[str, torch.Tensor] | None:
-    """Validate at ``epoch``, update the early-stopping fields of ``state``; returns a
-    snapshot of the weights when they are the new best (on every rank)."""
+    """Validate at ``when`` = (validation round, epoch), update the early-stopping fields
+    of ``state``; returns a snapshot of the weights when they are the new best (on every
+    rank)."""
+    validation_round, epoch = when
     metrics = stopping.validate(engine.module)
     engine.train()
-    state.validation.append({"epoch": float(epoch), "step": float(state.step), **metrics})
-    logger.info(
-        "epoch %d validation: %s", epoch, ", ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+    state.validation.append(
+        {
+            "validation_round": validation_round,
+            "epoch": epoch,
+            "step": float(state.step),
+            **metrics,
+        }
     )
-    log({f"val_{k}": v for k, v in metrics.items()})
+    logger.info(
+        "validation round %d (epoch %.2f, step %d): %s",
+        validation_round,
+        epoch,
+        state.step,
+        ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()),
+    )
+    log(
+        {
+            "validation_round": float(validation_round),
+            "epoch": epoch,
+            **{f"val_{k}": v for k, v in metrics.items()},
+        }
+    )
     value = metrics[stopping.monitor]
     if state.best_metric is None or value > state.best_metric:
-        state.best_metric, state.best_epoch, state.bad_epochs = value, epoch, 0
+        state.best_metric, state.best_round, state.bad_rounds = value, validation_round, 0
         state.best_weights_step = state.step
         return _snapshot(engine, cfg)
-    state.bad_epochs += 1
-    if state.bad_epochs >= stopping.patience:
+    state.bad_rounds += 1
+    if state.bad_rounds >= stopping.patience:
         logger.info(
-            "early stopping at epoch %d: best %s %.4f at epoch %d",
-            epoch,
+            "early stopping at validation round %d: best %s %.4f at round %s",
+            validation_round,
             stopping.monitor,
             state.best_metric,
-            state.best_epoch,
+            state.best_round,
         )
         state.stopped_early = True
     return None
@@ -472,8 +510,9 @@ def train(
     training continues from its step exactly as an uninterrupted run would (same data
     order, RNG, history and early-stopping state); leftovers of a killed run there are
     removed first (:mod:`store_core.training_checkpoints`).
-    ``early_stopping`` validates at each epoch end (on every rank, so ZeRO-3 forwards stay
-    collective), logs the metrics and returns the best epoch's weights. ``lengths``
+    ``early_stopping`` validates at each epoch end or every ``cfg.eval_every`` steps (on
+    every rank, so ZeRO-3 forwards stay collective), logs the metrics with the validation
+    round and epoch, and returns the weights of the best round. ``lengths``
     (tokens per sample) length-groups the batches when ``cfg.group_by_length`` is on
     (:class:`DataPlan`). A ``targets`` entry of the loss metrics feeds targets/s.
 
@@ -550,10 +589,12 @@ def train(
         )
         new_best = None
         if early_stopping is not None and due:
-            epoch = (
+            validation_round = (
                 state.step // cfg.eval_every if cfg.eval_every else micro // plan.batches_per_epoch
             )
-            new_best = _validate(engine, cfg, early_stopping, state, epoch, log)
+            epoch = round(micro / plan.batches_per_epoch, 4)  # epochs of data trained on
+            when = (validation_round, epoch)
+            new_best = _validate(engine, cfg, early_stopping, state, when, log)
             best_state = new_best if new_best is not None else best_state
         # Validated steps are checkpointed too (after validation), so a resumed run keeps
         # the early-stopping state that goes with its weights.
@@ -575,6 +616,12 @@ def train(
         history=list(state.history),
         validation=list(state.validation),
         best_metric=state.best_metric,
-        best_epoch=state.best_epoch,
+        best_validation_round=state.best_round,
+        best_epoch=_epoch_of(
+            next(
+                (v for v in state.validation if validation_round_of(v) == state.best_round),
+                None,
+            )
+        ),
         stopped_early=state.stopped_early,
     )

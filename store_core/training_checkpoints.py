@@ -87,6 +87,10 @@ def step_of(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
+#: ``trainer_state.json`` fields older releases wrote under another name -> the name now.
+_RENAMED_STATE_FIELDS = {"best_epoch": "best_round", "bad_epochs": "bad_rounds"}
+
+
 @dataclass
 class TrainerState:
     """What the loop needs besides the engine's own states to continue exactly as an
@@ -97,8 +101,8 @@ class TrainerState:
     last_loss: float = float("nan")
     validation: list[dict[str, float]] = field(default_factory=list)
     best_metric: float | None = None
-    best_epoch: int | None = None
-    bad_epochs: int = 0
+    best_round: int | None = None  # the validation round of the best metric
+    bad_rounds: int = 0  # validation rounds since it
     best_weights_step: int | None = None  # best/step-M.safetensors
     stopped_early: bool = False
     #: Sums of the logging window still open at ``step`` (the next record averages them).
@@ -115,6 +119,9 @@ class TrainerState:
             record = json.loads(text)
             if record.pop("format") != FORMAT:
                 raise ValueError("unknown format")
+            for old, new in _RENAMED_STATE_FIELDS.items():  # a state of an older release
+                if old in record and new not in record:
+                    record[new] = record.pop(old)
             state = cls(**record)
             state._check()
             return state
@@ -141,8 +148,8 @@ class TrainerState:
             "last_loss": number(self.last_loss),
             "validation": records(self.validation),
             "best_metric": self.best_metric is None or number(self.best_metric),
-            "best_epoch": self.best_epoch is None or integer(self.best_epoch),
-            "bad_epochs": integer(self.bad_epochs),
+            "best_round": self.best_round is None or integer(self.best_round),
+            "bad_rounds": integer(self.bad_rounds),
             "best_weights_step": self.best_weights_step is None or integer(self.best_weights_step),
             "stopped_early": isinstance(self.stopped_early, bool),
             "window": isinstance(self.window, dict) and records([self.window]),

@@ -64,7 +64,7 @@ def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from store_core.config import load_config
     from store_core.ingest import run_ingest
     from store_core.item_tokenizer import train_semantic_tokenizer
-    from store_core.recommender import train_recommender
+    from store_core.recommender_training import train_recommender
 
     ws = tmp_path_factory.mktemp("tiny-pipeline") / "ws"
     cfg = load_config("tiny", [f"workspace={ws}", "tracking.enabled=false"])

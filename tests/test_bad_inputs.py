@@ -241,7 +241,7 @@ CASES: dict[str, Case] = {
     ),
     "odd-head-width": Case(show("model.hidden_size=30"), "even head width"),
     "codebook-too-big-for-packed-ids": Case(
-        show("semantic_id.num_levels=8", "semantic_id.codebook_size=256"), "at most 128"
+        show("semantic_id.cluster_levels=8", "semantic_id.codebook_size=256"), "at most 128"
     ),
     "template-unclosed": Case(show("data.text_template='{title'"), "format template"),
     "template-positional": Case(show("data.text_template='{0} {title}'"), "positional"),

@@ -57,7 +57,9 @@ def test_runs_phase_b_for_the_planned_epochs_and_ranks_the_test_split(
     assert phase_b["train_steps"] <= 16 and phase_b["train_steps"] % 4 == 0
     assert len(phase_b["validation"]) == phase_b["train_steps"] // 4
     assert [v["step"] for v in phase_b["validation"]][:2] == [4.0, 8.0]
-    assert 1 <= phase_b["best_epoch"] <= len(phase_b["validation"])
+    assert 1 <= phase_b["best_validation_round"] <= len(phase_b["validation"])
+    best = phase_b["validation"][phase_b["best_validation_round"] - 1]
+    assert phase_b["best_epoch"] == best["epoch"] == round(best["step"] / 9, 4)  # 9 steps/epoch
     assert report["test"]["invalid_id_rate"] == 0.0
     assert 0.0 <= report["test"]["recall_at_10"] <= 1.0
     assert Path(report["config"]["workspace"], "models", "recommender-store-multitask").is_dir()

@@ -20,7 +20,7 @@ from store_core.catalogue import _codebook_row
 from store_core.config import load_config
 from store_core.errors import StoreError
 from store_core.item_tokenizer import checkpoint_dir
-from store_core.recommender import recommender_dir
+from store_core.recommender_training import recommender_dir
 from store_core.schemas import SEMANTIC_ID_ROW_SCHEMA
 from tests.conftest import REPO, copy_workspace
 
@@ -82,8 +82,8 @@ def test_metadata_is_typed_versioned_and_phase_b_owns_its_stats(
 ) -> None:
     phase_a, rec = phase_b
     meta = ckpt.read_recommender_metadata(rec)
-    assert meta.format_version == ckpt.FORMAT_VERSION == 2
-    assert (meta.history_len, meta.max_text_tokens, meta.num_levels) == (5, 32, 3)
+    assert meta.format_version == ckpt.FORMAT_VERSION == 3
+    assert (meta.history_len, meta.max_text_tokens, meta.cluster_levels) == (5, 32, 3)
     assert meta.checkpoint_id == ckpt.weights_id(rec)  # the same weights, the same id
     assert ckpt.read_tokenizer_metadata(phase_a).codebook_version == meta.codebook_version
     # Phase B keeps its own copy of the clustering's stats: the Phase A directory can go.
@@ -98,9 +98,11 @@ def test_metadata_is_typed_versioned_and_phase_b_owns_its_stats(
 
 def _legacy(rec: Path) -> None:
     """Rewrite ``rec`` as main wrote it before format_version: no version, no
-    checkpoint_id, no stats copy, the registry record inside the directory."""
+    checkpoint_id, ``num_levels`` for L, no stats copy, the registry record inside the
+    directory."""
     raw = json.loads((rec / ckpt.METADATA_FILE).read_text())
     del raw["format_version"], raw["checkpoint_id"]
+    raw["num_levels"] = raw.pop("cluster_levels")
     (rec / ckpt.METADATA_FILE).write_text(json.dumps(raw, indent=2))
     (rec / ckpt.STATS_FILE).unlink()
     record = {"name": "m", "version": "3", "run_id": "r", "source": "s", "uri": "models:/m/3"}
@@ -117,6 +119,41 @@ def test_a_checkpoint_without_format_version_still_loads(phase_b: tuple[Path, Pa
     registered = ckpt.read_model_version(rec)
     assert registered is not None and registered.uri == "models:/m/3"
     assert load_bundle(str(rec)).metadata.history_len == 5
+    assert meta.cluster_levels == 3  # read from the old name
+
+
+#: A Phase A ``metadata.json`` as format 2 wrote it (L under its old name).
+FORMAT_2_PHASE_A = {
+    "format_version": 2,
+    "codebook_version": "0123456789abcdef",
+    "quantizer": "store",
+    "last_level_assignment": "capacity",
+    "last_level_capacity": 1,
+    "num_levels": 4,
+    "codebook_size": 16,
+    "disambiguation_size": 2,
+    "data_manifest_items_sha256": "ab" * 32,
+    "training_hash": "0123456789ab",
+    "backbone": "built-from-config",
+    "max_text_tokens": 32,
+    "pack_bits": 12,
+}
+
+
+def test_format_2_metadata_loads_with_num_levels_as_cluster_levels(tmp_path: Path) -> None:
+    (tmp_path / ckpt.METADATA_FILE).write_text(json.dumps(FORMAT_2_PHASE_A))
+    meta = ckpt.read_tokenizer_metadata(tmp_path)
+    assert (meta.format_version, meta.cluster_levels, meta.codebook_size) == (2, 4, 16)
+    # Written again, it is format 3 and says cluster_levels.
+    ckpt.write_metadata(tmp_path, meta.model_copy(update={"format_version": 3}))
+    raw = json.loads((tmp_path / ckpt.METADATA_FILE).read_text())
+    assert raw["cluster_levels"] == 4 and "num_levels" not in raw
+    # Format 3 with the old name only is not silently accepted.
+    (tmp_path / ckpt.METADATA_FILE).write_text(
+        json.dumps({**FORMAT_2_PHASE_A, "format_version": 3})
+    )
+    with pytest.raises(StoreError, match=r"field 'cluster_levels'.*retrain"):
+        ckpt.read_tokenizer_metadata(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -124,7 +161,7 @@ def test_a_checkpoint_without_format_version_still_loads(phase_b: tuple[Path, Pa
     [
         (lambda raw: raw.pop("history_len"), r"field 'history_len'.*retrain with `store train`"),
         (lambda raw: raw.update(format_version=99), r"format 99 is newer.*retrain"),
-        (lambda raw: raw.update(num_levels="three"), r"field 'num_levels'.*retrain"),
+        (lambda raw: raw.update(cluster_levels="three"), r"field 'cluster_levels'.*retrain"),
     ],
 )
 def test_unreadable_metadata_fails_with_one_line_saying_retrain(

@@ -88,6 +88,11 @@ BEFORE_TRAINING = {
 #: Bad values, on a fresh workspace: each is refused before any input is read.
 BAD_VALUES = {
     "ingest-unknown-set-key": Case(("ingest", "--set", "data.kcorr=5"), "unknown key 'data.kcorr'"),
+    "ingest-renamed-set-key": Case(
+        ("ingest", "--set", "semantic_id.num_levels=3"),
+        "--set semantic_id.num_levels: semantic_id.num_levels was renamed to "
+        "semantic_id.cluster_levels",
+    ),
     "ingest-bad-set-value": Case(
         ("ingest", "--set", "data.kcore=abc"), "--set data.kcore: Input should be a valid integer"
     ),
@@ -227,6 +232,20 @@ def test_a_bad_set_value_names_the_set_not_the_file(tmp_path: Path) -> None:
     assert f"config file {bad}: 'data.kcore'" in line, line
 
 
+def test_a_renamed_key_in_a_config_file_is_refused_naming_the_new_key(tmp_path: Path) -> None:
+    """``semantic_id.num_levels`` (L before it became ``cluster_levels``) in a config file
+    is refused, not read as the new key: one line naming the file, the old and new key."""
+    old = tmp_path / "old.yaml"
+    old.write_text("semantic_id:\n  num_levels: 2\n")
+    ws = tmp_path / "ws"
+    line = invoke(Case(("ingest",), "", config=str(old)), ws, tmp_path)
+    assert line == (
+        f"error: config file {old}: semantic_id.num_levels was renamed to "
+        "semantic_id.cluster_levels"
+    ), line
+    assert not ws.exists()
+
+
 def test_the_library_raises_one_kind_for_a_missing_input(tmp_path: Path) -> None:
     """Before ``store ingest``, the library's readers raise MissingInputError naming the
     verb (the CLI's guard prints it; a flow can tell it from a failure worth a retry)."""
@@ -234,7 +253,7 @@ def test_the_library_raises_one_kind_for_a_missing_input(tmp_path: Path) -> None
     from store_core.baselines.popularity import run_popularity
     from store_core.config import load_config
     from store_core.errors import MissingInputError
-    from store_core.recommend import user_history
+    from store_core.recommend_top_k import user_history
     from store_core.tasks import load_task_data
 
     cfg = load_config("tiny", [f"workspace={tmp_path / 'ws'}", "tracking.enabled=false"])

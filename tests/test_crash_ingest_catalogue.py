@@ -31,7 +31,7 @@ from store_core import storage
 from store_core.catalogue import tokenize_catalogue
 from store_core.config import StoreConfig, load_config
 from store_core.ingest import run_ingest
-from store_core.recommender import recommender_dir
+from store_core.recommender_training import recommender_dir
 from store_core.storage import connect
 from tests.conftest import REPO, TINY_DATA, copy_workspace, write_changed_catalogue
 from tests.crash_child import POINTS

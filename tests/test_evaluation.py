@@ -18,7 +18,7 @@ from store_core.evaluation import (
     markdown_report,
     summarize_ranks,
 )
-from store_core.recommender import recommender_dir
+from store_core.recommender_training import recommender_dir
 from store_core.stages import evaluate_stage
 from tests.conftest import copy_workspace
 

@@ -52,7 +52,7 @@ def test_every_item_gets_a_unique_semantic_id(trained: tuple[StoreConfig, Path])
     assert len(set(sids)) == 48
     codes = table.column("codes").to_pylist()
     assert all(parse_sid(s) == c for s, c in zip(sids, codes, strict=True))
-    assert all(len(c) == cfg.semantic_id.num_levels + 1 for c in codes)
+    assert all(len(c) == cfg.semantic_id.cluster_levels + 1 for c in codes)
     packed = table.column("packed").to_pylist()
     assert len(set(packed)) == 48
 
@@ -82,7 +82,7 @@ def test_artifacts_and_stats(trained: tuple[StoreConfig, Path]) -> None:
     meta = read_tokenizer_metadata(ckpt)
     assert meta.format_version == FORMAT_VERSION
     assert meta.codebook_version == stats["codebook_version"]
-    assert meta.num_levels == 3
+    assert meta.cluster_levels == 3
     assert len(meta.data_manifest_items_sha256) == 64
 
 
@@ -95,7 +95,7 @@ def test_reloaded_checkpoint_reproduces_the_ids(trained: tuple[StoreConfig, Path
         tokenizer,
         items.column("text").to_pylist(),
         max_text_tokens=cfg.model.max_text_tokens,
-        num_query_tokens=cfg.semantic_id.num_levels,
+        num_query_tokens=cfg.semantic_id.cluster_levels,
     )
     codebook = load_codebook(ckpt)
     sid_cfg = cfg.semantic_id

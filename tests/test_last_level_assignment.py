@@ -85,7 +85,7 @@ def test_deterministic_and_independent_of_row_order() -> None:
 def test_level_distances_match_assign_for_both_quantizers() -> None:
     dense = _colliding(seed=6)
     store = fit_store(dense, k=12, pca_dim=4, n_init=1)
-    rq = fit_rqkmeans(dense[:, 0], num_levels=3, k=12, pca_dim=4, n_init=1)
+    rq = fit_rqkmeans(dense[:, 0], cluster_levels=3, k=12, pca_dim=4, n_init=1)
     for cb, x in ((store, dense), (rq, dense[:, 0])):
         codes = assign(cb, x)
         for level in range(3):

@@ -18,7 +18,7 @@ from store_core.config import StoreConfig, load_config
 from store_core.errors import StoreError
 from store_core.ingest import run_ingest
 from store_core.new_items import DisambiguationState, choose_ids
-from store_core.recommender import recommender_dir
+from store_core.recommender_training import recommender_dir
 from tests.conftest import TINY_DATA, copy_workspace
 
 CATEGORIES = ("new", "changed", "restored", "unchanged", "removed")

@@ -78,7 +78,7 @@ def test_sid_tokens_are_exactly_m_ids_and_completion_ends_with_eos(
     ids = builder.sid_token_ids([3, 0, 2])
     assert tokenizer.convert_ids_to_tokens(ids) == ["<a_3>", "<b_0>", "<c_2>"]
     assert builder.sid_completion([3, 0, 2]) == [*ids, tokenizer.eos_token_id]
-    assert builder.num_levels == 3
+    assert builder.id_length == 3
     assert builder.pad_token_id == tokenizer.pad_token_id == 0
     # The IDs are inserted as ids; the same prompt from pre-resolved tokens is identical.
     history = [[1, 2, 0], [3, 0, 1]]

@@ -39,7 +39,7 @@ def _clustered(
 def test_fit_store_recovers_clusters() -> None:
     dense, truth = _clustered()
     cb = fit_store(dense, k=6, pca_dim=4, n_init=2, seed=0)
-    assert cb.kind == "store" and cb.num_levels == 2 and cb.codebook_size == 6
+    assert cb.kind == "store" and cb.cluster_levels == 2 and cb.codebook_size == 6
     codes = assign(cb, dense)
     assert codes.shape == (240, 2) and codes.dtype == np.int64
     for lv in range(2):
@@ -59,8 +59,8 @@ def test_same_seed_same_codes_and_order_invariance() -> None:
     assert c.version == a.version
     assert np.array_equal(assign(c, dense[perm]), assign(a, dense)[perm])
     # rqkmeans too.
-    r1 = fit_rqkmeans(dense[:, 0], num_levels=2, k=8, pca_dim=6, n_init=1, seed=5)
-    r2 = fit_rqkmeans(dense[perm, 0], num_levels=2, k=8, pca_dim=6, n_init=1, seed=5)
+    r1 = fit_rqkmeans(dense[:, 0], cluster_levels=2, k=8, pca_dim=6, n_init=1, seed=5)
+    r2 = fit_rqkmeans(dense[perm, 0], cluster_levels=2, k=8, pca_dim=6, n_init=1, seed=5)
     assert r1.version == r2.version
     # A different seed is allowed to (and here does) give another codebook.
     assert fit_store(dense, k=8, pca_dim=6, n_init=1, seed=6).version != a.version
@@ -71,7 +71,7 @@ def test_assign_equals_fit_codes(caplog: pytest.LogCaptureFixture) -> None:
     dense = rng.normal(size=(200, 3, 10))
     with caplog.at_level(logging.DEBUG, logger="store_core.quantizer"):
         cb = fit_store(dense, k=16, pca_dim=5, n_init=2, seed=0)
-        fit_rqkmeans(dense[:, 0], num_levels=3, k=16, pca_dim=None, n_init=2, seed=0)
+        fit_rqkmeans(dense[:, 0], cluster_levels=3, k=16, pca_dim=None, n_init=2, seed=0)
     # fit compares k-means' own training labels with the assign rule: no differences.
     assert not [r for r in caplog.records if "labels differ" in r.getMessage()]
     codes = assign(cb, dense)
@@ -107,7 +107,7 @@ def test_effective_k_cap() -> None:
 def test_rqkmeans_levels_reduce_residual() -> None:
     rng = np.random.default_rng(7)
     emb = rng.normal(size=(400, 24))
-    cb = fit_rqkmeans(emb, num_levels=3, k=16, pca_dim=12, n_init=2, seed=0)
+    cb = fit_rqkmeans(emb, cluster_levels=3, k=16, pca_dim=12, n_init=2, seed=0)
     assert cb.kind == "rqkmeans" and cb.pca_means is not None and len(cb.pca_means) == 1
     codes = assign(cb, emb)
     assert cb.pca_components is not None
@@ -186,21 +186,34 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     for cb, x in (
         (fit_store(dense, k=6, pca_dim=4, n_init=1), dense),
         (fit_store(dense, k=6, pca_dim=None, n_init=1), dense),
-        (fit_rqkmeans(dense[:, 0], num_levels=2, k=6, pca_dim=4, n_init=1), dense[:, 0]),
+        (fit_rqkmeans(dense[:, 0], cluster_levels=2, k=6, pca_dim=4, n_init=1), dense[:, 0]),
     ):
         target = tmp_path / cb.version
         save_codebook(cb, target)
         assert sorted(p.name for p in target.iterdir()) == ["codebook.json", "codebook.safetensors"]
         loaded = load_codebook(target)
         assert loaded.version == cb.version
-        assert (loaded.kind, loaded.num_levels, loaded.codebook_size) == (
+        assert (loaded.kind, loaded.cluster_levels, loaded.codebook_size) == (
             cb.kind,
-            cb.num_levels,
+            cb.cluster_levels,
             cb.codebook_size,
         )
         assert np.array_equal(assign(loaded, x), assign(cb, x))
         for name, array in cb.arrays().items():
             assert np.array_equal(loaded.arrays()[name], array)
+
+
+def test_load_reads_a_header_written_before_the_rename(tmp_path: Path) -> None:
+    """Codebooks of older releases name L ``num_levels`` in ``codebook.json``: they load."""
+    dense, _ = _clustered(n=60, levels=2, dim=6)
+    cb = fit_store(dense, k=4, pca_dim=3, n_init=1)
+    save_codebook(cb, tmp_path / "cb")
+    path = tmp_path / "cb" / "codebook.json"
+    header = json.loads(path.read_text())
+    header["num_levels"] = header.pop("cluster_levels")
+    path.write_text(json.dumps(header))
+    loaded = load_codebook(tmp_path / "cb")
+    assert (loaded.version, loaded.cluster_levels) == (cb.version, 2)
 
 
 def test_load_rejects_broken(tmp_path: Path, clean_memory_fs: None) -> None:
@@ -240,7 +253,7 @@ def test_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="NaN"):
         fit_store(np.full((10, 2, 3), np.nan), k=2)
     with pytest.raises(ValueError):
-        fit_rqkmeans(np.zeros((10, 4)), num_levels=0, k=2)
+        fit_rqkmeans(np.zeros((10, 4)), cluster_levels=0, k=2)
 
 
 def test_minibatch_above_threshold(monkeypatch: pytest.MonkeyPatch) -> None:

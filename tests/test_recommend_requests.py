@@ -13,8 +13,8 @@ from store_cli.app import app
 from store_core.bundle import RecommenderBundle, load_bundle
 from store_core.config import StoreConfig, load_config
 from store_core.errors import StoreError
-from store_core.recommend import MAX_K, recommend, user_history
-from store_core.recommender import recommender_dir
+from store_core.recommend_top_k import MAX_K, recommend, user_history
+from store_core.recommender_training import recommender_dir
 
 runner = CliRunner()
 CATALOGUE = 48  # items in tests/data/tiny
@@ -86,7 +86,7 @@ def test_every_non_history_item_comes_back_when_k_asks_for_them(
         (["--user", "8", "-k", "-1"], "error: -k must be at least 1, got -1"),
         (
             ["--user", "8", "-k", "1000000"],
-            "error: -k must be at most 1000 (store_core.recommend.MAX_K), got 1000000",
+            "error: -k must be at most 1000 (store_core.recommend_top_k.MAX_K), got 1000000",
         ),
         (["--history", "", "-k", "5"], EMPTY),
         (["--history", " , ,", "-k", "5"], EMPTY),

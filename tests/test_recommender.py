@@ -25,7 +25,7 @@ from store_core.model import load_checkpoint
 from store_core.new_items import tokenize_new_items
 from store_core.prompts import PROMPT_FORMAT, PromptBuilder
 from store_core.quantizer import load_codebook
-from store_core.recommender import (
+from store_core.recommender_training import (
     add_semantic_id_tokens,
     level_sizes,
     recommender_dir,

@@ -16,7 +16,7 @@ from store_core.catalogue import tokenize_catalogue
 from store_core.config import load_config
 from store_core.evaluation import evaluate_generative
 from store_core.generate import SemanticIdTrie, constrained_beam_search
-from store_core.recommender import recommender_dir
+from store_core.recommender_training import recommender_dir
 from store_core.sharding import ShardedBeams, ShardedSearch, cut_catalogue, cut_users, run_here
 from tests.conftest import copy_workspace
 

@@ -25,7 +25,7 @@ from store_core import signals, storage, tracking
 from store_core.config import load_config
 from store_core.ingest import run_ingest
 from store_core.locking import HOLDER_FILE
-from store_core.serve import clean_environ
+from store_core.service_supervisor import clean_environ
 from store_core.trainer import latest_step
 from tests.conftest import REPO, copy_workspace
 

@@ -21,7 +21,7 @@ from store_core.catalogue import tokenize_catalogue
 from store_core.config import StoreConfig, load_config
 from store_core.ingest import run_ingest
 from store_core.locking import HOLDER_FILE, LOCK_FILE, WorkspaceLocked, workspace_writer
-from store_core.recommender import recommender_dir
+from store_core.recommender_training import recommender_dir
 from tests.conftest import REPO, TINY_DATA, copy_workspace, write_changed_catalogue
 
 pytestmark = pytest.mark.service  # starts servers or CLI processes

@@ -39,9 +39,9 @@ from tests.conftest import REPO
 LEVEL_SIZES = [16, 16, 16, 8]  # 3 cluster levels + disambiguation
 
 
-def pack_bits(num_levels: int) -> int:
+def pack_bits(id_length: int) -> int:
     """store_core.item_tokenizer.pack_bits, without importing torch into this module."""
-    return min(16, 63 // num_levels)
+    return min(16, 63 // id_length)
 
 
 BITS = pack_bits(len(LEVEL_SIZES))  # 15
@@ -59,7 +59,7 @@ def codebook(version: str = "cb1", sizes: Sequence[int] = LEVEL_SIZES) -> dict[s
     return {
         "codebook_version": version,
         "quantizer": "rq-kmeans",
-        "num_levels": len(sizes) - 1,
+        "cluster_levels": len(sizes) - 1,
         "codebook_size": sizes[0],
         "level_sizes": list(sizes),
         "pack_bits": pack_bits(len(sizes)),
@@ -626,3 +626,60 @@ def test_lookups_on_1m_rows_are_exact_and_fast(tmp_path: Path) -> None:
     assert ms["prefix 2 BETWEEN (view)"] < ms["prefix 2 LIKE (view)"], ms
     bounded = {label: v for label, v in ms.items() if "LIKE" not in label}
     assert max(bounded.values()) < LOOKUP_MS_LIMIT, bounded
+
+
+# --------------------------------------------------------------------------- renamed columns
+
+#: ``codebooks`` as releases before the rename created it (L was ``num_levels``).
+OLD_CODEBOOKS_DDL = """
+CREATE TABLE IF NOT EXISTS codebooks (
+    codebook_version VARCHAR PRIMARY KEY,
+    quantizer        VARCHAR NOT NULL,
+    num_levels       INTEGER NOT NULL,   -- cluster levels L (as the quantizer counts them)
+    codebook_size    INTEGER NOT NULL,   -- K
+    level_sizes      INTEGER[] NOT NULL, -- codes per level, every level of an ID
+    pack_bits        INTEGER NOT NULL,   -- bits per level in semantic_ids.packed
+    collision_rate   DOUBLE,
+    stats            JSON,
+    model_uri        VARCHAR,            -- checkpoint dir or MLflow model URI
+    mlflow_run_id    VARCHAR,
+    created_at       TIMESTAMP NOT NULL
+)
+"""
+
+
+def test_a_database_with_codebooks_num_levels_is_read_then_upgraded(tmp_path: Path) -> None:
+    """A database written before ``codebooks.num_levels`` became ``cluster_levels``: a
+    reader maps the column or names the command that upgrades it; a writer renames it."""
+    import duckdb
+
+    path = db_path(tmp_path)
+    os.makedirs(os.path.dirname(path))
+    with duckdb.connect(path) as con:
+        con.execute(OLD_CODEBOOKS_DDL)
+        con.execute(
+            "INSERT INTO codebooks VALUES ('old', 'store', 3, 16, [16, 16, 16, 8], 15, "
+            "0.5, NULL, '/ckpt', NULL, now()::TIMESTAMP)"
+        )
+    before = codebook_rows(path)  # read-only: the old column under its new name
+    assert [(r["codebook_version"], r["cluster_levels"]) for r in before] == [("old", 3)]
+    assert "num_levels" not in before[0]
+    with pytest.raises(StoreError) as info:
+        query(path, "SELECT cluster_levels FROM codebooks")
+    message = str(info.value)
+    assert "\n" not in message
+    assert "codebooks.num_levels" in message and "`store ingest`" in message, message
+
+    assert write_semantic_id_version(path, codebook(), sid_rows(V1), V1_COUNTS) == 1
+    columns = [
+        r[0]
+        for r in rows_of(
+            path, "SELECT column_name FROM duckdb_columns() WHERE table_name = 'codebooks'"
+        )
+    ]
+    assert "cluster_levels" in columns and "num_levels" not in columns
+    assert rows_of(path, "SELECT codebook_version, cluster_levels FROM codebooks ORDER BY 1") == [
+        ("cb1", 3),
+        ("old", 3),
+    ]
+    assert rows_of(path, "SELECT cluster_levels FROM current_codebook") == [(3,)]

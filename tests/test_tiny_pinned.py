@@ -19,7 +19,7 @@ from store_core.checkpoint import read_semantic_ids
 from store_core.config import load_config
 from store_core.evaluation import evaluate_generative
 from store_core.item_tokenizer import checkpoint_dir
-from store_core.recommender import load_outcome, recommender_dir
+from store_core.recommender_training import load_outcome, recommender_dir
 from tests.conftest import copy_workspace
 
 #: item_id -> semantic ID of the tiny catalogue after Phase A (the checkpoint's IDs).

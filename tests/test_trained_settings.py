@@ -18,7 +18,7 @@ from store_core import storage
 from store_core.bundle import load_bundle
 from store_core.checkpoint import config_overrides
 from store_core.config import load_config
-from store_core.recommender import recommender_dir
+from store_core.recommender_training import recommender_dir
 from tests.conftest import REPO, copy_workspace
 from tests.test_tiny_pinned import PINNED_METRICS
 

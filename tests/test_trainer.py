@@ -119,14 +119,57 @@ def test_early_stopping_returns_best_epoch_weights(stage: int | None, tmp_path: 
         early_stopping=EarlyStopping(validate, "ndcg_at_10", patience=2),
     )
     assert result.stopped_early
-    assert result.best_epoch == 2 and result.best_metric == 0.5
+    assert (result.best_validation_round, result.best_epoch, result.best_metric) == (2, 2.0, 0.5)
+    assert [v["validation_round"] for v in result.validation] == [1, 2, 3, 4]
     assert [v["epoch"] for v in result.validation] == [1.0, 2.0, 3.0, 4.0]
+    assert [v["step"] for v in result.validation] == [3.0, 6.0, 9.0, 12.0]
     assert result.steps == 12
     if stage is None:
         best = snapshots[1]
         final = params(result.model)
         for key in best:
             torch.testing.assert_close(final[key], best[key])
+
+
+def test_eval_every_records_rounds_and_fractional_epochs(tmp_path: Path) -> None:
+    """With ``eval_every`` a validation is a round, not an epoch: each record says its
+    round (1, 2, ...), the epochs of data trained on (fractional) and the step."""
+    scores = iter([0.1, 0.5, 0.3, 0.2, 0.1, 0.0])  # best at round 2, patience 3 -> stop at 5
+    cfg = config(None, max_steps=None, epochs=10, batch_size=16, eval_every=2)  # 3 steps/epoch
+    result = train(
+        tiny_model(),
+        dataset(),
+        collate,
+        lm_loss,
+        cfg,
+        str(tmp_path / "ckpt"),
+        early_stopping=EarlyStopping(lambda m: {"ndcg_at_10": next(scores)}, "ndcg_at_10", 3),
+    )
+    assert [v["validation_round"] for v in result.validation] == [1, 2, 3, 4, 5]
+    assert [v["step"] for v in result.validation] == [2.0, 4.0, 6.0, 8.0, 10.0]
+    assert [v["epoch"] for v in result.validation] == [0.6667, 1.3333, 2.0, 2.6667, 3.3333]
+    assert (result.best_validation_round, result.best_epoch) == (2, 1.3333)
+
+
+def test_old_validation_records_read_their_epoch_as_the_round() -> None:
+    """``metrics.json`` / trainer states written before ``validation_round`` existed called
+    the round ``epoch``; readers take it as the round."""
+    from store_core.trainer import validation_round_of
+
+    assert validation_round_of({"epoch": 3.0, "step": 12.0, "ndcg_at_10": 0.1}) == 3
+    assert validation_round_of({"validation_round": 2, "epoch": 0.5, "step": 4.0}) == 2
+
+
+def test_a_trainer_state_of_an_older_release_loads(tmp_path: Path) -> None:
+    """``trainer_state.json`` written with ``best_epoch``/``bad_epochs`` (the round and the
+    rounds since it) resumes with them as ``best_round``/``bad_rounds``."""
+    import json
+
+    from store_core.training_checkpoints import FORMAT, TrainerState
+
+    old = {"format": FORMAT, "step": 6, "best_metric": 0.5, "best_epoch": 2, "bad_epochs": 1}
+    state = TrainerState.from_json(json.dumps(old), tmp_path / "trainer_state.json")
+    assert (state.step, state.best_round, state.bad_rounds) == (6, 2, 1)
 
 
 def test_resume_keeps_the_early_stopping_state(tmp_path: Path) -> None:
@@ -164,7 +207,8 @@ def test_resume_keeps_the_early_stopping_state(tmp_path: Path) -> None:
     )
     assert resumed.resumed_from == 6
     assert resumed.stopped_early and resumed.steps == 12
-    assert (resumed.best_epoch, resumed.best_metric) == (2, 0.5)
+    assert (resumed.best_validation_round, resumed.best_epoch, resumed.best_metric) == (2, 2.0, 0.5)
+    assert [v["validation_round"] for v in resumed.validation] == [1, 2, 3, 4]
     assert [v["epoch"] for v in resumed.validation] == [1.0, 2.0, 3.0, 4.0]
     final = params(resumed.model)
     for key, value in snapshots[1].items():  # the weights validated at epoch 2, before the crash

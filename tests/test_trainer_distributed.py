@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from store_core.serve import free_port
+from store_core.service_supervisor import free_port
 
 pytestmark = pytest.mark.pipeline  # trains the tiny models
 

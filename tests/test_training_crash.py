@@ -29,7 +29,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from store_core.serve import clean_environ
+from store_core.service_supervisor import clean_environ
 from tests.conftest import REPO
 
 pytestmark = pytest.mark.pipeline  # trains the tiny models

@@ -21,7 +21,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from store_core import training_checkpoints as ckpt
 from store_core.errors import StoreError
-from store_core.serve import clean_environ, free_port
+from store_core.service_supervisor import clean_environ, free_port
 from store_core.trainer import latest_step, train
 from tests.conftest import REPO
 from tests.test_trainer import Crash, collate, config, dataset, lm_loss, params

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from store_core import recommender, training_checkpoints, workspace
+from store_core import recommender_training, training_checkpoints, workspace
 
 
 def _die() -> None:
@@ -68,7 +68,7 @@ POINTS: dict[str, Callable[[int], None]] = {
     # the new best weights written, their checkpoint not yet published
     "best-written": lambda n: _counted(training_checkpoints, "atomic_write_bytes", n, after=True),
     # during a Phase B validation
-    "validation": lambda n: _counted(recommender, "evaluate_split", n),
+    "validation": lambda n: _counted(recommender_training, "evaluate_split", n),
     # the phase's output directory staged and fsynced, not yet swapped in
     "output-staged": lambda n: _counted(workspace, "_publish", n),
 }

@@ -25,33 +25,17 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
-import fsspec
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
-from store_core.errors import DataError, MissingInputError
-from store_core.ingest import ITEMS_FILE, SPLITS_FILE
-from store_core.splits import group_splits
+from store_core.data_files import ITEMS_FILE, SPLITS_FILE, read_items, read_splits
+from store_core.splits import EvalSplit, group_splits, recent_history, split_history
 
 logger = logging.getLogger(__name__)
 
-EvalSplit = Literal["valid", "test"]
-
 PAD = 0
-
-
-def _read(uri: str, columns: list[str]) -> pa.Table:
-    try:
-        with fsspec.open(uri, "rb") as handle:
-            return pq.read_table(handle, columns=columns)
-    except FileNotFoundError:
-        raise MissingInputError(uri, "ingest") from None
-    except (KeyError, ValueError) as exc:  # missing column, not Parquet
-        raise DataError(f"cannot read columns {columns}: {exc}", file=uri) from exc
 
 
 @dataclass(frozen=True)
@@ -94,14 +78,9 @@ class SequenceData:
         ``n`` keeps the most recent ``n`` items (None: all of them).
         """
         self._targets(split)  # validates the split name
-        seq = self.train_sequences.get(user, np.zeros(0, dtype=np.int64))
-        if split == "test" and user in self.valid_targets:
-            seq = np.append(seq, np.int64(self.valid_targets[user]))
-        if n is not None:
-            if n < 1:
-                raise ValueError(f"history length must be >= 1, got {n}")
-            seq = seq[max(0, len(seq) - n) :]
-        return seq.astype(np.int64, copy=False)
+        train = self.train_sequences.get(user, np.zeros(0, dtype=np.int64)).tolist()
+        history = split_history(train, self.valid_targets.get(user), split)
+        return np.asarray(recent_history(history, n), dtype=np.int64)
 
     def histories(self, split: EvalSplit, n: int | None = None) -> list[np.ndarray]:
         """:meth:`history` of every one of :meth:`eval_users`, in that order."""
@@ -125,8 +104,8 @@ class SequenceData:
 def load_sequence_data(data_dir: str) -> SequenceData:
     """Read ``items.parquet`` and ``splits.parquet`` of an ingested workspace's data dir."""
     splits_uri = f"{data_dir}/{SPLITS_FILE}"
-    rows = _read(splits_uri, ["user_id", "item_id", "position", "split", "cold_start"])
-    catalogue = _read(f"{data_dir}/{ITEMS_FILE}", ["item_id"]).column("item_id").to_pylist()
+    rows = read_splits(data_dir)
+    catalogue = read_items(data_dir, ["item_id"]).column("item_id").to_pylist()
     cols: dict[str, list[Any]] = {
         name: rows.column(name).to_pylist() for name in ("user_id", "item_id", "position", "split")
     }

@@ -52,6 +52,7 @@ from store_core.baselines.data import (
 from store_core.config import SASRecConfig
 from store_core.metrics import ranking_metrics
 from store_core.progress import progress
+from store_core.splits import recent_history
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ class SASRecModel(nn.Module):
         batch = np.zeros((len(histories), length), dtype=np.int64)  # [B, L], right padding
         last = np.zeros(len(histories), dtype=np.int64)
         for row, history in enumerate(histories):
-            recent = history[max(0, len(history) - length) :]
+            recent = recent_history(history, length)
             batch[row, : len(recent)] = recent
             last[row] = max(len(recent), 1) - 1  # an empty history reads the pad position
         hidden = self(torch.from_numpy(batch))  # [B, L, H]

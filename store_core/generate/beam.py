@@ -91,8 +91,8 @@ def constrained_beam_search(
         )
     elif strategy not in ("shared_prefix", "expand"):
         raise ValueError(f"unknown strategy {strategy!r}")
-    num_prompts, num_levels = len(prompts), trie.num_levels
-    codes = np.full((num_prompts, beam_size, num_levels), -1, dtype=np.int64)  # [P, B, M]
+    num_prompts, id_length = len(prompts), trie.id_length
+    codes = np.full((num_prompts, beam_size, id_length), -1, dtype=np.int64)  # [P, B, M]
     scores = np.full((num_prompts, beam_size), -np.inf, dtype=np.float32)  # [P, B]
     items = np.full((num_prompts, beam_size), -1, dtype=np.int64)  # [P, B]
     device = next(model.parameters()).device
@@ -143,7 +143,7 @@ class _BatchSearch:
         """Codes ``[P, B, M]``, scores ``[P, B]`` (best first) and items ``[P, B]``."""
         trie, beams = self.trie, self.beam_size
         device = trie.device
-        num_prompts, num_levels = len(prompts), trie.num_levels
+        num_prompts, id_length = len(prompts), trie.id_length
         lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)  # [P]
         width = int(lengths.max())
         input_ids = torch.full((num_prompts, width), self.pad_token_id, dtype=torch.long)
@@ -171,12 +171,12 @@ class _BatchSearch:
         width_beams = 1
         beam_scores = torch.zeros((num_prompts, 1), device=device)  # [P, 1]
         node = torch.zeros((num_prompts, 1), dtype=torch.long, device=device)  # [P, 1]
-        codes = torch.full((num_prompts, 1, num_levels), -1, dtype=torch.long, device=device)
+        codes = torch.full((num_prompts, 1, id_length), -1, dtype=torch.long, device=device)
         prompt_offset = torch.arange(num_prompts, device=device).unsqueeze(1)  # [P, 1]
         # shared_prefix: cache column of each beam's generated tokens so far.
         ancestors = torch.zeros((num_prompts, 1, 0), dtype=torch.long, device=device)
         mask_2d = prompt_mask  # expand: [P*B, T + level + 1] once expanded
-        for level in range(num_levels):
+        for level in range(id_length):
             tokens = trie.token_ids(level)  # [K]
             size = tokens.numel()
             # An ID token's log-probability is normalized over its level's codes (as Phase B
@@ -203,9 +203,9 @@ class _BatchSearch:
             alive = top_scores > -math.inf  # [P, B]
             beam_scores = top_scores  # [P, B]
             node = torch.where(alive, top_node, 0)  # [P, B]
-            codes = codes.gather(1, source.unsqueeze(-1).expand(-1, -1, num_levels))
+            codes = codes.gather(1, source.unsqueeze(-1).expand(-1, -1, id_length))
             codes[:, :, level] = torch.where(alive, code, -1)  # [P, B, M]
-            if level == num_levels - 1:
+            if level == id_length - 1:
                 break
             # Feed the chosen token of every beam (dead beams feed a harmless valid token).
             step_tokens = tokens[code]  # [P, B]

@@ -67,13 +67,13 @@ def hf_reference_search(
     settings that ``generate`` would merge in (e.g. ``suppress_tokens``) are not reset,
     except ``repetition_penalty`` and ``no_repeat_ngram_size``.
     """
-    num_levels = trie.num_levels
-    level_tensors = [trie.token_ids(level).cpu() for level in range(num_levels)]
+    id_length = trie.id_length
+    level_tensors = [trie.token_ids(level).cpu() for level in range(id_length)]
     level_lists = [tokens.tolist() for tokens in level_tensors]
     token_code = [{tok: code for code, tok in enumerate(lst)} for lst in level_lists]
     root = trie.python_trie()
     device = next(model.parameters()).device
-    codes = np.full((len(prompts), beam_size, num_levels), -1, dtype=np.int64)  # [P, B, M]
+    codes = np.full((len(prompts), beam_size, id_length), -1, dtype=np.int64)  # [P, B, M]
     scores = np.full((len(prompts), beam_size), -np.inf, dtype=np.float32)  # [P, B]
     was_training = model.training
     model.eval()
@@ -102,7 +102,7 @@ def hf_reference_search(
                     attention_mask=torch.ones_like(input_ids),
                     num_beams=beam_size,
                     num_return_sequences=beam_size,
-                    max_new_tokens=num_levels,
+                    max_new_tokens=id_length,
                     logits_processor=LogitsProcessorList(
                         [_LevelConstraint(prompt_len, level_tensors, allowed)]
                     ),
@@ -124,8 +124,8 @@ def hf_reference_search(
             ):
                 if not math.isfinite(score) or score <= _HF_DEAD_SCORE:
                     continue
-                if len(tokens) != num_levels:
-                    raise RuntimeError(f"generate returned {len(tokens)} tokens, not {num_levels}")
+                if len(tokens) != id_length:
+                    raise RuntimeError(f"generate returned {len(tokens)} tokens, not {id_length}")
                 row = [token_code[level].get(tok, -1) for level, tok in enumerate(tokens)]
                 if min(row) < 0:
                     raise RuntimeError(f"generate returned tokens off the constraint: {tokens}")

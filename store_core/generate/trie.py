@@ -139,11 +139,9 @@ class SemanticIdTrie:
         if not np.issubdtype(arr.dtype, np.integer):
             raise ValueError(f"codes must be integers, got dtype {arr.dtype}")
         tokens = _check_level_tokens(level_token_ids)
-        num_items, num_levels = arr.shape
-        if num_levels != len(tokens):
-            raise ValueError(
-                f"codes have {num_levels} levels but level_token_ids has {len(tokens)}"
-            )
+        num_items, id_length = arr.shape
+        if id_length != len(tokens):
+            raise ValueError(f"codes have {id_length} levels but level_token_ids has {len(tokens)}")
         for level, level_tokens in enumerate(tokens):
             column = arr[:, level]
             if column.min() < 0 or column.max() >= len(level_tokens):
@@ -218,7 +216,7 @@ class SemanticIdTrie:
     # ---- properties
 
     @property
-    def num_levels(self) -> int:
+    def id_length(self) -> int:
         """M: the length of every ID (decoding steps)."""
         return len(self._levels)
 
@@ -296,8 +294,8 @@ class SemanticIdTrie:
         arr = np.asarray(codes, dtype=np.int64)
         single = arr.ndim == 1
         rows = arr.reshape(1, -1) if single else arr  # [n, M]
-        if rows.ndim != 2 or rows.shape[1] != self.num_levels:
-            raise ValueError(f"IDs must have {self.num_levels} codes, got shape {arr.shape}")
+        if rows.ndim != 2 or rows.shape[1] != self.id_length:
+            raise ValueError(f"IDs must have {self.id_length} codes, got shape {arr.shape}")
         query = torch.from_numpy(rows).to(self.device)  # [n, M]
         node = torch.zeros(query.shape[0], dtype=torch.long, device=self.device)  # [n]
         found = torch.ones(query.shape[0], dtype=torch.bool, device=self.device)  # [n]

@@ -31,19 +31,17 @@ from typing import Any
 import pyarrow as pa
 
 from store_core.config import DataConfig
-from store_core.errors import DataError
 from store_core.readers.base import RawCatalog
 from store_core.readers.fsutil import (
     InteractionRows,
     ItemRows,
-    check_fields,
     find_one,
     iter_lines,
     join,
+    json_object_lines,
     keep_rating,
     list_files,
     parse_id,
-    parse_record,
     parse_timestamp,
     text_fields,
 )
@@ -84,17 +82,7 @@ def _choose_files(cfg: DataConfig, path: str) -> tuple[str, str]:
 
 def _records(uri: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """``(record, object)`` for each non-empty line of a JSON-lines file."""
-    for number, line in iter_lines(uri):
-        if not line.strip():
-            continue
-        record = f"line {number}"
-        obj = parse_record(line, file=uri, record=record)
-        if not isinstance(obj, dict):
-            raise DataError(
-                f"expected an object, got {type(obj).__name__}", file=uri, record=record
-            )
-        check_fields(obj, file=uri, record=record)
-        yield record, obj
+    yield from json_object_lines(iter_lines(uri), file=uri)
 
 
 def _read_interactions(uri: str, min_rating: float | None) -> pa.Table:

@@ -318,6 +318,26 @@ def parse_record(text: str, *, file: str, record: str) -> Any:
         ) from None
 
 
+def json_object_lines(
+    lines: Iterable[tuple[int, str]], *, file: str
+) -> Iterator[tuple[str, dict[Any, Any]]]:
+    """``(record, object)`` for each non-empty ``(line number, line)`` of a JSON-lines
+    file: each line one object (:func:`parse_record`), its fields checked
+    (:func:`check_fields`); ``record`` is ``"line N"``. DataError naming the file and line
+    for a line that is not an object."""
+    for number, line in lines:
+        if not line.strip():
+            continue
+        record = f"line {number}"
+        obj = parse_record(line, file=file, record=record)
+        if not isinstance(obj, dict):
+            raise DataError(
+                f"expected an object, got {type(obj).__name__}", file=file, record=record
+            )
+        check_fields(obj, file=file, record=record)
+        yield record, obj
+
+
 # --------------------------------------------------------------------------- values
 
 

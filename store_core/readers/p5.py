@@ -42,10 +42,10 @@ from store_core.readers.fsutil import (
     check_fields,
     iter_lines,
     join,
+    json_object_lines,
     load_json_text,
     object_pairs,
     parse_id,
-    parse_record,
     read_text,
     reject_min_rating,
     text_fields,
@@ -128,16 +128,7 @@ def _read_items(uri: str) -> pa.Table:
                 parse_id(key, file=uri, record=record, field="item_id"), _fields(value), record
             )
         return rows.table()
-    for number, line in enumerate(text.split("\n"), start=1):
-        if not line.strip():
-            continue
-        record = f"line {number}"
-        obj = parse_record(line, file=uri, record=record)
-        if not isinstance(obj, dict):
-            raise DataError(
-                f"expected an object, got {type(obj).__name__}", file=uri, record=record
-            )
-        check_fields(obj, file=uri, record=record)
+    for record, obj in json_object_lines(enumerate(text.split("\n"), start=1), file=uri):
         id_key = next((k for k in ID_KEYS if k in obj), ID_KEYS[0])
         item_id = parse_id(obj.get(id_key), file=uri, record=record, field=id_key)
         rows.add(item_id, _fields(obj), record)

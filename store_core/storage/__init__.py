@@ -12,7 +12,7 @@ Schema
 
 ``codebooks`` (:data:`CODEBOOKS_DDL`)
     One row per codebook version (a trained semantic tokenizer): ``quantizer``,
-    ``num_levels`` (cluster levels L as the quantizer counts them), ``codebook_size`` (K),
+    ``cluster_levels`` (cluster levels L as the quantizer counts them), ``codebook_size`` (K),
     ``level_sizes`` (codes per level for *every* level of an ID, the disambiguation level
     included, so an ID has ``len(level_sizes)`` codes), ``pack_bits`` (bits per level in
     ``semantic_ids.packed``), ``collision_rate``, ``stats`` (JSON), ``model_uri``

@@ -19,7 +19,7 @@ from store_core.storage.schema import _REQUIRED_ROW_COLUMNS, SEMANTIC_ID_ROWS_SC
 _CODEBOOK_REQUIRED = (
     "codebook_version",
     "quantizer",
-    "num_levels",
+    "cluster_levels",
     "codebook_size",
     "level_sizes",
     "pack_bits",
@@ -39,7 +39,7 @@ def _check_codebook_row(codebook_row: Mapping[str, Any]) -> dict[str, Any]:
         k: codebook_row.get(k) for k in (*_CODEBOOK_REQUIRED, *_CODEBOOK_OPTIONAL)
     }
     row["level_sizes"] = [int(s) for s in row["level_sizes"]]
-    for key in ("num_levels", "codebook_size", "pack_bits"):
+    for key in ("cluster_levels", "codebook_size", "pack_bits"):
         row[key] = int(row[key])
     bits, sizes = row["pack_bits"], row["level_sizes"]
     if not sizes or any(s < 1 for s in sizes):

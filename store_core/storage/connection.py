@@ -22,7 +22,7 @@ from typing import Any
 import duckdb
 
 from store_core.errors import MissingInputError, StoreError
-from store_core.storage.schema import ensure_schema
+from store_core.storage.schema import UPGRADE_HINT, ensure_schema, outdated_columns
 
 #: The logger of the whole package (the name it had as one module).
 logger = logging.getLogger("store_core.storage")
@@ -285,5 +285,8 @@ def query(
             message = _one_line(exc)
             if "extension" in message.lower():
                 message += f" ({_SANDBOX_NOTE})"
+            outdated = outdated_columns(con)
+            if outdated:
+                message += f" (this database still has {', '.join(outdated)}: {UPGRADE_HINT})"
             raise StoreError(f"query failed: {message}") from None
     return columns, rows

@@ -27,7 +27,7 @@ CODEBOOKS_DDL = """
 CREATE TABLE IF NOT EXISTS codebooks (
     codebook_version VARCHAR PRIMARY KEY,
     quantizer        VARCHAR NOT NULL,
-    num_levels       INTEGER NOT NULL,   -- cluster levels L (as the quantizer counts them)
+    cluster_levels   INTEGER NOT NULL,   -- cluster levels L (as the quantizer counts them)
     codebook_size    INTEGER NOT NULL,   -- K
     level_sizes      INTEGER[] NOT NULL, -- codes per level, every level of an ID
     pack_bits        INTEGER NOT NULL,   -- bits per level in semantic_ids.packed
@@ -87,6 +87,41 @@ _ADDED_COLUMNS = (
     "ALTER TABLE semantic_id_versions ADD COLUMN IF NOT EXISTS model_uri VARCHAR",
     "ALTER TABLE semantic_id_versions ADD COLUMN IF NOT EXISTS mlflow_run_id VARCHAR",
 )
+
+#: Columns renamed after the first release: (table, old name, new name). A writer renames
+#: them in an older database on open (:func:`ensure_schema`); readers of such a database
+#: map the old name (:func:`store_core.storage.codebook_rows`) or say how to upgrade it.
+RENAMED_COLUMNS = (("codebooks", "num_levels", "cluster_levels"),)
+
+#: What upgrades a database written before a rename: any command that writes it.
+UPGRADE_HINT = "run `store ingest` (or any command that writes the database) to upgrade it"
+
+
+def _columns(con: duckdb.DuckDBPyConnection, table: str) -> set[str]:
+    rows = con.execute(
+        "SELECT column_name FROM duckdb_columns() WHERE table_name = ? AND database_name = "
+        "current_database()",
+        [table],
+    ).fetchall()
+    return {str(r[0]) for r in rows}
+
+
+def outdated_columns(con: duckdb.DuckDBPyConnection) -> list[str]:
+    """``table.old_name`` of each renamed column still under its old name in the database
+    ``con`` is open on (empty for a current or new database)."""
+    out: list[str] = []
+    for table, old, new in RENAMED_COLUMNS:
+        columns = _columns(con, table)
+        if old in columns and new not in columns:
+            out.append(f"{table}.{old}")
+    return out
+
+
+def _rename_columns(con: duckdb.DuckDBPyConnection) -> None:
+    for table, old, new in RENAMED_COLUMNS:
+        if f"{table}.{old}" in outdated_columns(con):
+            con.execute(f"ALTER TABLE {table} RENAME COLUMN {old} TO {new}")
+
 
 #: ``eval_results``: one metric value per row.
 EVAL_RESULTS_DDL = """
@@ -192,7 +227,9 @@ ORDER BY packed
 
 
 def ensure_schema(con: duckdb.DuckDBPyConnection) -> None:
-    """Create the tables if missing and (re-)create the views and macros."""
+    """Rename the columns of an older database (:data:`RENAMED_COLUMNS`), create the
+    tables if missing and (re-)create the views and macros."""
+    _rename_columns(con)
     for ddl in (
         ITEMS_TABLE_DDL,
         CODEBOOKS_DDL,

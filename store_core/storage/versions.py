@@ -26,6 +26,7 @@ from store_core.storage.connection import (
     connect_read_only_with_retry,
     logger,
 )
+from store_core.storage.schema import RENAMED_COLUMNS
 
 
 class StaleBaseError(StoreError):
@@ -43,7 +44,7 @@ class BaseVersion:
 
 
 #: Columns that must match when a codebook version is written again.
-_CODEBOOK_LAYOUT = ("quantizer", "num_levels", "codebook_size", "level_sizes", "pack_bits")
+_CODEBOOK_LAYOUT = ("quantizer", "cluster_levels", "codebook_size", "level_sizes", "pack_bits")
 
 
 def _insert_codebook(con: duckdb.DuckDBPyConnection, row: Mapping[str, Any]) -> bool:
@@ -65,7 +66,7 @@ def _insert_codebook(con: duckdb.DuckDBPyConnection, row: Mapping[str, Any]) -> 
         return False
     con.execute(
         """
-        INSERT INTO codebooks (codebook_version, quantizer, num_levels, codebook_size,
+        INSERT INTO codebooks (codebook_version, quantizer, cluster_levels, codebook_size,
                                level_sizes, pack_bits, collision_rate, stats, model_uri,
                                mlflow_run_id, created_at)
         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, coalesce(?, now()::TIMESTAMP))
@@ -73,7 +74,7 @@ def _insert_codebook(con: duckdb.DuckDBPyConnection, row: Mapping[str, Any]) -> 
         [
             row["codebook_version"],
             row["quantizer"],
-            row["num_levels"],
+            row["cluster_levels"],
             row["codebook_size"],
             row["level_sizes"],
             row["pack_bits"],
@@ -101,7 +102,7 @@ def write_semantic_id_version(
     """Write a new, complete semantic-ID version in one transaction; returns its number.
 
     ``codebook_row``: the ``codebooks`` columns (``codebook_version``, ``quantizer``,
-    ``num_levels``, ``codebook_size``, ``level_sizes``, ``pack_bits``, optionally
+    ``cluster_levels``, ``codebook_size``, ``level_sizes``, ``pack_bits``, optionally
     ``collision_rate``, ``stats`` (dict or JSON string), ``model_uri``, ``mlflow_run_id``,
     ``created_at``); inserted when the version is new, else checked against the stored
     layout. ``rows``: :data:`SEMANTIC_ID_ROWS_SCHEMA` as an Arrow table or a Parquet file
@@ -234,7 +235,8 @@ def current_ids(path: str, *, timeout_s: float = QUERY_LOCK_TIMEOUT_S) -> pa.Tab
 
 
 def codebook_rows(path: str, *, timeout_s: float = QUERY_LOCK_TIMEOUT_S) -> list[dict[str, Any]]:
-    """Every ``codebooks`` row, oldest first, ``stats`` parsed from JSON."""
+    """Every ``codebooks`` row, oldest first, ``stats`` parsed from JSON; the columns of
+    an older database under their current names (:data:`.schema.RENAMED_COLUMNS`)."""
     if not os.path.exists(_local_path(path)):
         return []
     with connect_read_only_with_retry(path, timeout_s) as con:
@@ -243,6 +245,9 @@ def codebook_rows(path: str, *, timeout_s: float = QUERY_LOCK_TIMEOUT_S) -> list
         rows = con.sql("SELECT * FROM codebooks ORDER BY created_at, codebook_version")
         out = rows.to_arrow_table().to_pylist()
     for row in out:
+        for table, old, new in RENAMED_COLUMNS:  # a database no writer has upgraded yet
+            if table == "codebooks" and old in row and new not in row:
+                row[new] = row.pop(old)
         if isinstance(row.get("stats"), str):
             row["stats"] = json.loads(row["stats"])
     return out

@@ -13,7 +13,8 @@ from prefect.testing.utilities import prefect_test_harness
 
 from flows import pipeline
 from flows.pipeline import fetch_source, store_pipeline
-from store_core import recommender, tracking
+from flows.reporting import IngestSummary, PipelineSummary, RecommenderSummary
+from store_core import recommender_training, tracking
 from store_core.config import load_config
 from store_core.storage import query
 from tests.conftest import copy_workspace
@@ -30,16 +31,18 @@ def prefect_harness(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
 def test_store_flow_runs_ingest_subflow_with_tracking(tmp_path: Path) -> None:
     overrides = [f"workspace={tmp_path / 'ws'}"]
     summary = store_pipeline("tiny", overrides)
-    assert summary["data_dir"] == str(tmp_path / "ws" / "data")
+    assert summary.data_dir == str(tmp_path / "ws" / "data")
     assert (tmp_path / "ws" / "data" / "items.parquet").exists()
-    assert query(summary["duckdb"], "SELECT count(*) FROM items")[1] == [(48,)]
-    assert summary["stages"]["ingest"]["counts"]["users"] == 40
+    assert query(summary.duckdb, "SELECT count(*) FROM items")[1] == [(48,)]
+    ingest = summary.stage("ingest", IngestSummary)
+    assert isinstance(summary, PipelineSummary) and ingest is not None
+    assert ingest.counts["users"] == 40
 
-    client = MlflowClient(tracking_uri=summary["mlflow_tracking_uri"])
-    parent = client.get_run(summary["mlflow_run_id"])
+    client = MlflowClient(tracking_uri=summary.mlflow_tracking_uri)
+    parent = client.get_run(summary.mlflow_run_id)
     flow_run_id = parent.data.tags[tracking.FLOW_RUN_TAG]
     assert len(flow_run_id) == 36  # a real Prefect flow-run UUID
-    child = client.get_run(summary["stages"]["ingest"]["run_id"])
+    child = client.get_run(ingest.run_id or "")
     assert child.data.tags[tracking.PARENT_TAG] == parent.info.run_id
     assert child.data.metrics["items"] == 48
 
@@ -53,9 +56,9 @@ def test_store_flow_runs_ingest_subflow_with_tracking(tmp_path: Path) -> None:
     stages = {r.data.tags[tracking.STAGE_TAG] for r in runs}
     assert {"ingest", "train_tokenizer", "train_recommender", "tokenize_catalogue"} <= stages
     assert "evaluate" in stages
-    assert summary["stages"]["tokenize_catalogue"]["version"] == 1
-    assert query(summary["duckdb"], "SELECT count(*) FROM current_semantic_ids")[1] == [(48,)]
-    assert Path(summary["stages"]["evaluate"]["report"]).exists()
+    assert summary.catalogue.version == 1
+    assert query(summary.duckdb, "SELECT count(*) FROM current_semantic_ids")[1] == [(48,)]
+    assert summary.evaluation is not None and Path(summary.evaluation.report).exists()
     evaluate_run = next(r for r in runs if r.data.tags[tracking.STAGE_TAG] == "evaluate")
     assert evaluate_run.data.metrics["store/invalid_id_rate"] == 0.0
 
@@ -92,7 +95,7 @@ def test_failed_stage_fails_the_flow_and_a_rerun_resumes_training(
     for trained in (ws / "models").glob("recommender-*"):
         shutil.rmtree(trained)  # Phase A stays trained; Phase B starts from nothing
     overrides = [f"workspace={ws}"]
-    real = recommender.multitask_loss
+    real = recommender_training.multitask_loss
     calls: list[int] = []
 
     def crash_after_25_steps(engine: Any, batch: Any, **kwargs: Any) -> Any:
@@ -101,7 +104,7 @@ def test_failed_stage_fails_the_flow_and_a_rerun_resumes_training(
             raise RuntimeError("simulated crash in Phase B")
         return real(engine, batch, **kwargs)
 
-    monkeypatch.setattr(recommender, "multitask_loss", crash_after_25_steps)
+    monkeypatch.setattr(recommender_training, "multitask_loss", crash_after_25_steps)
     state = store_pipeline("tiny", overrides, evaluate=False, return_state=True)
     assert state.is_failed()
     assert "simulated crash in Phase B" in str(state.message)
@@ -110,9 +113,11 @@ def test_failed_stage_fails_the_flow_and_a_rerun_resumes_training(
     assert stored.state is not None and stored.state.is_failed()
     assert "simulated crash in Phase B" in str(stored.state.message)
 
-    monkeypatch.setattr(recommender, "multitask_loss", real)
+    monkeypatch.setattr(recommender_training, "multitask_loss", real)
     summary = store_pipeline("tiny", overrides, evaluate=False)
-    checkpoint = summary["stages"]["train_recommender"]["checkpoint_dir"]
+    trained = summary.stage("train_recommender", RecommenderSummary)
+    assert trained is not None
+    checkpoint = trained.checkpoint_dir
     metrics = json.loads((Path(checkpoint) / "metrics.json").read_text())
     assert metrics["resumed_from_step"] == 20  # tiny: a checkpoint every 20 steps
     assert metrics["train_steps"] > 25

@@ -30,7 +30,8 @@ def test_unchanged_catalogue_names_the_current_version() -> None:
     assert report.markdown.startswith("**Catalogue unchanged, current semantic-ID version 2**")
     assert "None" not in report.markdown
     assert report.headline["semantic_id_version"] == 2.0
-    assert report.data["written"] is False and report.data["current_version"] == 2
+    assert report.summary.written is False and report.summary.current_version == 2
+    assert report.summary.run_id == "run-1" and report.summary.line == report.line
 
 
 def test_first_version_says_what_it_was_counted_against() -> None:

@@ -28,7 +28,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from store_core import storage, tracking
-from store_core.serve import STATE_FILE, clean_environ, free_port
+from store_core.service_supervisor import STATE_FILE, clean_environ, free_port
 from tests.conftest import (
     ADDED_ITEMS,
     CHANGED_ITEMS,
@@ -401,7 +401,7 @@ def test_flow_run_logs_show_library_warnings_and_stage_results(
     warnings = served.run_logs([full_run, *subflows.values()], min_level=30)
     assert any(w.startswith("marked 1 MLflow run(s) KILLED whose process") for w in warnings)
     assert any(" step " in line and "tokens/s" in line for line in logs), text[-3000:]
-    assert any(line.startswith("epoch 1 validation: ") for line in logs), text[-3000:]
+    assert any(line.startswith("validation round 1 (epoch ") for line in logs), text[-3000:]
     # One result line per stage, rounded, without Python containers.
     for stage in ("ingest", "train-tokenizer", "train-recommender", "tokenize-catalogue"):
         (line,) = [m for m in logs if m.startswith(f"{stage}: ")]

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from store_core import serve
+from store_core import service_supervisor
 from store_core.config import load_config
 from store_core.errors import StoreError
 
@@ -28,7 +28,7 @@ def test_external_prefect_server_is_used_not_started(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PREFECT_API_URL", "http://10.0.0.5:4200/api/")
-    stack = serve.LocalStack(cfg_for(tmp_path), "tiny", [], schedule=False)  # type: ignore[arg-type]
+    stack = service_supervisor.LocalStack(cfg_for(tmp_path), "tiny", [], schedule=False)  # type: ignore[arg-type]
     assert [s.name for s in stack.services] == ["deployments"]
     deployments = stack.services[0]
     assert deployments.env["PREFECT_API_URL"] == "http://10.0.0.5:4200/api"
@@ -41,8 +41,10 @@ def test_local_stack_binds_loopback_in_start_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    port = serve.free_port()
-    stack = serve.LocalStack(cfg_for(tmp_path), "tiny", [], prefect_port=port, mlflow=True)  # type: ignore[arg-type]
+    port = service_supervisor.free_port()
+    stack = service_supervisor.LocalStack(
+        cfg_for(tmp_path), "tiny", [], prefect_port=port, mlflow=True
+    )  # type: ignore[arg-type]
     assert [s.name for s in stack.services] == ["prefect-server", "mlflow-server", "deployments"]
     server, mlflow, _ = stack.services
     assert server.argv[-4:] == ["--host", "127.0.0.1", "--port", str(port)]
@@ -61,18 +63,18 @@ def test_busy_port_and_remote_mlflow_are_refused(
         busy.listen()
         port = busy.getsockname()[1]
         with pytest.raises(StoreError, match=f"port {port} on 127.0.0.1 is in use"):
-            serve.LocalStack(cfg_for(tmp_path), "tiny", [], prefect_port=port)  # type: ignore[arg-type]
-        assert serve.free_port(port) != port  # the default falls back to a free one
+            service_supervisor.LocalStack(cfg_for(tmp_path), "tiny", [], prefect_port=port)  # type: ignore[arg-type]
+        assert service_supervisor.free_port(port) != port  # the default falls back to a free one
     remote = cfg_for(tmp_path, "tracking.uri=http://mlflow.internal:5000")
     with pytest.raises(StoreError, match="has its own server"):
-        serve.LocalStack(remote, "tiny", [], mlflow=True)  # type: ignore[arg-type]
+        service_supervisor.LocalStack(remote, "tiny", [], mlflow=True)  # type: ignore[arg-type]
 
 
 def test_children_do_not_inherit_rendezvous_variables(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MASTER_PORT", "29500")
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("STORE_KEEP_ME", "yes")
-    env = serve.clean_environ()
+    env = service_supervisor.clean_environ()
     assert "MASTER_PORT" not in env and "WORLD_SIZE" not in env
     assert env["STORE_KEEP_ME"] == "yes"
 
@@ -93,7 +95,7 @@ def test_stop_group_kills_a_process_tree_that_ignores_sigterm() -> None:
     assert proc.stdout is not None
     child = int(proc.stdout.readline())
     started = time.monotonic()
-    serve.stop_group(proc.pid, grace_s=1.0, name="stubborn")
+    service_supervisor.stop_group(proc.pid, grace_s=1.0, name="stubborn")
     elapsed = time.monotonic() - started
     assert 1.0 <= elapsed < 10  # SIGTERM was ignored for the grace period, then SIGKILL
     proc.wait(timeout=10)  # (already reaped by stop_group's wait)
@@ -103,15 +105,15 @@ def test_stop_group_kills_a_process_tree_that_ignores_sigterm() -> None:
 
 def test_stop_without_a_running_serve(tmp_path: Path) -> None:
     cfg = cfg_for(tmp_path)
-    assert serve.stop_running(cfg) is False  # type: ignore[arg-type]
+    assert service_supervisor.stop_running(cfg) is False  # type: ignore[arg-type]
     # A state file left by a serve that died: its pids are gone (or recycled): cleaned up.
-    state_dir = serve.serve_dir(cfg)  # type: ignore[arg-type]
+    state_dir = service_supervisor.serve_dir(cfg)  # type: ignore[arg-type]
     state_dir.mkdir(parents=True)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     record = {"pid": dead.pid, "create_time": 0.0}
-    (state_dir / serve.STATE_FILE).write_text(
+    (state_dir / service_supervisor.STATE_FILE).write_text(
         json.dumps({"supervisor": record, "services": [{"name": "x", **record}]})
     )
-    assert serve.stop_running(cfg) is True  # type: ignore[arg-type]
-    assert not (state_dir / serve.STATE_FILE).exists()
+    assert service_supervisor.stop_running(cfg) is True  # type: ignore[arg-type]
+    assert not (state_dir / service_supervisor.STATE_FILE).exists()

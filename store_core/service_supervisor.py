@@ -1,4 +1,5 @@
-"""``store serve``: what a laptop user needs to run the pipeline as a service.
+"""The supervisor of ``store serve``: starts and stops the processes a laptop user needs
+to run the pipeline as a service (the deployments themselves are :mod:`flows.deployments`).
 
 Starts, bound to 127.0.0.1, in this order and each only once the previous one is healthy:
 
@@ -9,7 +10,7 @@ Starts, bound to 127.0.0.1, in this order and each only once the previous one is
    tracking store, for its UI; the experiment is created through it and its runs-table
    URL recorded (``urls["mlflow_runs"]``); the flow runs get the UI's URL
    (``STORE_MLFLOW_UI_URL``) to link their MLflow runs;
-3. ``python -m flows.serve``: the ``full-pipeline`` and ``nightly-retokenize``
+3. ``python -m flows.deployments``: the ``full-pipeline`` and ``nightly-retokenize``
    deployments of the flow ``store``, served (flow runs execute as its subprocesses).
 
 Each runs in its own process group with its output in ``<workspace>/serve/<name>.log``.
@@ -258,7 +259,7 @@ class LocalStack:
         if mlflow:
             self.services.append(self._mlflow_service(python, mlflow_port))
             deployments_env[UI_URL_ENV] = self.urls["mlflow_ui"]
-        argv = [python, "-m", "flows.serve"]
+        argv = [python, "-m", "flows.deployments"]
         argv += ["--config", config] if config else []
         for item in overrides:
             argv += ["--set", item]

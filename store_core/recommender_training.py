@@ -1,17 +1,20 @@
-"""Stage 2b, Phase B: the same LLM learns to recommend by generating semantic IDs.
+"""Stage 2b, Phase B training: the same LLM learns to recommend by generating semantic IDs.
+(Answering recommendation requests with the trained model is
+:mod:`store_core.recommend_top_k`.)
 
 Starting from the Phase A checkpoint (the model that produced the IDs), the semantic-ID
 vocabulary is added (one token per level and code, plus the disambiguation codes), and
 the model is trained on a mixture of prompt/completion tasks (recommendation, alignment,
-reconstruction, ...), loss on the completion only. Each epoch ends with constrained beam
-search on the validation users; training stops early on NDCG@10 and keeps the best
-epoch's weights. Afterwards the model's text -> token ability is measured against the
-clustering's IDs. The output is again one checkpoint directory,
+reconstruction, ...), loss on the completion only. Each validation round (an epoch end,
+or every ``eval_every`` steps) runs constrained beam search on the validation users;
+training stops early on NDCG@10 and keeps the best round's weights. Afterwards the
+model's text -> token ability is measured against the clustering's IDs. The output is
+again one checkpoint directory,
 ``<workspace>/models/recommender-<quantizer>-<multitask|rec>/`` (layout:
 :mod:`store_core.checkpoint`): the trained LLM with its semantic-ID tokens, the codebook,
 IDs and stats copied from the Phase A checkpoint, the typed metadata (level sizes, tasks,
-history length, prompt format, ...) and ``metrics.json`` (validation curve, best epoch,
-agreement).
+history length, prompt format, ...) and ``metrics.json`` (validation curve, best
+validation round and its epoch, agreement).
 
 Initialising the new rows: a cluster level's token ``<a_k>`` gets, as its input
 embedding, the direction of its cluster centre mapped back from PCA space to the dense
@@ -48,6 +51,7 @@ from store_core.model import grow_embeddings, load_checkpoint, save_model_files
 from store_core.prompts import PROMPT_FORMAT, PromptBuilder, lookup_sid_tokens
 from store_core.quantizer import Codebook, load_codebook
 from store_core.semantic_ids import vocabulary
+from store_core.splits import seeded_subset
 from store_core.tasks import (
     EvalSplit,
     IdVocabulary,
@@ -83,14 +87,38 @@ class RecommenderOutcome:
 
     @property
     def best_val_ndcg_at_10(self) -> float | None:
-        """Validation NDCG@10 of the kept epoch (None: no validation ran)."""
+        """Validation NDCG@10 of the kept round (None: no validation ran)."""
         value = self.metrics.get("best_val_ndcg_at_10")
         return None if value is None else float(value)
 
     @property
-    def best_epoch(self) -> int | None:
-        value = self.metrics.get("best_epoch")
+    def best_validation_round(self) -> int | None:
+        """The validation round (1, 2, ...) whose weights were kept (None: no validation
+        ran). ``metrics.json`` written before the round had its own name called it
+        ``best_epoch``."""
+        if "best_validation_round" in self.metrics:
+            value = self.metrics["best_validation_round"]
+        else:
+            value = self.metrics.get("best_epoch")
         return None if value is None else int(value)
+
+    @property
+    def best_epoch(self) -> float | None:
+        """The epoch (epochs of data trained on, fractional when ``eval_every`` validates
+        mid-epoch) of the kept weights; None when no validation ran or ``metrics.json`` is
+        older than this record (its ``best_epoch`` was the validation round)."""
+        if "best_validation_round" not in self.metrics:
+            return None
+        value = self.metrics.get("best_epoch")
+        return None if value is None else float(value)
+
+    def best_when(self) -> str:
+        """``validation round R (epoch E)`` of the kept weights, for log lines and reports."""
+        if self.best_validation_round is None:
+            return "no validation round"
+        epoch = self.best_epoch
+        suffix = "" if epoch is None else f" (epoch {epoch:g})"
+        return f"validation round {self.best_validation_round}{suffix}"
 
     @property
     def agreement_full_id(self) -> float:
@@ -139,7 +167,7 @@ SPARE_DISAMBIGUATION = 16
 def level_sizes(codes: np.ndarray, codebook: Codebook) -> list[int]:
     """Tokens per level: K per cluster level; used + spare codes for disambiguation."""
     last = int(codes[:, -1].max()) + 1 + SPARE_DISAMBIGUATION
-    return [codebook.codebook_size] * codebook.num_levels + [last]
+    return [codebook.codebook_size] * codebook.cluster_levels + [last]
 
 
 def add_semantic_id_tokens(
@@ -172,7 +200,7 @@ def _init_from_centroids(
         return
     with torch.no_grad():
         target_norm = weight[:reference_rows].norm(dim=1).mean()
-        for level in range(codebook.num_levels):
+        for level in range(codebook.cluster_levels):
             centres = np.asarray(codebook.centroids[level])  # [K, P]
             if codebook.pca_means is not None and codebook.pca_components is not None:
                 centres = codebook.pca_means[level] + centres @ codebook.pca_components[level]
@@ -180,13 +208,6 @@ def _init_from_centroids(
             vectors = vectors / vectors.norm(dim=1, keepdim=True).clamp_min(1e-6) * target_norm
             index = torch.tensor(table[level], dtype=torch.long)
             weight[index] = vectors.to(weight.device)
-
-
-def _sample(values: list[Any], limit: int | None, seed: int) -> list[int]:
-    if limit is None or len(values) <= limit:
-        return list(range(len(values)))
-    picked = np.random.default_rng(seed).choice(len(values), size=limit, replace=False)
-    return sorted(picked.tolist())
 
 
 def evaluate_split(
@@ -203,7 +224,7 @@ def evaluate_split(
 ) -> tuple[dict[str, float], np.ndarray]:
     """Constrained beam search for the users of ``split``; metrics and per-user ranks."""
     users, prompts, targets = eval_prompts(data, builder, cfg.recommender.history_len, split)
-    chosen = _sample(users, limit, cfg.recommender_train.seed)
+    chosen = seeded_subset(len(users), limit, cfg.recommender_train.seed)
     prompts = [prompts[i] for i in chosen]
     targets = [targets[i] for i in chosen]
     result = constrained_beam_search(
@@ -226,25 +247,26 @@ def text_to_token_agreement(
     data: TaskData,
     builder: PromptBuilder,
     level_ids: list[list[int]],
-    num_levels: int,
+    cluster_levels: int,
     cfg: StoreConfig,
 ) -> dict[str, float]:
     """How often generating an ID from an item's text reproduces its clustered codes."""
     catalogue = data.catalogue_items()
     chosen = [
-        catalogue[i] for i in _sample(catalogue, AGREEMENT_SAMPLE, cfg.recommender_train.seed)
+        catalogue[i]
+        for i in seeded_subset(len(catalogue), AGREEMENT_SAMPLE, cfg.recommender_train.seed)
     ]
     prompts = [builder.alignment(data.texts[item]) for item in chosen]
     result = constrained_beam_search(
         model,
         prompts,
-        SemanticIdTrie.levelwise(level_ids[:num_levels]),
+        SemanticIdTrie.levelwise(level_ids[:cluster_levels]),
         beam_size=min(10, cfg.recommender.beam_size),
         pad_token_id=builder.pad_token_id,
         batch_size=cfg.recommender.eval_batch_size,
     )
-    generated = result.codes[:, 0, :num_levels]  # [P, L] best beam
-    truth = np.array([data.codes[item][:num_levels] for item in chosen])
+    generated = result.codes[:, 0, :cluster_levels]  # [P, L] best beam
+    truth = np.array([data.codes[item][:cluster_levels] for item in chosen])
     return {
         "agreement_full_id": float(np.mean(np.all(generated == truth, axis=1))),
         "agreement_first_code": float(np.mean(generated[:, 0] == truth[:, 0])),
@@ -373,7 +395,7 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
         return None
     trained = merged(result.model)
     agreement = text_to_token_agreement(
-        trained, inputs.data, inputs.builder, inputs.level_ids, inputs.codebook.num_levels, cfg
+        trained, inputs.data, inputs.builder, inputs.level_ids, inputs.codebook.cluster_levels, cfg
     )
     metrics: dict[str, Any] = {
         "variant": variant(cfg),
@@ -391,6 +413,7 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
         "train_tokens_per_s": round(result.tokens_per_s, 1),
         "final_train_loss": result.final_loss,
         "validation": result.validation,
+        "best_validation_round": result.best_validation_round,
         "best_epoch": result.best_epoch,
         "best_val_ndcg_at_10": result.best_metric,
         "stopped_early": result.stopped_early,
@@ -420,14 +443,15 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
         metadata = metadata.model_copy(update={"checkpoint_id": ckpt.weights_id(staging)})
         ckpt.write_metadata(staging, metadata)
         (staging / ckpt.METRICS_FILE).write_text(json.dumps(metrics, indent=2) + "\n")
+    outcome = RecommenderOutcome(target, metrics)
     logger.info(
-        "recommender (%s): best validation NDCG@10 %.4f at epoch %s -> %s",
+        "recommender (%s): best validation NDCG@10 %.4f at %s -> %s",
         variant(cfg),
         result.best_metric or float("nan"),
-        result.best_epoch,
+        outcome.best_when(),
         target,
     )
-    return RecommenderOutcome(target, metrics)
+    return outcome
 
 
 def load_outcome(cfg: StoreConfig) -> RecommenderOutcome:

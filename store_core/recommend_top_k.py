@@ -1,4 +1,6 @@
-"""``store recommend``: top-K items for a user (or an ad-hoc history), always real items.
+"""Recommendation requests at inference (``store recommend``): the top-K items for a user
+(or an ad-hoc history) from a trained Phase B checkpoint, always real items. (Phase B
+training is :mod:`store_core.recommender_training`.)
 
 Candidates are the current semantic-ID version in DuckDB when one exists (so items added
 by the nightly job are recommendable), else the IDs stored with the checkpoint.
@@ -21,15 +23,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from store_core import storage
 from store_core.bundle import RecommenderBundle
 from store_core.config import StoreConfig
-from store_core.errors import MissingInputError, StoreError
+from store_core.data_files import read_interactions, read_items
+from store_core.errors import StoreError
 from store_core.generate import SemanticIdTrie, constrained_beam_search
-from store_core.ingest import INTERACTIONS_FILE, ITEMS_FILE
 from store_core.semantic_ids import format_sid
+from store_core.splits import recent_history
 
 #: The largest ``k`` a request may ask for. The beam is at least ``k`` wide and decoding
 #: holds ``k x (L + 1)`` cache positions per request, so ``k`` is bounded by what stays
@@ -51,10 +53,9 @@ def user_history(cfg: StoreConfig, user_id: str) -> list[str]:
 
     Raises :class:`MissingInputError` before ``store ingest`` and :class:`StoreError` for
     a user without interactions."""
-    path = Path(cfg.data_dir) / INTERACTIONS_FILE
-    if not path.exists():
-        raise MissingInputError(str(path), "ingest")
-    table = pq.read_table(path, filters=[("user_id", "=", user_id)])
+    table = read_interactions(
+        cfg.data_dir, ["item_id", "position"], filters=[("user_id", "=", user_id)]
+    )
     if table.num_rows == 0:
         raise StoreError(f"user '{user_id}' has no interactions in {cfg.data_dir}")
     order = np.argsort(np.asarray(table.column("position").to_pylist()))
@@ -87,7 +88,7 @@ def check_request(history: Sequence[str], k: int) -> None:
     if k < 1:
         raise StoreError(f"-k must be at least 1, got {k}")
     if k > MAX_K:
-        raise StoreError(f"-k must be at most {MAX_K} (store_core.recommend.MAX_K), got {k}")
+        raise StoreError(f"-k must be at most {MAX_K} (store_core.recommend_top_k.MAX_K), got {k}")
     if not any(item.strip() for item in history):
         raise StoreError("the history is empty: give at least one item id")
 
@@ -113,7 +114,7 @@ def recommend(
     if unknown:
         raise StoreError(f"items without a semantic ID: {', '.join(unknown[:5])}")
     history_len = bundle.trained(cfg).history_len
-    recent = list(history)[-history_len:]
+    recent = recent_history(list(history), history_len)
     prompt = bundle.builder.recommendation([code_of[i] for i in recent])
     allowed = np.arange(len(item_ids))  # [N'] candidate rows the trie may return
     if exclude_history:
@@ -152,7 +153,7 @@ def recommend(
 
 
 def _titles(cfg: StoreConfig) -> dict[str, str | None]:
-    table = pq.read_table(Path(cfg.data_dir) / ITEMS_FILE, columns=["item_id", "title"])
+    table = read_items(cfg.data_dir, ["item_id", "title"])
     return dict(
         zip(table.column("item_id").to_pylist(), table.column("title").to_pylist(), strict=True)
     )

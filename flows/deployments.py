@@ -1,6 +1,7 @@
-"""Serve the two deployments of the ``store`` flow from this process.
+"""The two deployments of the ``store`` flow, served from this process (the process
+:mod:`store_core.service_supervisor` starts for ``store serve``).
 
-    python -m flows.serve --config ml-100k [--set key=value ...]
+    python -m flows.deployments --config ml-100k [--set key=value ...]
 
 ``full-pipeline`` (on demand, every stage) and ``nightly-retokenize`` (cron from the
 config's ``service`` section: ingest + tokenize new/changed items with the current model).
