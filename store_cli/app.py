@@ -171,7 +171,7 @@ def tokenize_catalogue(
         from flows.pipeline import catalogue_flow
 
         summary = guard(lambda: catalogue_flow(config, set_ or [], None, mode.value))
-        out.print(str(summary["line"]))
+        out.print(summary.line)
         out.print(f"DuckDB: {cfg.duckdb_path}")
         return
     from store_core.stages import catalogue_stage
@@ -195,7 +195,7 @@ def evaluate(config: ConfigOpt = None, set_: SetOpt = None, verbose: VerboseOpt 
         from flows.pipeline import evaluate_flow
 
         summary = guard(lambda: evaluate_flow(config, set_ or [], None))
-        report_path, plot_path = str(summary["report"]), str(summary["plot"])
+        report_path, plot_path = summary.report, summary.plot
     else:
         from store_core.stages import evaluate_stage
 

@@ -32,9 +32,11 @@ import pyarrow as pa
 import pytest
 from distributed import Client, LocalCluster
 
+from flows.reporting import CatalogueSummary
 from store_core import storage
 from store_core.config import load_config
 from store_core.errors import StoreError
+from store_core.service_supervisor import free_port
 from store_core.stages import catalogue_stage, evaluate_stage
 from tests.conftest import copy_workspace, write_changed_catalogue
 from tests.sharding_helpers import HoldFirstTask
@@ -67,7 +69,7 @@ def _in_process_ids(source: Path, target: Path, mode: str, *extra: str) -> pa.Ta
     return _ids(workspace)
 
 
-def _sharded(workspace: Path, mode: str, *extra: str) -> dict[str, object]:
+def _sharded(workspace: Path, mode: str, *extra: str) -> CatalogueSummary:
     from flows.pipeline import catalogue_flow
 
     return catalogue_flow("tiny", _overrides(workspace, *extra), None, mode)
@@ -103,17 +105,11 @@ def test_cli_verb_with_workers_runs_shards_on_a_local_cluster_with_the_in_proces
     assert not (workspace / ".catalogue-staging").exists()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def dask_cli_cluster(tmp_path: Path) -> Iterator[str]:
     """``dask scheduler`` and two ``dask worker --nthreads 1`` processes on 127.0.0.1, as
     users start them; stopped (and reaped) by the fixture, with everything they started."""
-    port = _free_port()
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     dask_cli = [str(Path(sys.executable).parent / "dask")]
     logs = tmp_path / "dask-logs"
@@ -207,7 +203,7 @@ def test_cluster_by_address_gives_the_in_process_ids_and_metrics(
     with Client(dask_cli_cluster) as client:
         before = sum(client.run(_executed).values())
     result = _sharded(there, "keep", *extra, *remote)
-    assert result["counts"]["new"] == 3 and result["counts"]["changed"] == 2  # type: ignore[index]
+    assert result.counts["new"] == 3 and result.counts["changed"] == 2
     assert _ids(there).equals(_ids(here))
 
     evaluate_stage(expected_cfg)
@@ -316,7 +312,7 @@ def test_killed_worker_shard_runs_again_and_the_ids_are_the_same(
     starts = [line.split(maxsplit=1) for line in (marks / "started").read_text().splitlines()]
     reruns = [pid for pid, key in starts if key == held_key]
     assert len(reruns) == 2 and reruns[0] == held_pid != reruns[1]  # ran again elsewhere
-    assert result["version"] == 1
+    assert result.version == 1
     assert _ids(workspace).equals(expected)
     assert not (workspace / ".catalogue-staging").exists()
 

@@ -83,7 +83,7 @@ def ml100k_trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A workspace with MovieLens 100K ingested and both phases trained (briefly)."""
     from store_core.ingest import run_ingest
     from store_core.item_tokenizer import train_semantic_tokenizer
-    from store_core.recommender import train_recommender
+    from store_core.recommender_training import train_recommender
 
     workspace = tmp_path_factory.mktemp("ml100k") / "ws"
     cfg = load_config("ml-100k", _overrides(workspace))
@@ -124,8 +124,8 @@ def test_ml100k_two_workers_write_the_in_process_ids_and_metrics(
     cfg = load_config("ml-100k", _overrides(here, data=data))
     catalogue_stage(cfg, mode="keep")
     result = catalogue_flow("ml-100k", _overrides(there, *SCALE_OUT, data=data), None, "keep")
-    counts = result["counts"]
-    assert counts["changed"] == changed and counts["unchanged"] == 1682 - changed  # type: ignore[index]
+    counts = result.counts
+    assert counts["changed"] == changed and counts["unchanged"] == 1682 - changed
     expected, got = _ids(here), _ids(there)
     assert got.num_rows == expected.num_rows == 1682
     assert got.equals(expected)  # every item, every code, the packed form and the SID string
