@@ -618,6 +618,21 @@ class RecommenderConfig(StrictModel):
         "the validation NDCG@10 that early stopping reads (metrics at cutoffs past the beam, "
         "such as @20 with a beam of 10, only count the beam's items).",
     )
+    cold_start_backoff: float = Field(
+        0.0,
+        ge=0.0,
+        description="Decoding (evaluation and store recommend): weight of the cold-start "
+        "back-off, 0 = off. Items no training sequence contains are scored by the model's "
+        "log-probability of their first cold_start_backoff_depth codes plus "
+        "log(weight / items sharing that prefix) and merged into the beam "
+        "(store_core.generate.cold_start).",
+    )
+    cold_start_backoff_depth: int | None = Field(
+        None,
+        ge=1,
+        description="Codes of the prefix the back-off scores; None = the cluster levels "
+        "before the last (L - 1), the codes that carry meaning rather than identity.",
+    )
     val_max_users: int | None = Field(
         1000, gt=0, description="Validate on at most this many users (seeded sample)."
     )

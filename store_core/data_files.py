@@ -29,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from store_core.errors import DataError, MissingInputError
-from store_core.schemas import ITEMS_SCHEMA, SPLITS_SCHEMA
+from store_core.schemas import ITEMS_SCHEMA, SPLIT_TRAIN, SPLITS_SCHEMA
 
 ITEMS_FILE = "items.parquet"
 INTERACTIONS_FILE = "interactions.parquet"
@@ -115,3 +115,12 @@ def read_interactions(
 ) -> pa.Table:
     """``columns`` (None: all) of ``interactions.parquet``, rows matching ``filters``."""
     return read_parquet(f"{data_dir}/{INTERACTIONS_FILE}", columns, filters)
+
+
+def trained_items(data_dir: str) -> set[str]:
+    """The items some training sequence contains (``split = 'train'`` rows of
+    ``splits.parquet``): the complement is what the cold-start back-off scores."""
+    table = read_splits(data_dir, ["item_id", "split"])
+    items = table.column("item_id").to_pylist()
+    labels = table.column("split").to_pylist()
+    return {item for item, label in zip(items, labels, strict=True) if label == SPLIT_TRAIN}

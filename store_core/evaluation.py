@@ -26,8 +26,10 @@ import numpy as np
 
 from store_core.bundle import RecommenderBundle
 from store_core.config import StoreConfig
-from store_core.errors import StoreError
+from store_core.data_files import trained_items
+from store_core.errors import ConfigError, StoreError
 from store_core.generate import BeamResult, SemanticIdTrie, constrained_beam_search
+from store_core.generate.cold_start import ColdStartBackoff, merge_beams
 from store_core.metrics import rank_of, ranking_metrics
 from store_core.splits import EVAL_SAMPLE_SEED, seeded_subset
 from store_core.tasks import EvalSplit, TaskData, eval_prompts, load_task_data
@@ -110,17 +112,68 @@ def decode_split(
         prompts = [prompts[i] for i in keep]
         targets = [targets[i] for i in keep]
     if search is not None:
-        return DecodedSplit(data, codes, item_ids, users, targets, search(bundle, prompts, cfg))
-    result = constrained_beam_search(
+        result = search(bundle, prompts, cfg)
+    else:
+        result = constrained_beam_search(
+            bundle.model,
+            prompts,
+            SemanticIdTrie.from_codes(codes, bundle.level_ids),
+            beam_size=cfg.recommender.beam_size,
+            pad_token_id=bundle.builder.pad_token_id,
+            batch_size=cfg.recommender.eval_batch_size,
+            progress=progress,
+        )
+    if cfg.recommender.cold_start_backoff > 0:
+        trained = trained_items(cfg.data_dir)
+        cold_rows = [row for row, item in enumerate(item_ids) if item not in trained]
+        result = with_cold_start_backoff(bundle, cfg, codes, cold_rows, prompts, result)
+    return DecodedSplit(data, codes, item_ids, users, targets, result)
+
+
+def with_cold_start_backoff(
+    bundle: RecommenderBundle,
+    cfg: StoreConfig,
+    codes: np.ndarray,
+    cold_rows: Sequence[int],
+    prompts: Sequence[Sequence[int]],
+    result: BeamResult,
+) -> BeamResult:
+    """``result`` with the cold-start back-off candidates merged in
+    (:mod:`store_core.generate.cold_start`) when ``recommender.cold_start_backoff`` > 0,
+    else ``result`` itself. ``codes``: ``[N, M]`` the rows ``result.items`` index;
+    ``cold_rows``: the rows of items no training sequence contains. Runs in this process
+    (a ``depth``-step search, cheaper than the ID search) even when the ID search ran on a
+    cluster. ConfigError when ``recommender.cold_start_backoff_depth`` is not below M."""
+    weight = cfg.recommender.cold_start_backoff
+    if weight <= 0 or not cold_rows:
+        return result
+    id_length = codes.shape[1]
+    depth = cfg.recommender.cold_start_backoff_depth or max(1, id_length - 2)
+    if depth >= id_length:
+        raise ConfigError(
+            f"recommender.cold_start_backoff_depth {depth} must be below the ID length "
+            f"{id_length} of this checkpoint"
+        )
+    backoff = ColdStartBackoff.build(
+        codes, np.asarray(cold_rows), bundle.level_ids, depth=depth, weight=weight
+    )
+    assert backoff is not None  # cold_rows is not empty
+    rows, scores = backoff.search(
         bundle.model,
         prompts,
-        SemanticIdTrie.from_codes(codes, bundle.level_ids),
         beam_size=cfg.recommender.beam_size,
         pad_token_id=bundle.builder.pad_token_id,
         batch_size=cfg.recommender.eval_batch_size,
-        progress=progress,
     )
-    return DecodedSplit(data, codes, item_ids, users, targets, result)
+    logger.info(
+        "cold-start back-off: %d items no training sequence contains, %d prefixes of %d "
+        "codes, weight %g",
+        len(cold_rows),
+        len(backoff.members),
+        depth,
+        weight,
+    )
+    return merge_beams(result, rows, scores, codes, result.items.shape[1])
 
 
 def evaluate_generative(

@@ -13,7 +13,9 @@ history, the rule of the evaluation's ``history_excluded_*`` metrics
 (:func:`store_core.evaluation._history`). It is applied inside decoding: the history
 items' IDs are left out of the trie for that request, so the beam search returns ``k``
 items outside the history whenever the catalogue has that many, instead of filtering a
-``k``-wide beam down to fewer.
+``k``-wide beam down to fewer. With ``recommender.cold_start_backoff`` > 0, items no
+training sequence contains (e.g. added by the nightly job) are scored by the back-off of
+:mod:`store_core.generate.cold_start` and merged into the beam.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ import numpy as np
 from store_core import storage
 from store_core.bundle import RecommenderBundle
 from store_core.config import StoreConfig
-from store_core.data_files import read_interactions, read_items
+from store_core.data_files import read_interactions, read_items, trained_items
 from store_core.errors import StoreError
+from store_core.evaluation import with_cold_start_backoff
 from store_core.generate import SemanticIdTrie, constrained_beam_search
 from store_core.semantic_ids import format_sid
 from store_core.splits import recent_history
@@ -132,6 +135,10 @@ def recommend(
         beam_size=max(cfg.recommender.beam_size, k),
         pad_token_id=bundle.builder.pad_token_id,
     )
+    if cfg.recommender.cold_start_backoff > 0:  # items no training sequence contains
+        trained = trained_items(cfg.data_dir)
+        cold = [leaf for leaf, row in enumerate(allowed.tolist()) if item_ids[row] not in trained]
+        result = with_cold_start_backoff(bundle, cfg, codes[allowed], cold, [prompt], result)
     titles = _titles(cfg)
     out: list[Recommendation] = []
     for slot in range(k):

@@ -140,6 +140,11 @@ def recommender_dir(cfg: StoreConfig) -> str:
     return f"{cfg.models_dir}/recommender-{cfg.semantic_id.quantizer}-{variant(cfg)}"
 
 
+#: ``recommender`` settings that only change decoding after training (added after the key
+#: existed, so leaving them out keeps the keys of earlier checkpoints).
+DECODING_ONLY = {"cold_start_backoff", "cold_start_backoff_depth"}
+
+
 def training_key(cfg: StoreConfig, item_ids: list[str], codes: np.ndarray) -> str:
     """Digest of everything Phase B training depends on: its settings and the IDs it learns.
 
@@ -149,7 +154,7 @@ def training_key(cfg: StoreConfig, item_ids: list[str], codes: np.ndarray) -> st
     """
     digest = hashlib.sha256()
     settings = {
-        "recommender": cfg.recommender.model_dump(mode="json"),
+        "recommender": cfg.recommender.model_dump(mode="json", exclude=DECODING_ONLY),
         "train": cfg.recommender_train.model_dump(mode="json"),
         "model": cfg.model.model_dump(mode="json"),
     }

@@ -226,6 +226,9 @@ def test_training_key_separates_runs_that_must_not_share_checkpoints() -> None:
     old_name = load_config("tiny", ["recommender.loss_normalization=sample"])
     assert old_name.recommender.loss_normalization == "target"
     assert training_key(old_name, item_ids, codes) == key
+    # decoding-only settings share the checkpoints of the same training
+    decoding = ["recommender.cold_start_backoff=1", "recommender.cold_start_backoff_depth=1"]
+    assert training_key(load_config("tiny", decoding), item_ids, codes) == key
 
 
 def test_lora_trains_the_new_token_rows_and_saves_plain_weights(
