@@ -267,8 +267,11 @@ def tiger_config(cfg: StoreConfig) -> StoreConfig:
 def _baseline_result(system: str, seed: int, out: dict[str, Any]) -> SystemResult:
     metrics = dict(out["test"])
     metrics.update(_prefixed(out["test_history_excluded"], "history_excluded_"))
+    metrics.update(_prefixed(out.get("test_cold", {}), "cold_"))  # as summarize_ranks does
+    metrics["cold_users"] = float(out.get("cold_users", 0))
     metrics["users"] = float(out.get("users", 0))
-    extra = {k: v for k, v in out.items() if k not in ("test", "test_history_excluded")}
+    parts = ("test", "test_history_excluded", "test_cold", "cold_users")
+    extra = {k: v for k, v in out.items() if k not in parts}
     return SystemResult(system, seed, metrics, extra)
 
 

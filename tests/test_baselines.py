@@ -110,6 +110,7 @@ def test_sequence_data_follows_the_split_rules(tmp_path: Path) -> None:
     assert data.eval_users("test") == ["u1", "u2"]
     assert data.targets("test").tolist() == [4, 5]
     assert data.train_item_counts().tolist() == [0, 1, 2, 0, 0, 0]
+    assert data.cold_mask("test").tolist() == [True, True]  # D in no train sequence; X held out
     with pytest.raises(ValueError, match="split"):
         data.history("u1", "train")  # type: ignore[arg-type]
 
@@ -147,6 +148,11 @@ def test_popularity_history_exclusion(hand_dir: str) -> None:
     result = run_popularity(hand_dir)
     assert result["test"]["recall_at_5"] == pytest.approx(4 / 5)  # ranks 4 1 0 2 < 5
     assert result["test_history_excluded"]["recall_at_1"] == pytest.approx(2 / 5)
+    # E and F are in no train sequence: u1 (rank 4) and u3 (rank 5) are the cold-start users
+    assert data.cold_mask("test").tolist() == [True, False, True, False, False]
+    assert result["cold_users"] == 2
+    assert result["test_cold"]["recall_at_5"] == pytest.approx(1 / 2)
+    assert result["test_cold"]["recall_at_10"] == pytest.approx(1.0)
 
 
 def test_ranking_helpers() -> None:
@@ -268,6 +274,8 @@ def test_sasrec_is_seeded_and_run_reports(cycle_dir: str) -> None:
     assert set(first) >= {
         "test",
         "test_history_excluded",
+        "test_cold",
+        "cold_users",
         "valid_best_ndcg_at_10",
         "epochs",
         "seconds",

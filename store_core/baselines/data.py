@@ -71,6 +71,16 @@ class SequenceData:
         table = self._targets(split)
         return np.array([table[u] for u in self.eval_users(split)], dtype=np.int64)
 
+    def cold_mask(self, split: EvalSplit) -> np.ndarray:
+        """bool [U] per :meth:`eval_users`: the target is in no train sequence (or in the
+        cold-start holdout), the users of the ``cold_*`` metrics (the rule of
+        :func:`store_core.evaluation.cold_users`)."""
+        counts = self.train_item_counts()
+        return np.array(
+            [counts[t] == 0 or t in self.cold_items for t in self.targets(split).tolist()],
+            dtype=bool,
+        )
+
     def history(self, user: str, split: EvalSplit, n: int | None = None) -> np.ndarray:
         """int64 [<= n] the input history for ``user``'s ``split`` target, oldest first.
 

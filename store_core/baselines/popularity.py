@@ -84,8 +84,10 @@ def run_popularity(data_dir: str, k: int = 20) -> dict[str, Any]:
     """Popularity on the test split of ``data_dir``: metrics with and without history items."""
     started = time.perf_counter()
     data = load_sequence_data(data_dir)
-    test = ranking_metrics(popularity_ranking(data, k))
+    ranks = popularity_ranking(data, k)
+    test = ranking_metrics(ranks)
     excluded = ranking_metrics(popularity_ranking(data, k, exclude_history=True))
+    cold = data.cold_mask("test")
     seconds = time.perf_counter() - started
     logger.info(
         "popularity test: R@10 %.4f N@10 %.4f (history excluded: R@10 %.4f N@10 %.4f), %.1f s",
@@ -98,6 +100,8 @@ def run_popularity(data_dir: str, k: int = 20) -> dict[str, Any]:
     return {
         "test": test,
         "test_history_excluded": excluded,
+        "test_cold": ranking_metrics(ranks[cold]) if cold.any() else {},
+        "cold_users": int(cold.sum()),
         "users": len(data.test_targets),
         "items": data.num_items,
         "seconds": seconds,

@@ -334,8 +334,10 @@ def run_sasrec(
     started = time.perf_counter()
     data = load_sequence_data(data_dir)
     model = train_sasrec(data, cfg, seed)
-    test = ranking_metrics(rank_users(model, data, "test", k))
+    ranks = rank_users(model, data, "test", k)
+    test = ranking_metrics(ranks)
     excluded = ranking_metrics(rank_users(model, data, "test", k, exclude_history=True))
+    cold = data.cold_mask("test")
     seconds = time.perf_counter() - started
     summary = model.summary
     logger.info(
@@ -352,6 +354,8 @@ def run_sasrec(
     return {
         "test": test,
         "test_history_excluded": excluded,
+        "test_cold": ranking_metrics(ranks[cold]) if cold.any() else {},
+        "cold_users": int(cold.sum()),
         "valid_best_ndcg_at_10": summary.valid_best_ndcg_at_10,
         "epochs": summary.epochs,
         "best_epoch": summary.best_epoch,
