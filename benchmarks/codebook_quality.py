@@ -133,7 +133,7 @@ def extract_vectors(cfg: Any, cache: Path | None) -> tuple[np.ndarray, np.ndarra
     if cache is not None and cache.is_file():
         with np.load(cache) as data:
             return data["dense"], data["embedding"]
-    from store_core.dense_tokenizer import extract_dense, extract_text_embedding
+    from store_core.dense_tokens import extract_dense, extract_text_embedding
     from store_core.item_tokenizer import checkpoint_dir
     from store_core.model import load_checkpoint
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from benchmarks.machine import machine_info
 from store_core.config import load_config
 from store_core.data_files import read_items
-from store_core.dense_tokenizer import PhaseABatchCollator, extract_dense, phase_a_loss
+from store_core.dense_tokens import PhaseABatchCollator, extract_dense, phase_a_loss
 from store_core.model import build_backbone, count_parameters
 from store_core.trainer import train
 

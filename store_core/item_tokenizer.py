@@ -35,7 +35,7 @@ from store_core.codebook_stats import codebook_stats, plot_usage
 from store_core.coherence import category_sets, semantic_coherence
 from store_core.config import StoreConfig
 from store_core.data_files import ITEMS_FILE, MANIFEST_FILE, read_items
-from store_core.dense_tokenizer import (
+from store_core.dense_tokens import (
     PhaseABatchCollator,
     extract_dense,
     extract_text_embedding,

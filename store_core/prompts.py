@@ -42,7 +42,7 @@ Whitespace rules (the same for every template):
   their leading space) before ``</s>`` / the next segment is appended.
 
 The start token is ``bos``, or ``eos`` for tokenizers without one (Qwen), the same token
-Phase A put at position 0 (:mod:`store_core.dense_tokenizer`), so the model meets every
+Phase A put at position 0 (:mod:`store_core.dense_tokens`), so the model meets every
 sequence with the start it already knows.
 """
 

@@ -19,7 +19,7 @@ from store_core.checkpoint import (
     read_tokenizer_metadata,
 )
 from store_core.config import StoreConfig, load_config
-from store_core.dense_tokenizer import extract_dense
+from store_core.dense_tokens import extract_dense
 from store_core.ingest import run_ingest
 from store_core.item_tokenizer import train_semantic_tokenizer
 from store_core.last_level_assignment import assign_codes

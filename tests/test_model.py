@@ -11,7 +11,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from store_core.config import ModelConfig
-from store_core.dense_tokenizer import extract_dense
+from store_core.dense_tokens import extract_dense
 from store_core.errors import StoreError
 from store_core.model import (
     WEIGHTS_FILE,

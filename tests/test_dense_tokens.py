@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerFast
 
 from store_core.config import ModelConfig
-from store_core.dense_tokenizer import (
+from store_core.dense_tokens import (
     IGNORE_INDEX,
     PhaseABatchCollator,
     _reconstruction_logits,
