@@ -12,7 +12,9 @@ SASRec-CE and popularity have nothing to back off with: their metrics (with the
 ``cold_*`` ones) are trained and ranked again here on the same split and seed, as
 ``store evaluate`` does. Reported per system and weight, mean +- sample std over seeds:
 Recall@10 / NDCG@10 of the cold-start test users (target in no training sequence), of the
-other users, and of all (history kept, the headline rule; and history excluded).
+other users, and of all (history kept, the headline rule; and history excluded); and,
+without back-off, how often the top 10 holds an item sharing the target's first d codes
+(``prefix_hits_cold`` / ``prefix_hits_other``, d = 1..M).
 
 Writes benchmarks/results/<--name or cold_start_<config>>.json and .md.
 """
@@ -31,14 +33,40 @@ from benchmarks.machine import RESULTS, command_line, machine_info, write_result
 METRICS = ("recall_at_10", "ndcg_at_10")
 
 
-def _generative(cfg: Any, system: str) -> dict[str, float]:
+def _generative(cfg: Any, system: str) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """The system's test metrics, and (without back-off) where its top 10 lands:
+    ``prefix_hits_cold[d - 1]`` / ``prefix_hits_other[d - 1]``: the share of cold / other
+    users whose top 10 holds an item with the target's first ``d`` codes."""
     from store_core.bundle import load_bundle
-    from store_core.evaluation import evaluate_generative, tiger_config
+    from store_core.evaluation import cold_users, decode_split, evaluate_generative, tiger_config
     from store_core.recommender_training import recommender_dir
 
     sys_cfg = cfg if system == "store" else tiger_config(cfg)
     bundle = load_bundle(recommender_dir(sys_cfg))
-    return evaluate_generative(bundle, sys_cfg, system=system, progress=False).metrics
+    if cfg.recommender.cold_start_backoff > 0:
+        return evaluate_generative(bundle, sys_cfg, system=system, progress=False).metrics, {}
+    decoded = decode_split(bundle, sys_cfg, "test", progress=False)
+    metrics = evaluate_generative(
+        bundle, sys_cfg, system=system, progress=False, search=lambda *_: decoded.result
+    ).metrics
+    return metrics, prefix_hits(decoded, cold_users(decoded.data, decoded.targets))
+
+
+def prefix_hits(decoded: Any, cold: np.ndarray, k: int = 10) -> dict[str, list[float]]:
+    """Per prefix length d = 1..M: the share of cold (``cold`` [U] True) and of other
+    users whose top ``k`` holds an item sharing the target's first d codes."""
+    row_of = {item: i for i, item in enumerate(decoded.item_ids)}
+    codes, result = decoded.codes, decoded.result
+    out: dict[str, list[float]] = {"prefix_hits_cold": [], "prefix_hits_other": []}
+    for depth in range(1, codes.shape[1] + 1):
+        hits = np.zeros(len(decoded.targets), dtype=bool)
+        for u, target in enumerate(decoded.targets):
+            top = [i for i in result.items[u, :k].tolist() if i >= 0]
+            want = codes[row_of[target], :depth]
+            hits[u] = any((codes[i, :depth] == want).all() for i in top)
+        out["prefix_hits_cold"].append(float(hits[cold].mean()) if cold.any() else float("nan"))
+        out["prefix_hits_other"].append(float(hits[~cold].mean()))
+    return out
 
 
 def _split_rows(metrics: dict[str, float]) -> dict[str, float]:
@@ -124,8 +152,9 @@ def main() -> None:
         for weight in args.weights:
             cfg = load_config(args.config, [*base, f"recommender.cold_start_backoff={weight}"])
             for system in ("store", "tiger"):
-                split = _split_rows(_generative(cfg, system))
-                rows.append({"system": system, "seed": seed, "weight": weight, **split})
+                metrics, hits = _generative(cfg, system)
+                split = _split_rows(metrics)
+                rows.append({"system": system, "seed": seed, "weight": weight, **split, **hits})
                 print(json.dumps(rows[-1]), flush=True)
         if args.baselines:
             systems = json.dumps(args.baselines).replace('"', "")

@@ -43,3 +43,25 @@ def test_table_has_mean_and_std_over_seeds_per_system_and_weight() -> None:
     table = _markdown(rows, "python -m benchmarks.cold_start")
     assert "| store | 1 | 2 | 10 | 0.3000 ± 0.1414 |" in table
     assert "| sasrec | — | 1 | 10 | 0.0000 |" in table
+
+
+def test_prefix_hits_count_top10_items_sharing_the_targets_first_codes() -> None:
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from benchmarks.cold_start import prefix_hits
+
+    codes = np.array([[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0]])
+    items = np.array([[1, 3], [3, -1], [0, 2]])  # top rows per user; -1 a dead slot
+    decoded = SimpleNamespace(
+        item_ids=["a", "b", "c", "d"],
+        codes=codes,
+        targets=["a", "c", "b"],  # rows 0, 2, 1
+        result=SimpleNamespace(items=items),
+    )
+    hits = prefix_hits(decoded, np.array([True, True, False]))
+    # user 0 (a = 000): b = 001 shares 2 codes; user 1 (c = 010): d = 100 shares none;
+    # user 2 (b = 001): a = 000 shares 2 codes, c = 010 shares 1
+    assert hits["prefix_hits_cold"] == [0.5, 0.5, 0.0]
+    assert hits["prefix_hits_other"] == [1.0, 1.0, 0.0]
