@@ -133,6 +133,12 @@ def main() -> None:
     )
     parser.add_argument("--name", default=None, help="results file stem")
     parser.add_argument(
+        "--combine",
+        nargs="+",
+        default=None,
+        help="no decoding: merge the rows of these result files (e.g. one per seed) into one",
+    )
+    parser.add_argument(
         "--set", dest="overrides", action="append", default=[], help="key=value (repeatable)"
     )
     args = parser.parse_args()
@@ -140,7 +146,12 @@ def main() -> None:
     from store_core.evaluation import run_systems
 
     rows: list[dict[str, Any]] = []
-    for seed in args.seeds:
+    if args.combine:
+        parts = [json.loads(Path(path).read_text()) for path in args.combine]
+        rows = [row for part in parts for row in part["rows"]]
+        args.seeds = sorted({row["seed"] for row in rows})
+        args.weights = sorted({row["weight"] for row in rows if row["weight"] is not None})
+    for seed in [] if args.combine else args.seeds:
         base = [
             *args.overrides,
             f"workspace={args.workspace}-seed{seed}",
