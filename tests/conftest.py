@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -105,3 +106,24 @@ def write_changed_catalogue(target: Path, source: Path = TINY_DATA) -> Path:
     (target / "Tiny.item.json").write_text(json.dumps(items))
     (target / "Tiny.inter.json").write_text(json.dumps(inters))
     return target
+
+
+def current_id_table(workspace: Path) -> Any:
+    """The current semantic-ID rows of ``workspace``'s DuckDB, sorted by item_id, the
+    columns two runs must agree on (a pyarrow Table)."""
+    from store_core import storage
+
+    table = storage.current_ids(str(workspace / "store.duckdb")).sort_by("item_id")
+    return table.select(["item_id", "codes", "sid", "packed", "content_hash", "method", "active"])
+
+
+def store_eval_rows(workspace: Path) -> dict[str, float]:
+    """metric/history rule -> value of the store system in ``eval_results``."""
+    import duckdb
+
+    with duckdb.connect(str(workspace / "store.duckdb"), read_only=True) as con:
+        rows = con.execute(
+            "SELECT metric || '/' || history_rule, value FROM eval_results "
+            "WHERE system = 'store' ORDER BY 1"
+        ).fetchall()
+    return {str(name): float(value) for name, value in rows}

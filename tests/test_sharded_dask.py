@@ -38,7 +38,12 @@ from store_core.config import load_config
 from store_core.errors import StoreError
 from store_core.service_supervisor import free_port
 from store_core.stages import catalogue_stage, evaluate_stage
-from tests.conftest import copy_workspace, write_changed_catalogue
+from tests.conftest import (
+    copy_workspace,
+    current_id_table,
+    store_eval_rows,
+    write_changed_catalogue,
+)
 from tests.sharding_helpers import HoldFirstTask
 
 #: The same numeric settings on both paths: 8-row read batches (6 batches -> 4 shards),
@@ -57,16 +62,11 @@ def _overrides(workspace: Path, *extra: str) -> list[str]:
     return [f"workspace={workspace}", *COMMON, *extra]
 
 
-def _ids(workspace: Path) -> pa.Table:
-    table = storage.current_ids(str(workspace / "store.duckdb")).sort_by("item_id")
-    return table.select(["item_id", "codes", "sid", "packed", "content_hash", "method", "active"])
-
-
 def _in_process_ids(source: Path, target: Path, mode: str, *extra: str) -> pa.Table:
     workspace = copy_workspace(source, target)
     cfg = load_config("tiny", _overrides(workspace, *extra))
     catalogue_stage(cfg, mode=mode)
-    return _ids(workspace)
+    return current_id_table(workspace)
 
 
 def _sharded(workspace: Path, mode: str, *extra: str) -> CatalogueSummary:
@@ -99,7 +99,7 @@ def test_cli_verb_with_workers_runs_shards_on_a_local_cluster_with_the_in_proces
     assert "tokenize-catalogue: semantic-ID version 1 written (0 new, 0 changed" in flat
     assert "; regenerated 48 IDs," in flat
     assert storage.latest_version(str(workspace / "store.duckdb")) == 1
-    got = _ids(workspace)
+    got = current_id_table(workspace)
     assert got.num_rows == 48
     assert got.equals(expected)
     assert not (workspace / ".catalogue-staging").exists()
@@ -204,7 +204,7 @@ def test_cluster_by_address_gives_the_in_process_ids_and_metrics(
         before = sum(client.run(_executed).values())
     result = _sharded(there, "keep", *extra, *remote)
     assert result.counts["new"] == 3 and result.counts["changed"] == 2
-    assert _ids(there).equals(_ids(here))
+    assert current_id_table(there).equals(current_id_table(here))
 
     evaluate_stage(expected_cfg)
     sets = [arg for item in _overrides(there, *extra, *remote) for arg in ("--set", item)]
@@ -212,8 +212,8 @@ def test_cluster_by_address_gives_the_in_process_ids_and_metrics(
     assert result.exit_code == 0, result.output
     flat = " ".join(result.output.split())  # rich wraps lines at the terminal width
     assert "Beginning flow run" in flat and "for flow 'evaluate'" in flat
-    metrics = _eval_rows(there)
-    assert metrics == _eval_rows(here)
+    metrics = store_eval_rows(there)
+    assert metrics == store_eval_rows(here)
     assert metrics["recall_at_10/kept"] >= 0 and metrics["users/kept"] > 8
     with Client(dask_cli_cluster) as client:  # the shards ran on the external workers
         after = client.run(_executed)
@@ -224,18 +224,6 @@ def test_cluster_by_address_gives_the_in_process_ids_and_metrics(
 def _executed(dask_worker: Any) -> int:
     """Tasks a Dask worker has run (client.run calls it on every worker)."""
     return int(dask_worker.state.executed_count)
-
-
-def _eval_rows(workspace: Path) -> dict[str, float]:
-    """metric/history rule -> value of the store system in ``eval_results``."""
-    import duckdb
-
-    with duckdb.connect(str(workspace / "store.duckdb"), read_only=True) as con:
-        rows = con.execute(
-            "SELECT metric || '/' || history_rule, value FROM eval_results "
-            "WHERE system = 'store' ORDER BY 1"
-        ).fetchall()
-    return {str(name): float(value) for name, value in rows}
 
 
 @pytest.fixture
@@ -313,7 +301,7 @@ def test_killed_worker_shard_runs_again_and_the_ids_are_the_same(
     reruns = [pid for pid, key in starts if key == held_key]
     assert len(reruns) == 2 and reruns[0] == held_pid != reruns[1]  # ran again elsewhere
     assert result.version == 1
-    assert _ids(workspace).equals(expected)
+    assert current_id_table(workspace).equals(expected)
     assert not (workspace / ".catalogue-staging").exists()
 
 
@@ -325,7 +313,7 @@ def test_killed_worker_without_reruns_fails_the_run_and_keeps_the_old_version(
     workspace = copy_workspace(tiny_pipeline, tmp_path / "there")
     cfg = load_config("tiny", _overrides(workspace))
     catalogue_stage(cfg, mode="regenerate")  # version 1, in-process
-    before = _ids(workspace)
+    before = current_id_table(workspace)
     killed: list[int] = []
     killer = _kill_held_worker(marks, killed)
     with pytest.raises(StoreError, match=r"catalogue shard \d+ \(rows \d+-\d+\) failed"):
@@ -333,5 +321,5 @@ def test_killed_worker_without_reruns_fails_the_run_and_keeps_the_old_version(
     killer.join(timeout=5)
     assert len(killed) == 1
     assert storage.latest_version(str(workspace / "store.duckdb")) == 1
-    assert _ids(workspace).equals(before)
+    assert current_id_table(workspace).equals(before)
     assert not (workspace / ".catalogue-staging").exists()

@@ -18,14 +18,11 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import duckdb
-import pyarrow as pa
 import pytest
 
-from store_core import storage
 from store_core.config import load_config
 from store_core.stages import catalogue_stage, evaluate_stage
-from tests.conftest import copy_workspace, shared_dataset
+from tests.conftest import copy_workspace, current_id_table, shared_dataset, store_eval_rows
 
 pytestmark = pytest.mark.slow
 
@@ -93,21 +90,6 @@ def ml100k_trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return workspace
 
 
-def _ids(workspace: Path) -> pa.Table:
-    table = storage.current_ids(str(workspace / "store.duckdb")).sort_by("item_id")
-    return table.select(["item_id", "codes", "sid", "packed", "content_hash", "method", "active"])
-
-
-def _eval_rows(workspace: Path) -> dict[str, float]:
-    """metric/history rule -> value of the store system in ``eval_results``."""
-    with duckdb.connect(str(workspace / "store.duckdb"), read_only=True) as con:
-        rows = con.execute(
-            "SELECT metric || '/' || history_rule, value FROM eval_results "
-            "WHERE system = 'store' ORDER BY 1"
-        ).fetchall()
-    return {str(name): float(value) for name, value in rows}
-
-
 def test_ml100k_two_workers_write_the_in_process_ids_and_metrics(
     ml100k_trained: Path, tmp_path: Path
 ) -> None:
@@ -126,7 +108,7 @@ def test_ml100k_two_workers_write_the_in_process_ids_and_metrics(
     result = catalogue_flow("ml-100k", _overrides(there, *SCALE_OUT, data=data), None, "keep")
     counts = result.counts
     assert counts["changed"] == changed and counts["unchanged"] == 1682 - changed
-    expected, got = _ids(here), _ids(there)
+    expected, got = current_id_table(here), current_id_table(there)
     assert got.num_rows == expected.num_rows == 1682
     assert got.equals(expected)  # every item, every code, the packed form and the SID string
     methods = got.column("method").to_pylist()
@@ -134,8 +116,8 @@ def test_ml100k_two_workers_write_the_in_process_ids_and_metrics(
 
     evaluate_stage(cfg)
     evaluate_flow("ml-100k", _overrides(there, *SCALE_OUT, data=data), None)
-    metrics = _eval_rows(there)
-    assert metrics == _eval_rows(here)
+    metrics = store_eval_rows(there)
+    assert metrics == store_eval_rows(here)
     assert metrics["users/kept"] == 943
     assert metrics["invalid_id_rate/kept"] == 0.0
     assert 0.0 < metrics["recall_at_20/kept"] <= 1.0
