@@ -69,6 +69,14 @@ def _in_process_ids(source: Path, target: Path, mode: str, *extra: str) -> pa.Ta
     return current_id_table(workspace)
 
 
+def _store_cli(args: list[str]) -> subprocess.CompletedProcess[str]:
+    """``store <args>`` in its own process, as users run it: the temporary Prefect server
+    its flow starts is that process's and stops when it exits."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    command = [sys.executable, "-m", "store_cli", *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+
+
 def _sharded(workspace: Path, mode: str, *extra: str) -> CatalogueSummary:
     from flows.pipeline import catalogue_flow
 
@@ -80,10 +88,6 @@ def test_cli_verb_with_workers_runs_shards_on_a_local_cluster_with_the_in_proces
 ) -> None:
     """``store tokenize-catalogue --set inference.workers=2``: the verb runs the flow, whose
     4 shard tasks run on a local cluster started from the config."""
-    from typer.testing import CliRunner
-
-    from store_cli.app import app
-
     expected = _in_process_ids(tiny_pipeline, tmp_path / "here", "regenerate")
     workspace = copy_workspace(tiny_pipeline, tmp_path / "there")
     sets = [
@@ -91,11 +95,9 @@ def test_cli_verb_with_workers_runs_shards_on_a_local_cluster_with_the_in_proces
         for item in _overrides(workspace, "inference.workers=2", "inference.shards=4")
         for arg in ("--set", item)
     ]
-    result = CliRunner().invoke(
-        app, ["tokenize-catalogue", "-c", "tiny", *sets, "--mode", "regenerate"]
-    )
-    assert result.exit_code == 0, result.output
-    flat = " ".join(result.output.split())  # rich wraps lines at the terminal width
+    result = _store_cli(["tokenize-catalogue", "-c", "tiny", *sets, "--mode", "regenerate"])
+    assert result.returncode == 0, result.stdout + result.stderr
+    flat = " ".join((result.stdout + result.stderr).split())  # rich wraps at the width
     assert "tokenize-catalogue: semantic-ID version 1 written (0 new, 0 changed" in flat
     assert "; regenerated 48 IDs," in flat
     assert storage.latest_version(str(workspace / "store.duckdb")) == 1
@@ -185,10 +187,6 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> No
 def test_cluster_by_address_gives_the_in_process_ids_and_metrics(
     tiny_pipeline: Path, tmp_path: Path, dask_cli_cluster: str
 ) -> None:
-    from typer.testing import CliRunner
-
-    from store_cli.app import app
-
     changed = write_changed_catalogue(tmp_path / "changed-data")
     extra = [f"data.path={changed}", "evaluation.systems=[store]"]
     here = copy_workspace(tiny_pipeline, tmp_path / "here")
@@ -208,9 +206,9 @@ def test_cluster_by_address_gives_the_in_process_ids_and_metrics(
 
     evaluate_stage(expected_cfg)
     sets = [arg for item in _overrides(there, *extra, *remote) for arg in ("--set", item)]
-    result = CliRunner().invoke(app, ["evaluate", "-c", "tiny", *sets])  # through the flow
-    assert result.exit_code == 0, result.output
-    flat = " ".join(result.output.split())  # rich wraps lines at the terminal width
+    result = _store_cli(["evaluate", "-c", "tiny", *sets])  # through the flow
+    assert result.returncode == 0, result.stdout + result.stderr
+    flat = " ".join((result.stdout + result.stderr).split())  # rich wraps at the width
     assert "Beginning flow run" in flat and "for flow 'evaluate'" in flat
     metrics = store_eval_rows(there)
     assert metrics == store_eval_rows(here)
@@ -247,18 +245,24 @@ def held_cluster(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[tup
     ):
         client.register_plugin(HoldFirstTask(str(marks)))
         yield cluster.scheduler_address, marks
-    _stop_orphans(tmp_path / "prefect-home")
+    _stop_orphans(tmp_path / "prefect-home", request.node.nodeid)
 
 
-def _stop_orphans(prefect_home: Path) -> None:
+def _stop_orphans(prefect_home: Path, nodeid: str) -> None:
     """Stop what the cluster's workers left running: a worker with no PREFECT_API_URL
     starts a temporary Prefect server in its own process, and when the test SIGKILLs that
-    worker the server is orphaned (found by the test's PREFECT_HOME in its environment)."""
+    worker the server is orphaned. Found by the test's PREFECT_HOME in its environment,
+    or by the test's PYTEST_CURRENT_TEST (a worker can carry the Prefect settings an
+    earlier test's flow left in this process, with another PREFECT_HOME)."""
     import psutil
 
     for proc in psutil.process_iter():
         try:
-            if proc.pid != os.getpid() and proc.environ().get("PREFECT_HOME") == str(prefect_home):
+            env = proc.environ()
+            started_here = env.get("PYTEST_CURRENT_TEST", "").startswith(f"{nodeid} ")
+            if proc.pid != os.getpid() and (
+                env.get("PREFECT_HOME") == str(prefect_home) or started_here
+            ):
                 proc.kill()
                 proc.wait(timeout=10)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
