@@ -71,7 +71,8 @@ class ColdStartBackoff:
             return None
         prefixes, inverse = np.unique(arr[rows, :depth], axis=0, return_inverse=True)
         inverse = inverse.reshape(-1)
-        members = [rows[inverse == p] for p in range(len(prefixes))]
+        order = np.argsort(inverse, kind="stable")  # cold rows grouped by prefix, O(n log n)
+        members = np.split(rows[order], np.cumsum(np.bincount(inverse))[:-1])
         # items of the whole catalogue behind each prefix (>= its cold-start members)
         everyone, counts = np.unique(arr[:, :depth], axis=0, return_counts=True)
         found = {tuple(p): int(c) for p, c in zip(everyone.tolist(), counts.tolist(), strict=True)}
