@@ -48,7 +48,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from store_core.config import LossNormalization, RecSamples, StoreConfig, TaskSpec
+from store_core.config import (
+    IdNormalization,
+    LossNormalization,
+    RecSamples,
+    StoreConfig,
+    TaskSpec,
+)
 from store_core.errors import MissingInputError, StoreError
 from store_core.schemas import SEMANTIC_ID_ROW_SCHEMA
 from store_core.semantic_ids import format_sid, pack_codes
@@ -112,6 +118,7 @@ class RecommenderMetadata(TokenizerMetadata):
     rec_samples: RecSamples
     mixture: list[TaskSpec]
     loss_normalization: LossNormalization
+    id_normalization: IdNormalization = "level"  # absent: trained before the option
     finetune: Literal["full", "lora"]
     variant: str
     phase_a_checkpoint: str  # where the IDs came from (provenance; nothing is read there)
@@ -214,6 +221,10 @@ def read_recommender_metadata(directory: str | Path) -> RecommenderMetadata:
 TRAINED_SETTINGS: dict[str, tuple[Callable[[StoreConfig], object], str]] = {
     "recommender.history_len": (lambda c: c.recommender.history_len, "history_len"),
     "recommender.rec_samples": (lambda c: c.recommender.rec_samples, "rec_samples"),
+    "recommender.id_normalization": (
+        lambda c: c.recommender.id_normalization,
+        "id_normalization",
+    ),
     "model.max_text_tokens": (lambda c: c.model.max_text_tokens, "max_text_tokens"),
     "semantic_id.cluster_levels": (lambda c: c.semantic_id.cluster_levels, "cluster_levels"),
 }

@@ -533,6 +533,7 @@ VALIDATION_CUTOFF = 10
 TaskName = Literal["recommendation", "alignment", "reconstruction", "title_history"]
 LossNormalization = Literal["token", "target"]
 RecSamples = Literal["sequence", "prefix"]
+IdNormalization = Literal["level", "trie"]
 
 
 class TaskSpec(StrictModel):
@@ -587,6 +588,15 @@ class RecommenderConfig(StrictModel):
         "divided by the mixture's expected targets per batch, so every target weighs the "
         "same over an epoch and the mixture weights are the tasks' shares in either "
         "rec_samples form. 'sample' is read as 'target' (its name before sequence mode).",
+    )
+    id_normalization: IdNormalization = Field(
+        "level",
+        description="What a recommendation target's semantic-ID token is normalized over, in "
+        "Phase B's loss and in decoding: 'level' = the softmax over its level's K codes; "
+        "'trie' = over the codes that continue a catalogue item's ID from the target's "
+        "prefix, so a target's loss is -log p(item) under one softmax over the catalogue's "
+        "items factorized along the ID (the objective SASRec-CE trains). Fixed at training "
+        "time: decoding uses the checkpoint's.",
     )
     rec_samples: RecSamples = Field(
         "sequence",

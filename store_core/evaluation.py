@@ -122,6 +122,7 @@ def decode_split(
             pad_token_id=bundle.builder.pad_token_id,
             batch_size=cfg.recommender.eval_batch_size,
             progress=progress,
+            normalization=bundle.trained(cfg).id_normalization,
         )
     if cfg.recommender.cold_start_backoff > 0:
         trained = trained_items(cfg.data_dir)

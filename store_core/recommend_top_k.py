@@ -134,6 +134,7 @@ def recommend(
         SemanticIdTrie.from_codes(codes[allowed], bundle.level_ids),
         beam_size=max(cfg.recommender.beam_size, k),
         pad_token_id=bundle.builder.pad_token_id,
+        normalization=bundle.trained(cfg).id_normalization,
     )
     if cfg.recommender.cold_start_backoff > 0:  # items no training sequence contains
         trained = trained_items(cfg.data_dir)

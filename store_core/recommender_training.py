@@ -40,7 +40,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from store_core import checkpoint as ckpt
-from store_core.config import LossNormalization, StoreConfig
+from store_core.config import IdNormalization, LossNormalization, StoreConfig
 from store_core.dropout import add_dropout
 from store_core.errors import StoreError
 from store_core.generate import SemanticIdTrie, constrained_beam_search
@@ -145,6 +145,16 @@ def recommender_dir(cfg: StoreConfig) -> str:
 DECODING_ONLY = {"cold_start_backoff", "cold_start_backoff_depth"}
 
 
+#: ``recommender`` settings added after the key existed that change training: left out of
+#: the key at this default, so earlier checkpoints keep their keys.
+ADDED_WITH_DEFAULT = {"id_normalization": "level"}
+
+
+def _key_excluded(cfg: StoreConfig) -> set[str]:
+    defaults = {k for k, v in ADDED_WITH_DEFAULT.items() if getattr(cfg.recommender, k) == v}
+    return DECODING_ONLY | defaults
+
+
 def training_key(cfg: StoreConfig, item_ids: list[str], codes: np.ndarray) -> str:
     """Digest of everything Phase B training depends on: its settings and the IDs it learns.
 
@@ -154,7 +164,7 @@ def training_key(cfg: StoreConfig, item_ids: list[str], codes: np.ndarray) -> st
     """
     digest = hashlib.sha256()
     settings = {
-        "recommender": cfg.recommender.model_dump(mode="json", exclude=DECODING_ONLY),
+        "recommender": cfg.recommender.model_dump(mode="json", exclude=_key_excluded(cfg)),
         "train": cfg.recommender_train.model_dump(mode="json"),
         "model": cfg.model.model_dump(mode="json"),
     }
@@ -240,6 +250,7 @@ def evaluate_split(
         pad_token_id=builder.pad_token_id,
         batch_size=cfg.recommender.eval_batch_size,
         progress=progress,
+        normalization=cfg.recommender.id_normalization,
     )
     ranks = np.array(
         [rank_of(row_of[t], result.items[i]) for i, t in enumerate(targets)], dtype=np.int64
@@ -311,10 +322,16 @@ class PhaseBInputs:
         normalization: LossNormalization,
         batch_size: int,
         samples: Sequence[Sample] | None = None,
+        id_normalization: IdNormalization = "level",
     ) -> LossFn:
         """Phase B's loss for training on ``samples`` (default: :attr:`samples`):
         ``normalization`` averaging (per target: over their expected targets per
-        micro-batch of ``batch_size``), ID tokens over their level's codes."""
+        micro-batch of ``batch_size``), ID tokens over their level's codes, or with
+        ``id_normalization`` "trie" a recommendation target's over the codes that
+        continue a catalogue ID (:func:`store_core.tasks.token_losses`)."""
+        catalogue = None
+        if id_normalization == "trie":
+            catalogue = SemanticIdTrie.from_codes(self.codes, self.level_ids)
         return functools.partial(
             multitask_loss,
             normalization=normalization,
@@ -322,6 +339,7 @@ class PhaseBInputs:
             targets_per_batch=targets_per_batch(
                 self.samples if samples is None else samples, batch_size
             ),
+            catalogue=catalogue,
         )
 
 
@@ -387,7 +405,11 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
         model,
         inputs.samples,
         SampleCollator(inputs.builder.pad_token_id, None),
-        inputs.loss(rec.loss_normalization, cfg.recommender_train.batch_size),
+        inputs.loss(
+            rec.loss_normalization,
+            cfg.recommender_train.batch_size,
+            id_normalization=rec.id_normalization,
+        ),
         cfg.recommender_train,
         f"{recommender_dir(cfg)}-checkpoints/{training_key(cfg, inputs.item_ids, inputs.codes)}",
         run=run,
@@ -406,6 +428,7 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
         "variant": variant(cfg),
         "quantizer": cfg.semantic_id.quantizer,
         "loss_normalization": rec.loss_normalization,
+        "id_normalization": rec.id_normalization,
         "finetune": rec.finetune,
         "trainable_parameters": trainable,
         "rec_samples": rec.rec_samples,
@@ -436,6 +459,7 @@ def train_recommender(cfg: StoreConfig, run: Run | None = None) -> RecommenderOu
         rec_samples=rec.rec_samples,
         mixture=list(rec.mixture),
         loss_normalization=rec.loss_normalization,
+        id_normalization=rec.id_normalization,
         finetune=rec.finetune,
         variant=variant(cfg),
         phase_a_checkpoint=inputs.source,

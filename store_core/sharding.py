@@ -392,6 +392,7 @@ def run_users_shard(shard: UsersShard) -> tuple[BeamResult, ShardReport]:
         beam_size=shard.beam_size,
         pad_token_id=bundle.builder.pad_token_id,
         batch_size=shard.batch_size,
+        normalization=bundle.metadata.id_normalization,
     )
     report = ShardReport(
         index=shard.index,

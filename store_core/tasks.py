@@ -76,7 +76,7 @@ import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, cast, get_args
+from typing import TYPE_CHECKING, Any, cast, get_args
 
 import numpy as np
 import pyarrow as pa
@@ -95,6 +95,9 @@ from store_core.splits import (
     recent_history,
     split_history,
 )
+
+if TYPE_CHECKING:
+    from store_core.generate.trie import SemanticIdTrie
 
 logger = logging.getLogger(__name__)
 
@@ -655,7 +658,12 @@ class TokenLosses:
 
 
 def token_losses(
-    model: Any, batch: Batch, ids: IdVocabulary | None = None, *, gather: bool = True
+    model: Any,
+    batch: Batch,
+    ids: IdVocabulary | None = None,
+    *,
+    gather: bool = True,
+    catalogue: SemanticIdTrie | None = None,
 ) -> TokenLosses:
     """Per-token cross-entropy on the completion tokens of ``batch`` (collator layout).
 
@@ -666,7 +674,15 @@ def token_losses(
     ``</s>``) is over the whole vocabulary; without, every token's is. ``gather=False``
     (the baseline of benchmarks/rec_samples_throughput.py), and models whose head scales
     or caps logits (``_HEAD_EXTRAS``), compute full ``[B, T, V]`` logits and take the same
-    rows and columns. Raises ValueError when the batch has no completion token.
+    rows and columns.
+
+    ``catalogue`` (with ``ids``; ``recommender.id_normalization: trie``): the ID tokens of
+    recommendation targets are normalized over the codes that continue a catalogue item's
+    ID from the target's prefix (the trie's children) instead of all ``K_l`` codes of the
+    level, so a target's summed loss is ``-log p(item)`` under the item-level softmax
+    over the whole catalogue factorized along the trie, the objective SASRec-CE trains
+    with one softmax over items. A target whose prefix leaves the trie keeps the level
+    softmax. Raises ValueError when the batch has no completion token.
     """
     device = model_device(model)
     batch = {k: v.to(device) for k, v in batch.items()}
@@ -675,13 +691,20 @@ def token_losses(
     if not bool(select.any()):
         raise ValueError("batch has no completion tokens")
     wanted = targets[select]  # [N]
+    rows_of = torch.arange(targets.shape[0], device=device).unsqueeze(1).expand_as(targets)
+    target = batch["target_ids"][:, 1:][select]  # [N]
+    task = batch["task_ids"][rows_of[select]]  # [N]
     groups: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []  # mask, rows, labels
+    node: torch.Tensor | None = None  # [N] trie node before each token, -1 = level softmax
     if ids is None:
         groups.append((torch.ones_like(wanted, dtype=torch.bool), None, wanted))
     else:
         level, code = ids.classify(wanted)  # [N], [N]
         groups.append((level < 0, None, wanted))
         groups += [(level == i, rows, code) for i, rows in enumerate(ids.on(device)[2])]
+        if catalogue is not None:
+            catalogue = catalogue.to(device)
+            node = _catalogue_nodes(catalogue, level, code, target, task)
     if _head_extras(model) or not gather:
         full = _full_logits(model, batch, select)  # [N, V]
 
@@ -697,16 +720,49 @@ def token_losses(
             return _level_logits(head, hidden[mask], rows)
 
     per_token = torch.empty(wanted.shape, dtype=torch.float32, device=device)  # [N]
-    for mask, rows, labels in groups:
+    for index, (mask, rows, labels) in enumerate(groups):
         if bool(mask.any()):
             logits = logits_of(mask, rows).float()  # [n, V] or [n, K_l]
+            if node is not None and rows is not None and catalogue is not None:
+                logits = _trie_masked(logits, catalogue, index - 1, node[mask])
             per_token[mask] = F.cross_entropy(logits, labels[mask], reduction="none")
-    rows_of = torch.arange(targets.shape[0], device=device).unsqueeze(1).expand_as(targets)
-    return TokenLosses(
-        per_token=per_token,
-        target=batch["target_ids"][:, 1:][select],
-        task=batch["task_ids"][rows_of[select]],
-    )
+    return TokenLosses(per_token=per_token, target=target, task=task)
+
+
+_RECOMMENDATION = TASK_ORDER.index("recommendation")
+
+
+def _catalogue_nodes(
+    catalogue: SemanticIdTrie,
+    level: torch.Tensor,
+    code: torch.Tensor,
+    target: torch.Tensor,
+    task: torch.Tensor,
+) -> torch.Tensor:
+    """``[N]`` trie node each recommendation ID token continues (its target's prefix before
+    it), -1 for every other token and for targets whose prefix is not in the trie."""
+    chosen = (level >= 0) & (task == _RECOMMENDATION)  # [N]
+    node = torch.full_like(level, -1)
+    if not bool(chosen.any()):
+        return node
+    count = int(target.max()) + 1
+    codes = torch.full((count, catalogue.id_length), -1, dtype=torch.long, device=level.device)
+    codes[target[chosen], level[chosen]] = code[chosen]  # [targets, M]
+    prefix = catalogue.prefix_nodes(codes)  # [targets, M]
+    node[chosen] = prefix[target[chosen], level[chosen]]
+    return node
+
+
+def _trie_masked(
+    logits: torch.Tensor, catalogue: SemanticIdTrie, level: int, node: torch.Tensor
+) -> torch.Tensor:
+    """``logits`` ``[n, K_l]`` with the codes that do not continue ``node`` (``[n]``; -1:
+    leave the row as is) at ``-inf``."""
+    inside = node >= 0
+    if not bool(inside.any()):
+        return logits
+    invalid = catalogue.children(level, node.clamp(min=0)) < 0  # [n, K_l]
+    return logits.masked_fill(invalid & inside.unsqueeze(1), -math.inf)
 
 
 def targets_per_batch(samples: Sequence[Sample], batch_size: int) -> float:
@@ -723,11 +779,14 @@ def multitask_loss(
     normalization: LossNormalization = "token",
     ids: IdVocabulary | None = None,
     targets_per_batch: float | None = None,
+    catalogue: SemanticIdTrie | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """Cross-entropy on the completion tokens of the batch, plus per-task means.
 
     ``ids``: the semantic-ID vocabulary, so ID tokens are scored over their level's codes
     as decoding scores them (Phase B always passes it; :func:`token_losses`).
+    ``catalogue``: the trie of the catalogue's IDs, to normalize recommendation targets'
+    ID tokens over its valid continuations (``recommender.id_normalization: trie``).
 
     ``normalization`` says how the token losses are averaged:
 
@@ -753,7 +812,7 @@ def multitask_loss(
     per completion token of that task's rows) for each task present, ``tokens``
     (completion tokens) and ``targets`` (targets) in the batch.
     """
-    losses = token_losses(model, batch, ids)
+    losses = token_losses(model, batch, ids, catalogue=catalogue)
     if normalization == "token":
         loss = losses.per_token.mean()
     elif normalization == "target":

@@ -6,6 +6,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, get_args
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -648,3 +649,92 @@ def test_length_grouping_saves_padding(data: TaskData, builder: PromptBuilder) -
     assert padded_tokens(samples, 2, grouped.order(0).tolist()) - real < (
         padded_tokens(samples, 2, shuffled.order(0).tolist()) - real
     )
+
+
+def _one_prompt_every_target(builder: PromptBuilder, history: list[str]) -> list[Sample]:
+    prompt = builder.recommendation([CODES[i] for i in history])
+    return [
+        Sample("recommendation", prompt, builder.recommendation_completion(CODES[item]))
+        for item in sorted(CODES)
+    ]
+
+
+def _summed_target_losses(losses: Any) -> torch.Tensor:
+    count = int(losses.target.max()) + 1
+    return torch.zeros(count).index_add_(0, losses.target, losses.per_token)  # [targets]
+
+
+def test_trie_normalization_makes_a_target_loss_one_softmax_over_the_catalogue(
+    builder: PromptBuilder, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """recommender.id_normalization "trie": for one history, the targets' summed losses are
+    -log p(item) of a distribution over the catalogue's items (probabilities add up to 1,
+    as SASRec-CE's softmax over items); the level softmax leaks mass to IDs no item has.
+    Beam search with the same normalization scores every item with the same log p(item)."""
+    from store_core.generate import SemanticIdTrie, constrained_beam_search
+
+    samples = _one_prompt_every_target(builder, ["A", "B"])
+    batch = SampleCollator(pad_token_id=int(tokenizer.pad_token_id))(samples)
+    model = tiny_model(len(tokenizer)).eval()
+    ids = IdVocabulary(builder.sid_table)
+    codes = [CODES[item] for item in sorted(CODES)]
+    trie = SemanticIdTrie.from_codes(np.array(codes), builder.sid_table)
+    with torch.no_grad():
+        by_trie = _summed_target_losses(token_losses(model, batch, ids, catalogue=trie))
+        by_level = _summed_target_losses(token_losses(model, batch, ids))
+    assert float(torch.exp(-by_trie).sum()) == pytest.approx(1.0, abs=1e-5)
+    assert float(torch.exp(-by_level).sum()) < 0.5  # 9 of the 64 IDs hold an item
+    assert bool((by_trie < by_level).all())  # fewer rivals for every target
+    result = constrained_beam_search(
+        model,
+        [samples[0].prompt],
+        trie,
+        beam_size=len(codes),
+        pad_token_id=int(tokenizer.pad_token_id),
+        normalization="trie",
+    )
+    scores = dict(zip(result.items[0].tolist(), result.scores[0].tolist(), strict=True))
+    assert sorted(scores) == list(range(len(codes)))  # every item, exactly ranked
+    expected = (-by_trie).tolist()
+    assert [scores[row] for row in range(len(codes))] == pytest.approx(expected, abs=1e-4)
+    level_search = constrained_beam_search(
+        model,
+        [samples[0].prompt],
+        trie,
+        beam_size=len(codes),
+        pad_token_id=int(tokenizer.pad_token_id),
+    )
+    rows, values = level_search.items[0].tolist(), level_search.scores[0].tolist()
+    level_scores = dict(zip(rows, values, strict=True))
+    assert [level_scores[r] for r in range(len(codes))] == pytest.approx(
+        (-by_level).tolist(), abs=1e-4
+    )
+
+
+def test_trie_normalization_leaves_the_catalogue_tasks_on_the_level_softmax(
+    data: TaskData, builder: PromptBuilder, tokenizer: PreTrainedTokenizerFast
+) -> None:
+    """Only recommendation targets are renormalized over the trie: text -> ID (alignment)
+    must also emit IDs of new items, so it keeps the level softmax."""
+    from store_core.generate import SemanticIdTrie
+
+    samples = [
+        TASKS["recommendation"](data, builder, SEQUENCE)[1],
+        TASKS["alignment"](data, builder, PREFIX)[2],
+    ]
+    batch = SampleCollator(pad_token_id=int(tokenizer.pad_token_id))(samples)
+    model = tiny_model(len(tokenizer)).eval()
+    ids = IdVocabulary(builder.sid_table)
+    trie = SemanticIdTrie.from_codes(
+        np.array([CODES[item] for item in sorted(CODES)]), builder.sid_table
+    )
+    with torch.no_grad():
+        by_trie = token_losses(model, batch, ids, catalogue=trie)
+        by_level = token_losses(model, batch, ids)
+    recommendation = by_trie.task == TASK_ORDER.index("recommendation")
+    alignment = by_trie.task == TASK_ORDER.index("alignment")
+    torch.testing.assert_close(by_trie.per_token[alignment], by_level.per_token[alignment])
+    trie_losses = by_trie.per_token[recommendation]
+    level_losses = by_level.per_token[recommendation]
+    assert bool((trie_losses <= level_losses + 1e-6).all())
+    assert bool((trie_losses < level_losses).any())

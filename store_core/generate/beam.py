@@ -11,6 +11,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+from store_core.config import IdNormalization
 from store_core.generate.trie import SemanticIdTrie
 from store_core.progress import progress as progress_bar
 
@@ -46,6 +47,7 @@ def constrained_beam_search(
     batch_size: int = 32,
     progress: bool = False,
     strategy: Strategy = "auto",
+    normalization: IdNormalization = "level",
 ) -> BeamResult:
     """Top ``beam_size`` valid semantic IDs per prompt, by batched beam search in M steps.
 
@@ -74,6 +76,13 @@ def constrained_beam_search(
       ``sdpa`` or ``eager``, else ``expand``.
 
     Both give the same beams (the tests check each against :func:`hf_reference_search`).
+
+    ``normalization`` (the checkpoint's ``recommender.id_normalization``): ``"level"``
+    scores each code by the softmax over its level's ``K_l`` codes; ``"trie"`` by the
+    softmax over the codes that continue the beam's prefix in ``trie``, so a full ID's
+    score is ``log p(item)`` under the item-level softmax over the trie's items (the
+    search is then exact when ``beam_size`` covers the catalogue). A levelwise trie
+    (every code valid) gives the same scores either way. ValueError on an unknown one.
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
@@ -96,7 +105,10 @@ def constrained_beam_search(
     scores = np.full((num_prompts, beam_size), -np.inf, dtype=np.float32)  # [P, B]
     items = np.full((num_prompts, beam_size), -1, dtype=np.int64)  # [P, B]
     device = next(model.parameters()).device
+    if normalization not in ("level", "trie"):
+        raise ValueError(f"unknown normalization {normalization!r}")
     search = _BatchSearch(model, trie.to(device), beam_size, pad_token_id, strategy)
+    search.trie_softmax = normalization == "trie"
     order = sorted(range(num_prompts), key=lambda i: len(prompts[i]))  # by length
     was_training = model.training
     model.eval()
@@ -136,6 +148,7 @@ class _BatchSearch:
         # transformers 5.x renamed the cache argument ``past_key_values`` -> ``cache``.
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.dtype = next(model.parameters()).dtype
+        self.trie_softmax = False  # normalize over the prefix's children, not the level
 
     def run(
         self, prompts: Sequence[Sequence[int]]
@@ -180,10 +193,13 @@ class _BatchSearch:
             tokens = trie.token_ids(level)  # [K]
             size = tokens.numel()
             # An ID token's log-probability is normalized over its level's codes (as Phase B
-            # trains it: tasks.token_losses), not over the whole vocabulary.
-            level_lp = torch.log_softmax(logits.index_select(1, tokens), dim=-1)  # [P*b, K]
-            level_lp = level_lp.view(num_prompts, width_beams, size)
+            # trains it: tasks.token_losses), not over the whole vocabulary; with
+            # normalization "trie" over the codes that continue the beam's prefix.
             child = trie.children(level, node.view(-1)).view(num_prompts, width_beams, size)
+            level_logits = logits.index_select(1, tokens).view(num_prompts, width_beams, size)
+            if self.trie_softmax:
+                level_logits = level_logits.masked_fill(child < 0, -math.inf)
+            level_lp = torch.log_softmax(level_logits, dim=-1)  # [P, b, K]; NaN: no child
             candidates = (beam_scores.unsqueeze(-1) + level_lp).masked_fill(child < 0, -math.inf)
             flat = candidates.reshape(num_prompts, width_beams * size)  # [P, b*K] contiguous
             if torch.isnan(flat).any():

@@ -286,6 +286,29 @@ class SemanticIdTrie:
         """Child node per code of ``level`` for nodes at that depth, ``[..., K_l]``; -1 invalid."""
         return self._levels[level].children(node)
 
+    def prefix_nodes(self, codes: torch.Tensor) -> torch.Tensor:
+        """Node of every proper prefix of each ID: ``[n, M]`` codes -> ``[n, M]`` int64.
+
+        Column ``l`` is the depth-``l`` node of ``codes[:, :l]`` (column 0 is the root, 0),
+        i.e. the node whose :meth:`children` at level ``l`` are the codes that may follow;
+        -1 from the first level whose code leaves the trie (or is out of range). ``codes``
+        must be on :attr:`device`. ValueError when ``codes`` is not ``[n, M]``.
+        """
+        if codes.ndim != 2 or codes.shape[1] != self.id_length:
+            shape = tuple(codes.shape)
+            raise ValueError(f"IDs must have {self.id_length} codes, got shape {shape}")
+        nodes = torch.full(codes.shape, -1, dtype=torch.long, device=codes.device)  # [n, M]
+        node = torch.zeros(codes.shape[0], dtype=torch.long, device=codes.device)  # [n]
+        found = torch.ones(codes.shape[0], dtype=torch.bool, device=codes.device)  # [n]
+        for index, level in enumerate(self._levels):
+            nodes[:, index] = torch.where(found, node, -1)
+            code = codes[:, index].long()  # [n]
+            found &= (code >= 0) & (code < level.size)
+            child = level.child(torch.where(found, node, 0), torch.where(found, code, 0))
+            found &= child >= 0
+            node = torch.where(found, child, 0)
+        return nodes
+
     def lookup(self, codes: np.ndarray | Sequence[int] | Sequence[Sequence[int]]) -> np.ndarray:
         """Row of the item with each ID (``[M]`` -> ``[]``, ``[n, M]`` -> ``[n]``), -1 if none.
 
