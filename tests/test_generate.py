@@ -10,6 +10,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from store_core.generate import (
+    DENSE_LIMIT_BYTES,
     BeamResult,
     SemanticIdTrie,
     Strategy,
@@ -104,6 +105,34 @@ def test_trie_lookup_dense_and_sparse_agree() -> None:
     for level in range(len(SIZES)):
         nodes = torch.arange(dense.nodes_per_depth[level])
         torch.testing.assert_close(dense.children(level, nodes), sparse.children(level, nodes))
+
+
+def test_trie_prefix_nodes_are_the_nodes_whose_children_continue_each_id() -> None:
+    """prefix_nodes: column l is the node of the first l codes; its children at level l
+    hold the ID's next code, and leaving the trie gives -1 from there on."""
+    codes = catalogue(300)
+    for limit in (DENSE_LIMIT_BYTES, 0):
+        trie = SemanticIdTrie.from_codes(codes, level_ids(), dense_limit_bytes=limit)
+        nodes = trie.prefix_nodes(torch.from_numpy(codes))  # [300, M]
+        assert (nodes[:, 0] == 0).all()
+        for level in range(len(SIZES)):
+            child = trie.children(level, nodes[:, level])  # [300, K]
+            picked = child.gather(1, torch.from_numpy(codes[:, level : level + 1])).squeeze(1)
+            assert (picked >= 0).all()
+            if level + 1 < len(SIZES):
+                assert torch.equal(picked, nodes[:, level + 1])
+        # Items sharing their first two codes share the node before the third.
+        same = {tuple(r[:2]) for r in codes.tolist()}
+        assert len(set(nodes[:, 2].tolist())) == len(same)
+        known = {tuple(r[:2]) for r in codes.tolist()}
+        outside = next(
+            [a, b, 0, 0] for a in range(SIZES[0]) for b in range(SIZES[1]) if (a, b) not in known
+        )
+        got = trie.prefix_nodes(torch.tensor([outside, [99, 0, 0, 0]])).tolist()
+        assert got[0][:2] != [-1, -1] and got[0][2:] == [-1, -1]
+        assert got[1] == [0, -1, -1, -1]
+    with pytest.raises(ValueError, match="IDs must have 4 codes"):
+        trie.prefix_nodes(torch.zeros((2, 3), dtype=torch.long))
 
 
 def test_trie_rejects_bad_catalogues() -> None:
@@ -210,6 +239,56 @@ def test_sparse_trie_decodes_the_same() -> None:
     a = constrained_beam_search(model, prompts, dense, beam_size=BEAM, pad_token_id=PAD)
     b = constrained_beam_search(model, prompts, sparse, beam_size=BEAM, pad_token_id=PAD)
     assert_same(a, b, atol=0)
+
+
+def test_trie_normalization_decodes_an_item_distribution_in_every_layout() -> None:
+    """normalization="trie": with a beam as wide as the catalogue the scores of all items
+    are a distribution (sum of probabilities 1) whatever the strategy or trie layout; a
+    levelwise trie (every code valid) scores as the level softmax; unknown names fail."""
+    codes = catalogue(60, seed=6)
+    model = tiny_model(seed=6)
+    prompts = random_prompts(5, seed=6)
+    results = [
+        constrained_beam_search(
+            model,
+            prompts,
+            SemanticIdTrie.from_codes(codes, level_ids(), dense_limit_bytes=limit),
+            beam_size=60,
+            pad_token_id=PAD,
+            strategy=strategy,
+            normalization="trie",
+        )
+        for limit in (DENSE_LIMIT_BYTES, 0)
+        for strategy in STRATEGIES
+    ]
+    for result in results:
+        assert_same(result, results[0])
+        np.testing.assert_allclose(np.exp(result.scores.astype(np.float64)).sum(1), 1, atol=1e-4)
+    level = constrained_beam_search(
+        model,
+        prompts,
+        SemanticIdTrie.from_codes(codes, level_ids()),
+        beam_size=60,
+        pad_token_id=PAD,
+    )
+    assert (np.exp(level.scores.astype(np.float64)).sum(1) < 0.9).all()
+    levelwise = SemanticIdTrie.levelwise(level_ids())
+    by_level, by_trie = (
+        constrained_beam_search(
+            model, prompts, levelwise, beam_size=BEAM, pad_token_id=PAD, normalization=how
+        )
+        for how in ("level", "trie")
+    )
+    assert_same(by_level, by_trie, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown normalization 'item'"):
+        constrained_beam_search(
+            model,
+            prompts,
+            levelwise,
+            beam_size=BEAM,
+            pad_token_id=PAD,
+            normalization="item",  # type: ignore[arg-type]
+        )
 
 
 def test_batch_size_and_strategy_do_not_change_results() -> None:

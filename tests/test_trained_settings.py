@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -18,7 +19,10 @@ from store_core import storage
 from store_core.bundle import load_bundle
 from store_core.checkpoint import config_overrides
 from store_core.config import load_config
-from store_core.recommender_training import recommender_dir
+from store_core.evaluation import decode_split
+from store_core.generate import SemanticIdTrie, constrained_beam_search
+from store_core.recommender_training import recommender_dir, train_recommender
+from store_core.tasks import eval_prompts
 from tests.conftest import REPO, copy_workspace
 from tests.test_tiny_pinned import PINNED_METRICS
 
@@ -112,3 +116,40 @@ def test_tokenize_catalogue_names_a_disagreeing_setting_and_uses_the_trained_one
         generated.append(dict(zip(items, sids, strict=True)))
     # Every ID generated from the item texts as the model was trained to read them.
     assert generated[0] == generated[1]
+
+
+def test_a_model_trained_with_trie_normalization_is_decoded_with_it(
+    tiny_pipeline: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """recommender.id_normalization is fixed at training time: Phase B records it, and
+    evaluation decodes with the checkpoint's value (saying so) when the config differs."""
+
+    ws = copy_workspace(tiny_pipeline, tmp_path / "ws")
+    base = [f"workspace={ws}", "tracking.enabled=false"]
+    trained_cfg = load_config("tiny", [*base, "recommender.id_normalization=trie"])
+    outcome = train_recommender(trained_cfg)
+    assert outcome is not None and outcome.metrics["id_normalization"] == "trie"
+    bundle = load_bundle(recommender_dir(trained_cfg))
+    assert bundle.metadata.id_normalization == "trie"
+    cfg = load_config("tiny", base)  # the default, "level"
+    assert config_overrides(bundle.metadata, cfg) == [
+        ("recommender.id_normalization", "level", "trie")
+    ]
+    decoded = decode_split(bundle, cfg, "test", progress=False)
+    assert "recommender.id_normalization in the config (level) differs" in caplog.text
+    trie = SemanticIdTrie.from_codes(bundle.codes(), bundle.level_ids)
+    _, prompts, _ = eval_prompts(decoded.data, bundle.builder, TRAINED, "test")
+    assert len(prompts) == len(decoded.targets)
+
+    def search(normalization: str) -> np.ndarray:
+        return constrained_beam_search(
+            bundle.model,
+            prompts,
+            trie,
+            beam_size=cfg.recommender.beam_size,
+            pad_token_id=bundle.builder.pad_token_id,
+            normalization=normalization,  # type: ignore[arg-type]
+        ).scores
+
+    np.testing.assert_allclose(decoded.result.scores, search("trie"), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(search("level"), search("trie"))  # level leaks mass: lower
