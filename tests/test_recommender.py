@@ -229,6 +229,12 @@ def test_training_key_separates_runs_that_must_not_share_checkpoints() -> None:
     # decoding-only settings share the checkpoints of the same training
     decoding = ["recommender.cold_start_backoff=1", "recommender.cold_start_backoff_depth=1"]
     assert training_key(load_config("tiny", decoding), item_ids, codes) == key
+    # id_normalization trains differently; at its default ("level") the key is the one
+    # checkpoints had before the option existed (computed at 75e7c49), so they resume.
+    trie = load_config("tiny", ["recommender.id_normalization=trie"])
+    assert training_key(trie, item_ids, codes) not in {key, *others}
+    pinned_codes = np.array([[0, 1, 2, 0], [1, 1, 2, 0]])
+    assert training_key(load_config("tiny"), item_ids, pinned_codes) == "41f3d6bcd097"
 
 
 def test_lora_trains_the_new_token_rows_and_saves_plain_weights(
