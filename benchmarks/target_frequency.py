@@ -140,8 +140,9 @@ def match_users(
 ) -> np.ndarray:
     """SASRec-CE's ranks [U] in the order of ``store_users``.
 
-    StoreError when the two do not hold the same test users with the same targets (e.g.
-    the checkpoint's semantic IDs and the workspace's split disagree).
+    StoreError when the two do not hold the same test users with the same targets (both
+    read the workspace's test split, so a mismatch means the split changed meanwhile or
+    one of the readers broke the user or target order).
     """
     if set(store_users) != set(sasrec_users) or len(store_users) != len(sasrec_users):
         only_store = sorted(set(store_users) - set(sasrec_users))
