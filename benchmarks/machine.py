@@ -7,14 +7,15 @@ import os
 import platform
 import shlex
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 
-def command_line(module: str) -> str:
+def command_line(module: str, argv: Sequence[str] | None = None) -> str:
     """The command that reruns this benchmark as it was started (``python -m <module>``
-    and this process's arguments), for its report."""
-    return shlex.join(["python", "-m", module, *sys.argv[1:]])
+    and ``argv``, default this process's arguments), for its report."""
+    return shlex.join(["python", "-m", module, *(sys.argv[1:] if argv is None else argv)])
 
 
 def machine_info() -> dict[str, Any]:
@@ -39,10 +40,11 @@ def machine_info() -> dict[str, Any]:
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def write_results(report: dict[str, Any], file_name: str) -> Path:
-    """Write a benchmark report to ``benchmarks/results/<file_name>`` and say where."""
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    out = RESULTS / file_name
+def write_results(report: dict[str, Any], file_name: str, directory: Path = RESULTS) -> Path:
+    """Write a benchmark report to ``<directory>/<file_name>`` (default
+    ``benchmarks/results``) and say where."""
+    directory.mkdir(parents=True, exist_ok=True)
+    out = directory / file_name
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
     return out
