@@ -107,7 +107,9 @@ def recommend(
     """Top-``k`` items after ``history`` (oldest first) by constrained beam search.
 
     With ``exclude_history`` no item of the whole ``history`` is returned, and ``k``
-    others are whenever the catalogue has them (fewer only when it has not). StoreError
+    others are whenever the catalogue has them (fewer only when it has not); under the
+    checkpoint's ``id_normalization: trie`` the codes are then normalized over the IDs
+    left after the exclusion (what the user can still be shown). StoreError
     on an invalid request (:func:`check_request`) or an item without a semantic ID.
     """
     check_request(history, k)

@@ -107,8 +107,9 @@ def constrained_beam_search(
     device = next(model.parameters()).device
     if normalization not in ("level", "trie"):
         raise ValueError(f"unknown normalization {normalization!r}")
-    search = _BatchSearch(model, trie.to(device), beam_size, pad_token_id, strategy)
-    search.trie_softmax = normalization == "trie"
+    search = _BatchSearch(
+        model, trie.to(device), beam_size, pad_token_id, strategy, normalization == "trie"
+    )
     order = sorted(range(num_prompts), key=lambda i: len(prompts[i]))  # by length
     was_training = model.training
     model.eval()
@@ -137,6 +138,7 @@ class _BatchSearch:
         beam_size: int,
         pad_token_id: int,
         strategy: str,
+        trie_softmax: bool = False,
     ) -> None:
         self.model = model
         self.trie = trie
@@ -148,7 +150,7 @@ class _BatchSearch:
         # transformers 5.x renamed the cache argument ``past_key_values`` -> ``cache``.
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.dtype = next(model.parameters()).dtype
-        self.trie_softmax = False  # normalize over the prefix's children, not the level
+        self.trie_softmax = trie_softmax  # normalize over the prefix's children, not the level
 
     def run(
         self, prompts: Sequence[Sequence[int]]
