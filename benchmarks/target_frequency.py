@@ -55,6 +55,7 @@ import torch
 from benchmarks.machine import RESULTS, command_line, machine_info, write_results
 from store_core.errors import StoreError
 from store_core.generate import SemanticIdTrie
+from store_core.generate.beam import left_padded
 from store_core.metrics import ranking_metrics
 from store_core.prompts import PromptBuilder
 
@@ -184,19 +185,10 @@ def teacher_forced_logits(
         [*prompt, *builder.recommendation_completion(codes.tolist())[: levels - 1]]
         for prompt, codes in zip(prompts, target_codes, strict=True)
     ]
-    width = max(len(s) for s in sequences)
-    input_ids = torch.full((len(sequences), width), builder.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)  # [B, T]
-    for row, sequence in enumerate(sequences):  # left padding: every row ends at column T-1
-        input_ids[row, width - len(sequence) :] = torch.tensor(sequence)
-        mask[row, width - len(sequence) :] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # [B, T]
+    input_ids, mask, positions = left_padded(sequences, builder.pad_token_id, device)  # [B, T]
     extra = {"logits_to_keep": levels} if _keeps_logits(model) else {}
     logits = model(
-        input_ids=input_ids.to(device),
-        attention_mask=mask.to(device),
-        position_ids=positions.to(device),
-        **extra,
+        input_ids=input_ids, attention_mask=mask, position_ids=positions, **extra
     ).logits  # [B, T or M - 1, V]
     return logits[:, -levels:].float()  # the last M - 1 positions predict levels 0 .. M - 2
 

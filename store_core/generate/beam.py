@@ -128,6 +128,25 @@ def constrained_beam_search(
     return BeamResult(codes=codes, scores=scores, items=items)
 
 
+def left_padded(
+    sequences: Sequence[Sequence[int]], pad_token_id: int, device: torch.device | str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask, position_ids)``, each ``[B, T]`` int64 on ``device``:
+    the token-id lists left-padded to the longest (every row ends at column T - 1, so the
+    last position of each row is its next-token prediction), positions counted from each
+    row's first real token. ValueError when ``sequences`` is empty."""
+    if not sequences:
+        raise ValueError("no sequences to pad")
+    width = max(len(s) for s in sequences)
+    input_ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, sequence in enumerate(sequences):
+        input_ids[row, width - len(sequence) :] = torch.as_tensor(list(sequence), dtype=torch.long)
+        mask[row, width - len(sequence) :] = 1
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    return input_ids.to(device), mask.to(device), positions.to(device)
+
+
 class _BatchSearch:
     """Beam search over one batch of prompts at a time (see :func:`constrained_beam_search`)."""
 
@@ -159,15 +178,9 @@ class _BatchSearch:
         trie, beams = self.trie, self.beam_size
         device = trie.device
         num_prompts, id_length = len(prompts), trie.id_length
-        lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long, device=device)  # [P]
-        width = int(lengths.max())
-        input_ids = torch.full((num_prompts, width), self.pad_token_id, dtype=torch.long)
-        prompt_mask = torch.zeros((num_prompts, width), dtype=torch.long)  # [P, T]
-        for row, prompt in enumerate(prompts):  # left padding
-            input_ids[row, width - len(prompt) :] = torch.as_tensor(list(prompt), dtype=torch.long)
-            prompt_mask[row, width - len(prompt) :] = 1
-        input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)  # [P, T]
-        position_ids = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # [P, T]
+        input_ids, prompt_mask, position_ids = left_padded(prompts, self.pad_token_id, device)
+        width = input_ids.shape[1]  # T
+        lengths = prompt_mask.sum(-1)  # [P]
         extra: dict[str, Any] = {"logits_to_keep": 1} if self.keep_logits else {}
         out = self.model(
             input_ids=input_ids,
