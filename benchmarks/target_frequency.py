@@ -17,7 +17,10 @@ split (docs/EVALUATION.md, history kept):
    Users are bucketed by it (``--edges``: inclusive upper bounds, default 0, 2, 5, 10,
    20, 50 -> buckets 0, 1-2, 3-5, 6-10, 11-20, 21-50, >50); per bucket: users, both
    systems' Recall@10 and NDCG@10. Overall: both systems' Recall@10 / NDCG@10 and the
-   hit overlap (shares of users: both hit, only STORE, only SASRec-CE, neither).
+   hit overlap (shares of users: both hit, only STORE, only SASRec-CE, neither). The same
+   by *transition count*: how often the user's last history item is directly followed by
+   the target in the train sequences (0, 1, 2-3, > 3), the pairs an ID-based model can
+   memorize.
 3. **Which code STORE misses.** For a seeded sample of ``--users`` test users
    (``splits.seeded_subset`` with ``splits.EVAL_SAMPLE_SEED``, the sample rule of
    ``decode_split``), the model reads the test prompt followed by the target's semantic
@@ -67,6 +70,8 @@ if TYPE_CHECKING:
 #: Inclusive upper bounds of the target-frequency buckets (the last bucket is "> 50").
 DEFAULT_EDGES = (0, 2, 5, 10, 20, 50)
 K = 10
+#: Buckets of the transition (last history item -> target) counts: 0, 1, 2-3, > 3.
+TRANSITION_EDGES = (0, 1, 3)
 
 
 # --------------------------------------------------------------------------- buckets
@@ -94,6 +99,19 @@ def target_counts(train_sequences: dict[str, list[str]], targets: Sequence[str])
     """int64 [U] occurrences of each target item in all train sequences."""
     seen = Counter(item for sequence in train_sequences.values() for item in sequence)
     return np.array([seen.get(t, 0) for t in targets], dtype=np.int64)
+
+
+def transition_counts(
+    train_sequences: dict[str, list[str]], last_items: Sequence[str], targets: Sequence[str]
+) -> np.ndarray:
+    """int64 [U] how often each user's transition (last history item -> test target) occurs
+    as two consecutive items of a train sequence (the pairs an ID-based model can memorize
+    in its item embeddings)."""
+    seen = Counter(pair for sequence in train_sequences.values() for pair in pairwise(sequence))
+    return np.array(
+        [seen.get((last, t), 0) for last, t in zip(last_items, targets, strict=True)],
+        dtype=np.int64,
+    )
 
 
 def _at_k(ranks: np.ndarray) -> dict[str, float | None]:
@@ -315,6 +333,19 @@ def markdown(report: dict[str, Any]) -> str:
         cells = [_cell(row[k]) for k in ("store_recall_at_10", "store_ndcg_at_10")]
         cells += [_cell(row[k]) for k in ("sasrec_recall_at_10", "sasrec_ndcg_at_10")]
         lines.append(f"| {row['bucket']} | {row['users']} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "By how often the user's transition (last history item -> target) occurs in the "
+        "train sequences:",
+        "",
+        "| transition seen in train | users | STORE R@10 | STORE N@10 | SASRec-CE R@10 | "
+        "SASRec-CE N@10 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in report["transitions"]:
+        cells = [_cell(row[k]) for k in ("store_recall_at_10", "store_ndcg_at_10")]
+        cells += [_cell(row[k]) for k in ("sasrec_recall_at_10", "sasrec_ndcg_at_10")]
+        lines.append(f"| {row['bucket']} | {row['users']} | " + " | ".join(cells) + " |")
     codes = report["code_ranks"]
     lines += [
         "",
@@ -445,6 +476,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     store = store_ranks(decoded)
     sasrec, summary = sasrec_ranks(cfg, seed, decoded)
     counts = target_counts(decoded.data.train_sequences, decoded.targets)
+    transitions = transition_counts(
+        decoded.data.train_sequences,
+        [(decoded.data.history(user, "test") or [""])[-1] for user in decoded.users],
+        decoded.targets,
+    )
     keep, ranks, valid = sampled_code_ranks(bundle, cfg, decoded, args.users)
     report: dict[str, Any] = {
         "machine": machine_info(),
@@ -461,6 +497,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "sasrec": _at_k(sasrec),
         "overlap": hit_overlap(store, sasrec),
         "buckets": bucket_table(counts, store, sasrec, args.edges),
+        "transitions": bucket_table(transitions, store, sasrec, TRANSITION_EDGES),
         "code_ranks": level_table(counts[keep], ranks, valid, args.edges),
     }
     text = markdown(report)

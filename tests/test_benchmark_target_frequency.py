@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +47,15 @@ def test_bucket_table_and_overlap_hand_values() -> None:
     }
 
 
+def test_transition_counts_are_consecutive_train_pairs() -> None:
+    train = {"u1": ["a", "b", "c", "b"], "u2": ["a", "b"], "u3": ["c"]}
+    counts = target_frequency.transition_counts(
+        train, ["a", "b", "c", "b", ""], ["b", "c", "b", "a", "a"]
+    )
+    # a->b twice (u1, u2), b->c and c->b once each, b->a never, no last item never.
+    assert counts.tolist() == [2, 1, 1, 0, 0]
+
+
 def test_users_are_matched_by_id_and_must_agree() -> None:
     ranks = target_frequency.match_users(
         ["a", "b"], ["x", "y"], ["b", "a"], ["y", "x"], np.array([5, 7])
@@ -82,6 +92,8 @@ def test_report_on_the_tiny_workspace(tiny_pipeline: Path, tmp_path: Path) -> No
         "0", "1-2", "3-5", "6-10", "11-20", "21-50", ">50"
     ]  # fmt: skip
     assert "| 1-2 |" in text and "--users 10" in report["command"]
+    assert [row["bucket"] for row in report["transitions"]] == ["0", "1", "2-3", ">3"]
+    assert "transition seen in train" in text
 
     # Every test user is in exactly one bucket; the buckets hold the overall hits.
     cfg = load_config("tiny", sets)
@@ -89,6 +101,11 @@ def test_report_on_the_tiny_workspace(tiny_pipeline: Path, tmp_path: Path) -> No
     decoded = decode_split(bundle, cfg, "test", progress=False)
     users = len(decoded.users)
     assert report["users"] == users == sum(row["users"] for row in report["buckets"]) == 40
+    assert sum(row["users"] for row in report["transitions"]) == users
+    last = [decoded.data.history(u, "test")[-1] for u in decoded.users]
+    pairs = Counter(p for seq in decoded.data.train_sequences.values() for p in pairwise(seq))
+    seen_once = sum(pairs[(a, t)] == 1 for a, t in zip(last, decoded.targets, strict=True))
+    assert report["transitions"][1]["users"] == seen_once
     for system in ("store", "sasrec"):
         hits = sum(row["users"] * (row[f"{system}_recall_at_10"] or 0) for row in report["buckets"])
         assert hits == pytest.approx(report[system]["recall_at_10"] * users)
