@@ -313,6 +313,19 @@ def _cell(value: float | None, digits: int = 4) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
+def _systems_table(first_column: str, rows: Sequence[dict[str, Any]]) -> list[str]:
+    """Markdown lines of :func:`bucket_table` rows: users and both systems' R@10 / N@10."""
+    lines = [
+        f"| {first_column} | users | STORE R@10 | STORE N@10 | SASRec-CE R@10 | SASRec-CE N@10 |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        cells = [_cell(row[k]) for k in ("store_recall_at_10", "store_ndcg_at_10")]
+        cells += [_cell(row[k]) for k in ("sasrec_recall_at_10", "sasrec_ndcg_at_10")]
+        lines.append(f"| {row['bucket']} | {row['users']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The report's tables: R@10 / N@10 by bucket, overlap, code ranks by bucket."""
     store, sasrec, overlap = report["store"], report["sasrec"], report["overlap"]
@@ -325,27 +338,13 @@ def markdown(report: dict[str, Any]) -> str:
         f"{overlap['both']:.4f}, only STORE {overlap['only_store']:.4f}, only SASRec-CE "
         f"{overlap['only_sasrec']:.4f}, neither {overlap['neither']:.4f}.",
         "",
-        "| target seen in train | users | STORE R@10 | STORE N@10 | SASRec-CE R@10 | "
-        "SASRec-CE N@10 |",
-        "|---|---|---|---|---|---|",
-    ]
-    for row in report["buckets"]:
-        cells = [_cell(row[k]) for k in ("store_recall_at_10", "store_ndcg_at_10")]
-        cells += [_cell(row[k]) for k in ("sasrec_recall_at_10", "sasrec_ndcg_at_10")]
-        lines.append(f"| {row['bucket']} | {row['users']} | " + " | ".join(cells) + " |")
-    lines += [
+        *_systems_table("target seen in train", report["buckets"]),
         "",
         "By how often the user's transition (last history item -> target) occurs in the "
         "train sequences:",
         "",
-        "| transition seen in train | users | STORE R@10 | STORE N@10 | SASRec-CE R@10 | "
-        "SASRec-CE N@10 |",
-        "|---|---|---|---|---|---|",
+        *_systems_table("transition seen in train", report["transitions"]),
     ]
-    for row in report["transitions"]:
-        cells = [_cell(row[k]) for k in ("store_recall_at_10", "store_ndcg_at_10")]
-        cells += [_cell(row[k]) for k in ("sasrec_recall_at_10", "sasrec_ndcg_at_10")]
-        lines.append(f"| {row['bucket']} | {row['users']} | " + " | ".join(cells) + " |")
     codes = report["code_ranks"]
     lines += [
         "",
