@@ -102,14 +102,19 @@ def target_counts(train_sequences: dict[str, list[str]], targets: Sequence[str])
 
 
 def transition_counts(
-    train_sequences: dict[str, list[str]], last_items: Sequence[str], targets: Sequence[str]
+    train_sequences: dict[str, list[str]],
+    last_items: Sequence[str | None],
+    targets: Sequence[str],
 ) -> np.ndarray:
     """int64 [U] how often each user's transition (last history item -> test target) occurs
     as two consecutive items of a train sequence (the pairs an ID-based model can memorize
-    in its item embeddings)."""
+    in its item embeddings); 0 for a user with no history (``None``)."""
     seen = Counter(pair for sequence in train_sequences.values() for pair in pairwise(sequence))
     return np.array(
-        [seen.get((last, t), 0) for last, t in zip(last_items, targets, strict=True)],
+        [
+            0 if last is None else seen.get((last, t), 0)
+            for last, t in zip(last_items, targets, strict=True)
+        ],
         dtype=np.int64,
     )
 
@@ -477,7 +482,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     counts = target_counts(decoded.data.train_sequences, decoded.targets)
     transitions = transition_counts(
         decoded.data.train_sequences,
-        [(decoded.data.history(user, "test") or [""])[-1] for user in decoded.users],
+        [next(reversed(decoded.data.history(u, "test")), None) for u in decoded.users],
         decoded.targets,
     )
     keep, ranks, valid = sampled_code_ranks(bundle, cfg, decoded, args.users)

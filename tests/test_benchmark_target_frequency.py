@@ -50,7 +50,7 @@ def test_bucket_table_and_overlap_hand_values() -> None:
 def test_transition_counts_are_consecutive_train_pairs() -> None:
     train = {"u1": ["a", "b", "c", "b"], "u2": ["a", "b"], "u3": ["c"]}
     counts = target_frequency.transition_counts(
-        train, ["a", "b", "c", "b", ""], ["b", "c", "b", "a", "a"]
+        train, ["a", "b", "c", "b", None], ["b", "c", "b", "a", "a"]
     )
     # a->b twice (u1, u2), b->c and c->b once each, b->a never, no last item never.
     assert counts.tolist() == [2, 1, 1, 0, 0]
