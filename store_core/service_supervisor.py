@@ -54,7 +54,9 @@ DEFAULT_PREFECT_PORT = 4200
 DEFAULT_MLFLOW_PORT = 5000
 STARTUP_TIMEOUT_S = 180.0
 STOP_GRACE_S = 20.0
-FULL_PIPELINE = "store/full-pipeline"
+#: The deployments ``flows.deployments`` serves; that service is ready once the server
+#: knows every one of them (``prefect.serve`` registers them one after another).
+DEPLOYMENTS = ("store/full-pipeline", "store/nightly-retokenize")
 MLFLOW_SERVICE = "mlflow-server"
 #: The Prefect server's database, per workspace (unless the user configures one): runs
 #: and artifact histories of two workspaces never mix in one UI.
@@ -106,11 +108,12 @@ def http_ok(url: str, timeout_s: float = 2.0) -> bool:
 
 @dataclass
 class Service:
-    """One child process: how to start it and how to tell it is ready."""
+    """One child process: how to start it and how to tell it is ready (every URL of
+    ``ready_urls`` answers 2xx)."""
 
     name: str
     argv: list[str]
-    ready_url: str
+    ready_urls: tuple[str, ...]
     env: dict[str, str] = field(default_factory=dict)
     cwd: str | None = None
     proc: subprocess.Popen[bytes] | None = None
@@ -134,17 +137,19 @@ class Service:
     def wait_ready(self, timeout_s: float) -> None:
         assert self.proc is not None
         deadline = time.monotonic() + timeout_s
+        waiting = list(self.ready_urls)
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise StoreError(
                     f"{self.name} exited with status {self.proc.returncode} while starting; "
                     f"last lines of {self.log_path}:\n{self.log_tail()}"
                 )
-            if http_ok(self.ready_url):
+            waiting = [url for url in self.ready_urls if not http_ok(url)]
+            if not waiting:
                 return
             time.sleep(0.5)
         raise StoreError(
-            f"{self.name} not ready at {self.ready_url} after {timeout_s:.0f} s; "
+            f"{self.name} not ready at {', '.join(waiting)} after {timeout_s:.0f} s; "
             f"last lines of {self.log_path}:\n{self.log_tail()}"
         )
 
@@ -247,7 +252,7 @@ class LocalStack:
                         "--port",
                         f"{port}",
                     ],
-                    f"{self.api_url}/health",
+                    (f"{self.api_url}/health",),
                     env={
                         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
                         **LOG_STREAMING,
@@ -268,7 +273,7 @@ class LocalStack:
             Service(
                 "deployments",
                 argv,
-                f"{self.api_url}/deployments/name/{FULL_PIPELINE}",
+                tuple(f"{self.api_url}/deployments/name/{name}" for name in DEPLOYMENTS),
                 env=deployments_env,
                 cwd=repo_root,
             )
@@ -302,7 +307,7 @@ class LocalStack:
                 *("--workers", "1", "--backend-store-uri", uri),
                 *("--artifacts-destination", str(artifact_location(self.cfg))),
             ],
-            f"http://{HOST}:{chosen}/health",
+            (f"http://{HOST}:{chosen}/health",),
             env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
         )
 

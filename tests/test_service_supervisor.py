@@ -14,13 +14,13 @@ import psutil
 import pytest
 
 from store_core import service_supervisor
-from store_core.config import load_config
+from store_core.config import StoreConfig, load_config
 from store_core.errors import StoreError
 
 pytestmark = pytest.mark.service  # starts servers or CLI processes
 
 
-def cfg_for(tmp_path: Path, *extra: str) -> object:
+def cfg_for(tmp_path: Path, *extra: str) -> StoreConfig:
     return load_config("tiny", [f"workspace={tmp_path / 'ws'}", *extra])
 
 
@@ -28,12 +28,15 @@ def test_external_prefect_server_is_used_not_started(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("PREFECT_API_URL", "http://10.0.0.5:4200/api/")
-    stack = service_supervisor.LocalStack(cfg_for(tmp_path), "tiny", [], schedule=False)  # type: ignore[arg-type]
+    stack = service_supervisor.LocalStack(cfg_for(tmp_path), "tiny", [], schedule=False)
     assert [s.name for s in stack.services] == ["deployments"]
     deployments = stack.services[0]
     assert deployments.env["PREFECT_API_URL"] == "http://10.0.0.5:4200/api"
     assert "--no-schedule" in deployments.argv
-    assert deployments.ready_url == "http://10.0.0.5:4200/api/deployments/name/store/full-pipeline"
+    assert deployments.ready_urls == (
+        "http://10.0.0.5:4200/api/deployments/name/store/full-pipeline",
+        "http://10.0.0.5:4200/api/deployments/name/store/nightly-retokenize",
+    )
     assert stack.urls["prefect_ui"] == "http://10.0.0.5:4200"
 
 
@@ -44,7 +47,7 @@ def test_local_stack_binds_loopback_in_start_order(
     port = service_supervisor.free_port()
     stack = service_supervisor.LocalStack(
         cfg_for(tmp_path), "tiny", [], prefect_port=port, mlflow=True
-    )  # type: ignore[arg-type]
+    )
     assert [s.name for s in stack.services] == ["prefect-server", "mlflow-server", "deployments"]
     server, mlflow, _ = stack.services
     assert server.argv[-4:] == ["--host", "127.0.0.1", "--port", str(port)]
@@ -52,6 +55,33 @@ def test_local_stack_binds_loopback_in_start_order(
     assert mlflow.argv[mlflow.argv.index("--workers") + 1] == "1"
     assert mlflow.env["MLFLOW_SERVER_ENABLE_JOB_EXECUTION"] == "false"
     assert stack.urls["prefect_api"] == f"http://127.0.0.1:{port}/api"
+
+
+def test_a_service_is_ready_only_once_every_ready_url_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deployments process registers ``full-pipeline`` before ``nightly-retokenize``;
+    ``store serve`` must not report ready (write its state file) in between (a CI run
+    once read the state file and found no nightly deployment)."""
+    full, nightly = "http://h/full", "http://h/nightly"
+    polls: list[str] = []
+
+    def fake_http_ok(url: str, timeout_s: float = 2.0) -> bool:
+        polls.append(url)
+        return url == full or polls.count(nightly) >= 3  # nightly answers from its 3rd poll
+
+    monkeypatch.setattr(service_supervisor, "http_ok", fake_http_ok)
+    monkeypatch.setattr(service_supervisor.time, "sleep", lambda _s: None)
+    service = service_supervisor.Service("deployments", ["sleep", "30"], (full, nightly))
+    service.start(tmp_path)
+    try:
+        service.wait_ready(timeout_s=30)
+        assert polls.count(nightly) == 3 and polls[-1] == nightly
+        monkeypatch.setattr(service_supervisor, "http_ok", lambda url, timeout_s=2.0: url == full)
+        with pytest.raises(StoreError, match=f"deployments not ready at {nightly} after 0 s"):
+            service.wait_ready(timeout_s=0.2)
+    finally:
+        service.stop(grace_s=5)
 
 
 def test_busy_port_and_remote_mlflow_are_refused(
@@ -63,11 +93,11 @@ def test_busy_port_and_remote_mlflow_are_refused(
         busy.listen()
         port = busy.getsockname()[1]
         with pytest.raises(StoreError, match=f"port {port} on 127.0.0.1 is in use"):
-            service_supervisor.LocalStack(cfg_for(tmp_path), "tiny", [], prefect_port=port)  # type: ignore[arg-type]
+            service_supervisor.LocalStack(cfg_for(tmp_path), "tiny", [], prefect_port=port)
         assert service_supervisor.free_port(port) != port  # the default falls back to a free one
     remote = cfg_for(tmp_path, "tracking.uri=http://mlflow.internal:5000")
     with pytest.raises(StoreError, match="has its own server"):
-        service_supervisor.LocalStack(remote, "tiny", [], mlflow=True)  # type: ignore[arg-type]
+        service_supervisor.LocalStack(remote, "tiny", [], mlflow=True)
 
 
 def test_children_do_not_inherit_rendezvous_variables(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -105,9 +135,9 @@ def test_stop_group_kills_a_process_tree_that_ignores_sigterm() -> None:
 
 def test_stop_without_a_running_serve(tmp_path: Path) -> None:
     cfg = cfg_for(tmp_path)
-    assert service_supervisor.stop_running(cfg) is False  # type: ignore[arg-type]
+    assert service_supervisor.stop_running(cfg) is False
     # A state file left by a serve that died: its pids are gone (or recycled): cleaned up.
-    state_dir = service_supervisor.serve_dir(cfg)  # type: ignore[arg-type]
+    state_dir = service_supervisor.serve_dir(cfg)
     state_dir.mkdir(parents=True)
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
@@ -115,5 +145,5 @@ def test_stop_without_a_running_serve(tmp_path: Path) -> None:
     (state_dir / service_supervisor.STATE_FILE).write_text(
         json.dumps({"supervisor": record, "services": [{"name": "x", **record}]})
     )
-    assert service_supervisor.stop_running(cfg) is True  # type: ignore[arg-type]
+    assert service_supervisor.stop_running(cfg) is True
     assert not (state_dir / service_supervisor.STATE_FILE).exists()
