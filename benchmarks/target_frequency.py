@@ -34,6 +34,15 @@ split (docs/EVALUATION.md, history kept):
    with. Reported per bucket and level: the share of users whose target code is first, in
    the top 5, the median rank and the median number of valid codes.
 
+4. **Does STORE fit its own training transitions?** (``--train-fit USERS``, 0 = off) For
+   a seeded sample of users with at least two train items, STORE decodes the LAST train
+   item from the train items before it (the last ``history_len``), as ``store evaluate``
+   decodes: a target the model was trained on, with the very context it was trained with.
+   Users are bucketed by how often their transition (second-to-last -> last train item)
+   occurs in the train sequences besides this occurrence (0, 1, 2-3, > 3): bucket 0 is
+   pure memorization of one training example, which the test bucket "seen once" asks of
+   a model in another user's context.
+
 Cost: one SASRec-CE training, one decode of the test split as ``store evaluate`` runs it,
 and one forward per ``eval_batch_size`` sampled users. Nothing is written to the workspace.
 
@@ -66,6 +75,7 @@ if TYPE_CHECKING:
     from store_core.bundle import RecommenderBundle
     from store_core.config import StoreConfig
     from store_core.evaluation import DecodedSplit
+    from store_core.tasks import TaskData
 
 #: Inclusive upper bounds of the target-frequency buckets (the last bucket is "> 50").
 DEFAULT_EDGES = (0, 2, 5, 10, 20, 50)
@@ -311,6 +321,66 @@ def level_table(
     }
 
 
+# ------------------------------------------------------------------------- train fit
+
+
+def train_fit_prompts(
+    data: TaskData, builder: PromptBuilder, history_len: int, users: int
+) -> tuple[list[str], list[list[int]], list[str], np.ndarray]:
+    """``(user ids, prompts, targets, other occurrences [U])`` of :func:`train_fit`: a
+    seeded sample (``splits.seeded_subset`` with ``EVAL_SAMPLE_SEED``) of at most
+    ``users`` of the users with at least two train items, sorted by id; each prompt holds
+    the last ``history_len`` train items before the user's last one, the target is the
+    last train item, and "other occurrences" counts the transition (second-to-last ->
+    last) in all train sequences minus this one (int64, >= 0)."""
+    from store_core.splits import EVAL_SAMPLE_SEED, recent_history, seeded_subset
+
+    pairs = Counter(
+        pair for sequence in data.train_sequences.values() for pair in pairwise(sequence)
+    )
+    eligible = sorted(u for u, sequence in data.train_sequences.items() if len(sequence) >= 2)
+    chosen = [eligible[i] for i in seeded_subset(len(eligible), users, EVAL_SAMPLE_SEED)]
+    prompts, targets, others = [], [], []
+    for user in chosen:
+        sequence = data.train_sequences[user]
+        history = recent_history(sequence[:-1], history_len)
+        prompts.append(builder.recommendation([data.codes[i] for i in history]))
+        targets.append(sequence[-1])
+        others.append(pairs[(sequence[-2], sequence[-1])] - 1)
+    return chosen, prompts, targets, np.array(others, dtype=np.int64)
+
+
+def train_fit(bundle: RecommenderBundle, cfg: StoreConfig, users: int) -> dict[str, Any]:
+    """STORE's Recall@10 / NDCG@10 on the last train item of a sample of ``users`` users
+    (:func:`train_fit_prompts`), overall and by the transition's other occurrences in
+    train (buckets of ``TRANSITION_EDGES``), decoded with ``store evaluate``'s beam
+    (:func:`store_core.evaluation.local_beam_search`)."""
+    from store_core.evaluation import local_beam_search
+    from store_core.metrics import rank_of
+    from store_core.tasks import load_task_data
+
+    item_ids: list[str] = bundle.semantic_ids.column("item_id").to_pylist()
+    codes = bundle.codes()
+    data = load_task_data(cfg.data_dir, dict(zip(item_ids, codes.tolist(), strict=True)))
+    history_len = bundle.trained(cfg).history_len
+    chosen, prompts, targets, others = train_fit_prompts(data, bundle.builder, history_len, users)
+    result = local_beam_search(bundle, prompts, cfg, progress=False)
+    row_of = {item: i for i, item in enumerate(item_ids)}
+    ranks = np.array(
+        [rank_of(row_of[t], result.items[u][result.alive[u]]) for u, t in enumerate(targets)],
+        dtype=np.int64,
+    )
+    buckets = bucket_of(others, TRANSITION_EDGES)
+    return {
+        "users": len(chosen),
+        "store": _at_k(ranks),
+        "buckets": [
+            {"bucket": label, "users": int((buckets == i).sum()), **_at_k(ranks[buckets == i])}
+            for i, label in enumerate(bucket_labels(TRANSITION_EDGES))
+        ],
+    }
+
+
 # --------------------------------------------------------------------------- report
 
 
@@ -373,6 +443,23 @@ def markdown(report: dict[str, Any]) -> str:
             for level in bucket["levels"]
         ]
         lines.append(f"| {bucket['bucket']} | {bucket['users']} | " + " | ".join(cells) + " |")
+    fit = report.get("train_fit")
+    if fit:
+        lines += [
+            "",
+            f"STORE on its own training transitions ({fit['users']} sampled users: the last "
+            "train item decoded from the train items before it), by how often the "
+            f"transition occurs in train besides this occurrence. Overall R@10 / N@10 "
+            f"{_cell(fit['store']['recall_at_10'])} / {_cell(fit['store']['ndcg_at_10'])}.",
+            "",
+            "| other occurrences in train | users | STORE R@10 | STORE N@10 |",
+            "|---|---|---|---|",
+        ]
+        for row in fit["buckets"]:
+            lines.append(
+                f"| {row['bucket']} | {row['users']} | {_cell(row['recall_at_10'])} | "
+                f"{_cell(row['ndcg_at_10'])} |"
+            )
     return "\n".join(lines) + f"\n\n- command: `{report['command']}`\n"
 
 
@@ -393,6 +480,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--users", type=int, default=3000, help="test users (seeded sample) for the code ranks"
+    )
+    parser.add_argument(
+        "--train-fit",
+        type=int,
+        default=0,
+        help="users (seeded sample) whose last train item STORE decodes; 0: skip",
     )
     parser.add_argument("--name", default=None, help="results file stem")
     parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where to write")
@@ -467,6 +560,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         parser.error(f"--edges: {error}")
     if args.users < 1:
         parser.error(f"--users must be >= 1, got {args.users}")
+    if args.train_fit < 0:
+        parser.error(f"--train-fit must be >= 0, got {args.train_fit}")
     from store_core.bundle import load_bundle
     from store_core.config import load_config
     from store_core.evaluation import decode_split
@@ -504,6 +599,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "transitions": bucket_table(transitions, store, sasrec, TRANSITION_EDGES),
         "code_ranks": level_table(counts[keep], ranks, valid, args.edges),
     }
+    if args.train_fit:
+        report["train_fit"] = train_fit(bundle, cfg, args.train_fit)
     text = markdown(report)
     stem = args.name or f"target_frequency_{Path(args.config).stem}_seed{seed}"
     write_results(report, f"{stem}.json", args.results_dir)

@@ -89,6 +89,27 @@ class DecodedSplit:
     result: BeamResult
 
 
+def local_beam_search(
+    bundle: RecommenderBundle,
+    prompts: Sequence[Sequence[int]],
+    cfg: StoreConfig,
+    progress: bool = True,
+) -> BeamResult:
+    """:func:`constrained_beam_search` in this process over the catalogue trie of
+    ``bundle``, with ``recommender.beam_size`` / ``eval_batch_size`` and the ID
+    normalization the checkpoint was trained with: how :func:`decode_split` decodes."""
+    return constrained_beam_search(
+        bundle.model,
+        prompts,
+        SemanticIdTrie.from_codes(bundle.codes(), bundle.level_ids),
+        beam_size=cfg.recommender.beam_size,
+        pad_token_id=bundle.builder.pad_token_id,
+        batch_size=cfg.recommender.eval_batch_size,
+        progress=progress,
+        normalization=bundle.trained(cfg).id_normalization,
+    )
+
+
 def decode_split(
     bundle: RecommenderBundle,
     cfg: StoreConfig,
@@ -114,16 +135,7 @@ def decode_split(
     if search is not None:
         result = search(bundle, prompts, cfg)
     else:
-        result = constrained_beam_search(
-            bundle.model,
-            prompts,
-            SemanticIdTrie.from_codes(codes, bundle.level_ids),
-            beam_size=cfg.recommender.beam_size,
-            pad_token_id=bundle.builder.pad_token_id,
-            batch_size=cfg.recommender.eval_batch_size,
-            progress=progress,
-            normalization=bundle.trained(cfg).id_normalization,
-        )
+        result = local_beam_search(bundle, prompts, cfg, progress=progress)
     if cfg.recommender.cold_start_backoff > 0:
         trained = trained_items(cfg.data_dir)
         cold_rows = [row for row, item in enumerate(item_ids) if item not in trained]

@@ -7,6 +7,7 @@ import json
 from collections import Counter
 from itertools import pairwise
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import pytest
@@ -14,6 +15,9 @@ import torch
 
 from benchmarks import target_frequency
 from store_core.errors import StoreError
+
+if TYPE_CHECKING:
+    from store_core.prompts import PromptBuilder
 
 
 def test_buckets_from_inclusive_upper_edges() -> None:
@@ -56,6 +60,44 @@ def test_transition_counts_are_consecutive_train_pairs() -> None:
     assert counts.tolist() == [2, 1, 1, 0, 0]
 
 
+class _Builder:
+    """Renders a recommendation prompt as its history's codes, flattened."""
+
+    def recommendation(self, history: list[list[int]]) -> list[int]:
+        return [code for codes in history for code in codes]
+
+
+def test_train_fit_prompts_hand_values() -> None:
+    from store_core.tasks import TaskData
+
+    items = ["a", "b", "c", "d"]
+    data = TaskData(
+        item_ids=items,
+        texts={i: i for i in items},
+        titles={i: None for i in items},
+        codes={"a": [1, 0], "b": [2, 0], "c": [3, 0], "d": [4, 0]},
+        train_sequences={
+            "u1": ["a", "b", "c", "b"],
+            "u2": ["c", "b"],
+            "u3": ["d"],
+            "u4": ["a", "d"],
+        },
+        valid_targets={},
+        test_targets={},
+    )
+    builder = cast("PromptBuilder", _Builder())
+    users, prompts, targets, others = target_frequency.train_fit_prompts(
+        data, builder, history_len=2, users=10
+    )
+    assert users == ["u1", "u2", "u4"]  # u3 has one train item: nothing to decode
+    assert prompts == [[2, 0, 3, 0], [3, 0], [1, 0]]  # the last 2 items before the target
+    assert targets == ["b", "b", "d"]
+    # c->b: u1 and u2, so one other occurrence each; a->d only u4's own.
+    assert others.tolist() == [1, 1, 0]
+    sample, *_ = target_frequency.train_fit_prompts(data, builder, history_len=2, users=2)
+    assert len(sample) == 2 and set(sample) <= {"u1", "u2", "u4"}
+
+
 def test_users_are_matched_by_id_and_must_agree() -> None:
     ranks = target_frequency.match_users(
         ["a", "b"], ["x", "y"], ["b", "a"], ["y", "x"], np.array([5, 7])
@@ -80,7 +122,7 @@ def test_report_on_the_tiny_workspace(tiny_pipeline: Path, tmp_path: Path) -> No
 
     sets = [f"workspace={tiny_pipeline}", "tracking.enabled=false"]
     out = tmp_path / "results"
-    argv = ["--config", "tiny", "--users", "10", "--results-dir", str(out)]
+    argv = ["--config", "tiny", "--users", "10", "--train-fit", "12", "--results-dir", str(out)]
     target_frequency.main([*argv, *(arg for s in sets for arg in ("--set", s))])
 
     report = json.loads((out / "target_frequency_tiny_seed0.json").read_text())
@@ -182,3 +224,37 @@ def test_report_on_the_tiny_workspace(tiny_pipeline: Path, tmp_path: Path) -> No
         if members.any():
             top1 = float((hand[members, 0] == 0).mean())
             assert bucket["levels"][0]["top1"] == pytest.approx(top1)
+
+    # Train fit: the last train item of 12 users, decoded from the items before it.
+    from store_core.evaluation import local_beam_search
+    from store_core.splits import recent_history
+
+    fit = report["train_fit"]
+    assert fit["users"] == 12 == sum(row["users"] for row in fit["buckets"])
+    assert [row["bucket"] for row in fit["buckets"]] == ["0", "1", "2-3", ">3"]
+    assert "STORE on its own training transitions (12 sampled users" in text
+    train = decoded.data.train_sequences
+    eligible = sorted(u for u, seq in train.items() if len(seq) >= 2)
+    chosen = [eligible[i] for i in seeded_subset(len(eligible), 12, EVAL_SAMPLE_SEED)]
+    hand_prompts = [
+        bundle.builder.recommendation(
+            [
+                decoded.data.codes[i]
+                for i in recent_history(train[u][:-1], bundle.metadata.history_len)
+            ]
+        )
+        for u in chosen
+    ]
+    beams = local_beam_search(bundle, hand_prompts, cfg, progress=False)
+    fit_ranks = [
+        rank_of_beam(beams.items[k], beams.alive[k], row_of[train[u][-1]])
+        for k, u in enumerate(chosen)
+    ]
+    assert fit["store"]["recall_at_10"] == pytest.approx(ranking_metrics(fit_ranks)["recall_at_10"])
+    others = [pairs[(train[u][-2], train[u][-1])] - 1 for u in chosen]
+    assert fit["buckets"][0]["users"] == sum(o == 0 for o in others)
+
+
+def rank_of_beam(items: np.ndarray, alive: np.ndarray, target: int) -> int:
+    beam = [i for i, a in zip(items, alive, strict=True) if a]
+    return beam.index(target) if target in beam else -1
