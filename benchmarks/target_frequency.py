@@ -66,7 +66,7 @@ import torch
 
 from benchmarks.machine import RESULTS, command_line, machine_info, write_results
 from store_core.errors import StoreError
-from store_core.generate import SemanticIdTrie
+from store_core.generate import BeamResult, SemanticIdTrie
 from store_core.generate.beam import left_padded
 from store_core.metrics import ranking_metrics
 from store_core.prompts import PromptBuilder
@@ -335,41 +335,33 @@ def train_fit_prompts(
     last) in all train sequences minus this one (int64, >= 0)."""
     from store_core.splits import EVAL_SAMPLE_SEED, recent_history, seeded_subset
 
-    pairs = Counter(
-        pair for sequence in data.train_sequences.values() for pair in pairwise(sequence)
-    )
-    eligible = sorted(u for u, sequence in data.train_sequences.items() if len(sequence) >= 2)
+    train = data.train_sequences
+    eligible = sorted(u for u, sequence in train.items() if len(sequence) >= 2)
     chosen = [eligible[i] for i in seeded_subset(len(eligible), users, EVAL_SAMPLE_SEED)]
-    prompts, targets, others = [], [], []
-    for user in chosen:
-        sequence = data.train_sequences[user]
-        history = recent_history(sequence[:-1], history_len)
-        prompts.append(builder.recommendation([data.codes[i] for i in history]))
-        targets.append(sequence[-1])
-        others.append(pairs[(sequence[-2], sequence[-1])] - 1)
-    return chosen, prompts, targets, np.array(others, dtype=np.int64)
+    prompts = [
+        builder.recommendation([data.codes[i] for i in recent_history(train[u][:-1], history_len)])
+        for u in chosen
+    ]
+    targets = [train[u][-1] for u in chosen]
+    counts = transition_counts(train, [train[u][-2] for u in chosen], targets)
+    return chosen, prompts, targets, counts - 1  # this occurrence is one of them
 
 
-def train_fit(bundle: RecommenderBundle, cfg: StoreConfig, users: int) -> dict[str, Any]:
+def train_fit(
+    bundle: RecommenderBundle, cfg: StoreConfig, decoded: DecodedSplit, users: int
+) -> dict[str, Any]:
     """STORE's Recall@10 / NDCG@10 on the last train item of a sample of ``users`` users
-    (:func:`train_fit_prompts`), overall and by the transition's other occurrences in
-    train (buckets of ``TRANSITION_EDGES``), decoded with ``store evaluate``'s beam
-    (:func:`store_core.evaluation.local_beam_search`)."""
+    (:func:`train_fit_prompts` on the task data ``decoded`` read), overall and by the
+    transition's other occurrences in train (buckets of ``TRANSITION_EDGES``), decoded with
+    ``store evaluate``'s beam (:func:`store_core.evaluation.local_beam_search`)."""
     from store_core.evaluation import local_beam_search
-    from store_core.metrics import rank_of
-    from store_core.tasks import load_task_data
 
-    item_ids: list[str] = bundle.semantic_ids.column("item_id").to_pylist()
-    codes = bundle.codes()
-    data = load_task_data(cfg.data_dir, dict(zip(item_ids, codes.tolist(), strict=True)))
     history_len = bundle.trained(cfg).history_len
-    chosen, prompts, targets, others = train_fit_prompts(data, bundle.builder, history_len, users)
-    result = local_beam_search(bundle, prompts, cfg, progress=False)
-    row_of = {item: i for i, item in enumerate(item_ids)}
-    ranks = np.array(
-        [rank_of(row_of[t], result.items[u][result.alive[u]]) for u, t in enumerate(targets)],
-        dtype=np.int64,
+    chosen, prompts, targets, others = train_fit_prompts(
+        decoded.data, bundle.builder, history_len, users
     )
+    result = local_beam_search(bundle, prompts, cfg, progress=False)
+    ranks = beam_ranks(result, decoded.item_ids, targets)
     buckets = bucket_of(others, TRANSITION_EDGES)
     return {
         "users": len(chosen),
@@ -495,16 +487,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def store_ranks(decoded: DecodedSplit) -> np.ndarray:
-    """int64 [U] 0-based rank of each user's target among the live beams (-1: a miss), as
-    ``evaluation.evaluate_generative`` counts it (history kept)."""
+def beam_ranks(result: BeamResult, item_ids: Sequence[str], targets: Sequence[str]) -> np.ndarray:
+    """int64 [U] 0-based rank of each prompt's target among its live beams (-1: a miss), as
+    ``evaluation.evaluate_generative`` counts it (history kept); ``item_ids`` names the
+    catalogue rows the beams hold."""
     from store_core.metrics import rank_of
 
-    row_of = {item: i for i, item in enumerate(decoded.item_ids)}
-    alive = decoded.result.alive  # [U, B]
-    items = decoded.result.items  # [U, B]
-    ranks = [rank_of(row_of[t], items[u][alive[u]]) for u, t in enumerate(decoded.targets)]
+    row_of = {item: i for i, item in enumerate(item_ids)}
+    alive, items = result.alive, result.items  # [U, B] each
+    ranks = [rank_of(row_of[t], items[u][alive[u]]) for u, t in enumerate(targets)]
     return np.array(ranks, dtype=np.int64)
+
+
+def store_ranks(decoded: DecodedSplit) -> np.ndarray:
+    """:func:`beam_ranks` of the decoded split: int64 [U]."""
+    return beam_ranks(decoded.result, decoded.item_ids, decoded.targets)
 
 
 def sasrec_ranks(cfg: StoreConfig, seed: int, decoded: DecodedSplit) -> tuple[np.ndarray, Any]:
@@ -600,7 +597,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "code_ranks": level_table(counts[keep], ranks, valid, args.edges),
     }
     if args.train_fit:
-        report["train_fit"] = train_fit(bundle, cfg, args.train_fit)
+        report["train_fit"] = train_fit(bundle, cfg, decoded, args.train_fit)
     text = markdown(report)
     stem = args.name or f"target_frequency_{Path(args.config).stem}_seed{seed}"
     write_results(report, f"{stem}.json", args.results_dir)

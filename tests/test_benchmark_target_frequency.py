@@ -157,12 +157,10 @@ def test_report_on_the_tiny_workspace(tiny_pipeline: Path, tmp_path: Path) -> No
 
     # STORE's and SASRec-CE's overall metrics are store evaluate's.
     row_of = {item: i for i, item in enumerate(decoded.item_ids)}
-    ranks = []
-    for u, target in enumerate(decoded.targets):
-        beam = [
-            i for i, a in zip(decoded.result.items[u], decoded.result.alive[u], strict=True) if a
-        ]
-        ranks.append(beam.index(row_of[target]) if row_of[target] in beam else -1)
+    ranks = [
+        rank_of_beam(decoded.result.items[u], decoded.result.alive[u], row_of[target])
+        for u, target in enumerate(decoded.targets)
+    ]
     expected = ranking_metrics(ranks)
     assert report["store"]["recall_at_10"] == pytest.approx(expected["recall_at_10"])
     assert report["store"]["ndcg_at_10"] == pytest.approx(expected["ndcg_at_10"])
