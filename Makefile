@@ -7,6 +7,8 @@
 #                   `service` (starts servers or CLI processes); under 3 min on 2 cores
 #   make test-slow  only the `slow` tests (the 1M-row DuckDB lookups, kill-at-every-point)
 # Others: make lint (ruff + mypy), make clean.
+# Both installs take exact versions from constraints.txt (what the tests were recorded with;
+# a newer numpy or scikit-learn moves the pinned semantic IDs of tests/test_tiny_pinned.py).
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
@@ -34,12 +36,12 @@ $(VENV)/.torch: | $(BIN)/python
 	$(BIN)/pip install --quiet $(TORCH_INDEX) "$(TORCH_SPEC)"
 	touch $@
 
-$(VENV)/.installed: pyproject.toml $(VENV)/.torch
-	$(BIN)/pip install --quiet -e .
+$(VENV)/.installed: pyproject.toml constraints.txt $(VENV)/.torch
+	$(BIN)/pip install --quiet -c constraints.txt -e .
 	touch $@
 
-$(VENV)/.installed-dev: pyproject.toml $(VENV)/.torch
-	$(BIN)/pip install --quiet -e ".[dev]"
+$(VENV)/.installed-dev: pyproject.toml constraints.txt $(VENV)/.torch
+	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $@ $(VENV)/.installed
 
 install: $(VENV)/.installed

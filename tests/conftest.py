@@ -3,11 +3,39 @@
 from __future__ import annotations
 
 import os
+import platform
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+#: One floating-point path for every test on every x86-64 machine, set before numpy or
+#: torch load (they read these once, at load): one thread (a reduction split over N
+#: threads sums in another order), and the kernels every x86-64 CPU has (torch's
+#: non-vectorised ATen kernels, MKL's conditional-numerical-reproducibility mode, generic
+#: OpenBLAS kernels, numpy without its AVX2/AVX-512 loops). Without them the tiny
+#: pipeline's semantic IDs and metrics (tests/test_tiny_pinned.py) differ between an
+#: AVX2 and an AVX-512 machine, and between 1 and 2 threads, with no code change.
+REPRODUCIBLE_NUMERICS = {
+    "OMP_NUM_THREADS": "1",
+    "MKL_NUM_THREADS": "1",
+    "OPENBLAS_NUM_THREADS": "1",
+    "ATEN_CPU_CAPABILITY": "default",
+    "MKL_CBWR": "COMPATIBLE",
+    "OPENBLAS_CORETYPE": "Prescott",
+    "ONEDNN_MAX_CPU_ISA": "SSE41",
+    "NPY_DISABLE_CPU_FEATURES": "X86_V3,X86_V4,AVX512_ICL,AVX512_SPR",
+}
+if platform.machine() in ("x86_64", "AMD64"):
+    _loaded = sorted({"numpy", "torch", "sklearn", "scipy"} & set(sys.modules))
+    if _loaded:
+        raise RuntimeError(
+            f"tests/conftest.py: {', '.join(_loaded)} loaded before the test numerics were "
+            "set; a pytest plugin imports it (run `make test`)"
+        )
+    os.environ.update(REPRODUCIBLE_NUMERICS)
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DO_NOT_TRACK"] = "true"
