@@ -34,10 +34,12 @@ split (docs/EVALUATION.md, history kept):
    with. Reported per bucket and level: the share of users whose target code is first, in
    the top 5, the median rank and the median number of valid codes.
 
-4. **Does STORE fit its own training transitions?** (``--train-fit USERS``, 0 = off) For
-   a seeded sample of users with at least two train items, STORE decodes the LAST train
-   item from the train items before it (the last ``history_len``), as ``store evaluate``
-   decodes: a target the model was trained on, with the very context it was trained with.
+4. **Does each system fit its own training transitions?** (``--train-fit USERS``, 0 =
+   off) For a seeded sample of users with at least two train items, STORE decodes the
+   LAST train item from the train items before it (the last ``history_len``), as
+   ``store evaluate`` decodes, and SASRec-CE ranks it after the same items (its own
+   ``history_len``): a target each model was trained on, with the context it was trained
+   with.
    Users are bucketed by how often their transition (second-to-last -> last train item)
    occurs in the train sequences besides this occurrence (0, 1, 2-3, > 3): bucket 0 is
    pure memorization of one training example, which the test bucket "seen once" asks of
@@ -72,6 +74,8 @@ from store_core.metrics import ranking_metrics
 from store_core.prompts import PromptBuilder
 
 if TYPE_CHECKING:
+    from store_core.baselines.data import SequenceData
+    from store_core.baselines.sasrec import SASRecModel
     from store_core.bundle import RecommenderBundle
     from store_core.config import StoreConfig
     from store_core.evaluation import DecodedSplit
@@ -347,13 +351,44 @@ def train_fit_prompts(
     return chosen, prompts, targets, counts - 1  # this occurrence is one of them
 
 
+def sasrec_train_fit_ranks(
+    model: SASRecModel, sequences: SequenceData, users: Sequence[str], targets: Sequence[str]
+) -> np.ndarray:
+    """SASRec-CE's int64 [U] 0-based rank (top 20; -1 a miss) of each user's LAST train
+    item after the train items before it (the model reads its most recent
+    ``history_len``); ``targets`` are those items' ids, checked against ``sequences``.
+
+    Raises:
+        StoreError: a user's last train item in ``sequences`` is not its ``targets`` entry
+            (the two systems' train sequences differ).
+    """
+    from store_core.baselines.data import target_ranks
+    from store_core.baselines.sasrec import top_k_for_histories
+
+    train = [sequences.train_sequences[u] for u in users]
+    for user, sequence, target in zip(users, train, targets, strict=True):
+        if sequences.item_ids[int(sequence[-1]) - 1] != target:
+            raise StoreError(
+                f"user {user!r}: last train item {target!r} for STORE, "
+                f"{sequences.item_ids[int(sequence[-1]) - 1]!r} for SASRec-CE"
+            )
+    top = top_k_for_histories(model, [sequence[:-1] for sequence in train], k=20)
+    return target_ranks(top, np.array([int(sequence[-1]) for sequence in train], dtype=np.int64))
+
+
 def train_fit(
-    bundle: RecommenderBundle, cfg: StoreConfig, decoded: DecodedSplit, users: int
+    bundle: RecommenderBundle,
+    cfg: StoreConfig,
+    decoded: DecodedSplit,
+    users: int,
+    sasrec: tuple[SASRecModel, SequenceData],
 ) -> dict[str, Any]:
-    """STORE's Recall@10 / NDCG@10 on the last train item of a sample of ``users`` users
-    (:func:`train_fit_prompts` on the task data ``decoded`` read), overall and by the
-    transition's other occurrences in train (buckets of ``TRANSITION_EDGES``), decoded with
-    ``store evaluate``'s beam (:func:`store_core.evaluation.local_beam_search`)."""
+    """Both systems' Recall@10 / NDCG@10 on the last train item of a sample of ``users``
+    users (:func:`train_fit_prompts` on the task data ``decoded`` read), overall and by
+    the transition's other occurrences in train (buckets of ``TRANSITION_EDGES``): STORE
+    decoded with ``store evaluate``'s beam (:func:`store_core.evaluation.local_beam_search`),
+    SASRec-CE (``sasrec``: the trained model and its data) by
+    :func:`sasrec_train_fit_ranks`."""
     from store_core.evaluation import local_beam_search
 
     history_len = bundle.trained(cfg).history_len
@@ -362,14 +397,12 @@ def train_fit(
     )
     result = local_beam_search(bundle, prompts, cfg, progress=False)
     ranks = beam_ranks(result, decoded.item_ids, targets)
-    buckets = bucket_of(others, TRANSITION_EDGES)
+    baseline = sasrec_train_fit_ranks(*sasrec, chosen, targets)
     return {
         "users": len(chosen),
         "store": _at_k(ranks),
-        "buckets": [
-            {"bucket": label, "users": int((buckets == i).sum()), **_at_k(ranks[buckets == i])}
-            for i, label in enumerate(bucket_labels(TRANSITION_EDGES))
-        ],
+        "sasrec": _at_k(baseline),
+        "buckets": bucket_table(others, ranks, baseline, TRANSITION_EDGES),
     }
 
 
@@ -439,19 +472,15 @@ def markdown(report: dict[str, Any]) -> str:
     if fit:
         lines += [
             "",
-            f"STORE on its own training transitions ({fit['users']} sampled users: the last "
-            "train item decoded from the train items before it), by how often the "
-            f"transition occurs in train besides this occurrence. Overall R@10 / N@10 "
-            f"{_cell(fit['store']['recall_at_10'])} / {_cell(fit['store']['ndcg_at_10'])}.",
+            f"Each system on its own training transitions ({fit['users']} sampled users: "
+            "the last train item ranked after the train items before it), by how often the "
+            "transition occurs in train besides this occurrence. Overall R@10 / N@10: STORE "
+            f"{_cell(fit['store']['recall_at_10'])} / {_cell(fit['store']['ndcg_at_10'])}, "
+            f"SASRec-CE {_cell(fit['sasrec']['recall_at_10'])} / "
+            f"{_cell(fit['sasrec']['ndcg_at_10'])}.",
             "",
-            "| other occurrences in train | users | STORE R@10 | STORE N@10 |",
-            "|---|---|---|---|",
+            *_systems_table("other occurrences in train", fit["buckets"]),
         ]
-        for row in fit["buckets"]:
-            lines.append(
-                f"| {row['bucket']} | {row['users']} | {_cell(row['recall_at_10'])} | "
-                f"{_cell(row['ndcg_at_10'])} |"
-            )
     return "\n".join(lines) + f"\n\n- command: `{report['command']}`\n"
 
 
@@ -504,9 +533,12 @@ def store_ranks(decoded: DecodedSplit) -> np.ndarray:
     return beam_ranks(decoded.result, decoded.item_ids, decoded.targets)
 
 
-def sasrec_ranks(cfg: StoreConfig, seed: int, decoded: DecodedSplit) -> tuple[np.ndarray, Any]:
+def sasrec_ranks(
+    cfg: StoreConfig, seed: int, decoded: DecodedSplit
+) -> tuple[np.ndarray, SASRecModel, SequenceData]:
     """SASRec-CE trained with ``evaluation.sasrec`` and ``seed``: its test ranks [U] in the
-    order of ``decoded.users`` (:func:`match_users`) and its training summary."""
+    order of ``decoded.users`` (:func:`match_users`), the model (``model.summary`` says
+    how it trained) and the sequence data it read."""
     from store_core.baselines.data import load_sequence_data
     from store_core.baselines.sasrec import rank_users, train_sasrec
 
@@ -519,7 +551,7 @@ def sasrec_ranks(cfg: StoreConfig, seed: int, decoded: DecodedSplit) -> tuple[np
         [sequences.item_ids[i - 1] for i in sequences.targets("test").tolist()],
         rank_users(model, sequences, "test", k=20),
     )
-    return ranks, model.summary
+    return ranks, model, sequences
 
 
 def sampled_code_ranks(
@@ -570,7 +602,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     bundle = load_bundle(recommender_dir(cfg))
     decoded = decode_split(bundle, cfg, "test", progress=progress_enabled())
     store = store_ranks(decoded)
-    sasrec, summary = sasrec_ranks(cfg, seed, decoded)
+    sasrec, sasrec_model, sequences = sasrec_ranks(cfg, seed, decoded)
+    summary = sasrec_model.summary
     counts = target_counts(decoded.data.train_sequences, decoded.targets)
     transitions = transition_counts(
         decoded.data.train_sequences,
@@ -597,7 +630,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "code_ranks": level_table(counts[keep], ranks, valid, args.edges),
     }
     if args.train_fit:
-        report["train_fit"] = train_fit(bundle, cfg, decoded, args.train_fit)
+        report["train_fit"] = train_fit(
+            bundle, cfg, decoded, args.train_fit, (sasrec_model, sequences)
+        )
     text = markdown(report)
     stem = args.name or f"target_frequency_{Path(args.config).stem}_seed{seed}"
     write_results(report, f"{stem}.json", args.results_dir)

@@ -109,6 +109,25 @@ def test_users_are_matched_by_id_and_must_agree() -> None:
         target_frequency.match_users(["a", "b"], ["x", "y"], ["a", "b"], ["x", "z"], np.zeros(2))
 
 
+def test_sasrec_train_fit_needs_the_same_train_sequences() -> None:
+    from store_core.baselines.data import SequenceData
+    from store_core.baselines.sasrec import SASRecModel
+    from store_core.config import SASRecConfig
+
+    sequences = SequenceData(
+        item_ids=("x", "y", "z"),
+        train_sequences={"a": np.array([1, 2, 3]), "b": np.array([3, 1])},
+        valid_targets={},
+        test_targets={"a": 1, "b": 2},
+    )
+    torch.manual_seed(0)
+    model = SASRecModel(3, SASRecConfig(history_len=4, hidden_size=8, num_heads=2))
+    ranks = target_frequency.sasrec_train_fit_ranks(model, sequences, ["a", "b"], ["z", "x"])
+    assert ranks.shape == (2,) and set(ranks.tolist()) <= {0, 1, 2}  # 3 items: all ranked
+    with pytest.raises(StoreError, match="user 'b': last train item 'y' for STORE, 'x' for"):
+        target_frequency.sasrec_train_fit_ranks(model, sequences, ["a", "b"], ["z", "y"])
+
+
 def test_report_on_the_tiny_workspace(tiny_pipeline: Path, tmp_path: Path) -> None:
     from store_core.baselines.sasrec import run_sasrec
     from store_core.bundle import load_bundle
@@ -230,7 +249,7 @@ def test_report_on_the_tiny_workspace(tiny_pipeline: Path, tmp_path: Path) -> No
     fit = report["train_fit"]
     assert fit["users"] == 12 == sum(row["users"] for row in fit["buckets"])
     assert [row["bucket"] for row in fit["buckets"]] == ["0", "1", "2-3", ">3"]
-    assert "STORE on its own training transitions (12 sampled users" in text
+    assert "Each system on its own training transitions (12 sampled users" in text
     train = decoded.data.train_sequences
     eligible = sorted(u for u, seq in train.items() if len(seq) >= 2)
     chosen = [eligible[i] for i in seeded_subset(len(eligible), 12, EVAL_SAMPLE_SEED)]
@@ -251,6 +270,27 @@ def test_report_on_the_tiny_workspace(tiny_pipeline: Path, tmp_path: Path) -> No
     assert fit["store"]["recall_at_10"] == pytest.approx(ranking_metrics(fit_ranks)["recall_at_10"])
     others = [pairs[(train[u][-2], train[u][-1])] - 1 for u in chosen]
     assert fit["buckets"][0]["users"] == sum(o == 0 for o in others)
+
+    # SASRec-CE's train fit by hand: the same seed's model (deterministic), one unbatched
+    # forward per user over the train items before the last, every item ranked.
+    from store_core.baselines.data import load_sequence_data
+    from store_core.baselines.sasrec import train_sasrec
+
+    sequences = load_sequence_data(cfg.data_dir)
+    model = train_sasrec(sequences, cfg.evaluation.sasrec, report["seed"]).eval()
+    sasrec_fit = []
+    for u in chosen:
+        seq = sequences.train_sequences[u]
+        with torch.no_grad():
+            scores = model.item_logits(model.encode([seq[:-1]]))[0]  # [N], column j: item j+1
+        position = int((scores > scores[int(seq[-1]) - 1]).sum())
+        sasrec_fit.append(position if position < 20 else -1)
+    expected_fit = ranking_metrics(sasrec_fit)
+    assert fit["sasrec"]["recall_at_10"] == pytest.approx(expected_fit["recall_at_10"])
+    assert fit["sasrec"]["ndcg_at_10"] == pytest.approx(expected_fit["ndcg_at_10"])
+    hits = sum(row["users"] * (row["sasrec_recall_at_10"] or 0) for row in fit["buckets"])
+    assert hits == pytest.approx(expected_fit["recall_at_10"] * 12)
+    assert "SASRec-CE R@10" in text.split("Each system on its own training transitions")[1]
 
 
 def rank_of_beam(items: np.ndarray, alive: np.ndarray, target: int) -> int:

@@ -189,6 +189,28 @@ def training_windows(
 
 
 @torch.no_grad()
+def top_k_for_histories(
+    model: SASRecModel,
+    histories: Sequence[np.ndarray],
+    k: int = 20,
+    exclude: Sequence[np.ndarray] | None = None,
+) -> np.ndarray:
+    """int64 [U, k] top item indices (1-based) after each history (int64 item indices,
+    oldest first; the model reads its most recent ``history_len``), in batches of
+    ``eval_batch_size``. ``exclude`` (one array of item indices per history) removes
+    those items from the ranking."""
+    was_training = model.training
+    model.eval()
+    blocks = []
+    size = model.cfg.eval_batch_size
+    for start in range(0, len(histories), size):
+        scores = model.item_logits(model.encode(histories[start : start + size]))  # [B, N]
+        excluded = None if exclude is None else exclude[start : start + size]
+        blocks.append(top_k_items(scores, k, excluded))
+    model.train(was_training)
+    return np.concatenate(blocks) if blocks else np.zeros((0, k), dtype=np.int64)
+
+
 def recommend(
     model: SASRecModel,
     data: SequenceData,
@@ -203,22 +225,9 @@ def recommend(
     removes the user's history items from the ranking: all of them, or the
     ``excluded_history_len`` most recent.
     """
-    was_training = model.training
-    model.eval()
-    users = data.eval_users(split)
-    blocks = []
-    for start in range(0, len(users), model.cfg.eval_batch_size):
-        block = users[start : start + model.cfg.eval_batch_size]
-        histories = [data.history(u, split, model.cfg.history_len) for u in block]
-        scores = model.item_logits(model.encode(histories))  # [B, N]
-        exclude = (
-            [data.history(u, split, excluded_history_len) for u in block]
-            if exclude_history
-            else None
-        )
-        blocks.append(top_k_items(scores, k, exclude))
-    model.train(was_training)
-    return np.concatenate(blocks) if blocks else np.zeros((0, k), dtype=np.int64)
+    histories = data.histories(split, model.cfg.history_len)
+    exclude = data.histories(split, excluded_history_len) if exclude_history else None
+    return top_k_for_histories(model, histories, k, exclude)
 
 
 def rank_users(
