@@ -282,8 +282,8 @@ def test_report_on_the_tiny_workspace(tiny_pipeline: Path, tmp_path: Path) -> No
     for u in chosen:
         seq = sequences.train_sequences[u]
         with torch.no_grad():
-            scores = model.item_logits(model.encode([seq[:-1]]))[0]  # [N], column j: item j+1
-        position = int((scores > scores[int(seq[-1]) - 1]).sum())
+            item_scores = model.item_logits(model.encode([seq[:-1]]))[0]  # [N], column j: item j+1
+        position = int((item_scores > item_scores[int(seq[-1]) - 1]).sum())
         sasrec_fit.append(position if position < 20 else -1)
     expected_fit = ranking_metrics(sasrec_fit)
     assert fit["sasrec"]["recall_at_10"] == pytest.approx(expected_fit["recall_at_10"])
