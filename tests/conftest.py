@@ -28,14 +28,21 @@ REPRODUCIBLE_NUMERICS = {
     "ONEDNN_MAX_CPU_ISA": "SSE41",
     "NPY_DISABLE_CPU_FEATURES": "X86_V3,X86_V4,AVX512_ICL,AVX512_SPR",
 }
+#: Numeric libraries already loaded when this module was imported: too late for the
+#: settings above. Checked in :func:`pytest_configure`, i.e. only in the pytest process (a
+#: Dask worker or a script that imports this module has loaded numpy long before).
+_LOADED_TOO_EARLY = sorted({"numpy", "torch", "sklearn", "scipy"} & set(sys.modules))
 if platform.machine() in ("x86_64", "AMD64"):
-    _loaded = sorted({"numpy", "torch", "sklearn", "scipy"} & set(sys.modules))
-    if _loaded:
-        raise RuntimeError(
-            f"tests/conftest.py: {', '.join(_loaded)} loaded before the test numerics were "
-            "set; a pytest plugin imports it (run `make test`)"
-        )
     os.environ.update(REPRODUCIBLE_NUMERICS)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if _LOADED_TOO_EARLY and platform.machine() in ("x86_64", "AMD64"):
+        raise pytest.UsageError(
+            f"tests/conftest.py: {', '.join(_LOADED_TOO_EARLY)} loaded before the test "
+            "numerics (REPRODUCIBLE_NUMERICS) were set: a pytest plugin imports it"
+        )
+
 
 os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 os.environ["DO_NOT_TRACK"] = "true"
