@@ -17,19 +17,21 @@ hold no config URI.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import socket
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from store_core.config import StoreConfig
 from store_core.redaction import redact, redact_value
+from store_core.signals import deferred
 from store_core.telemetry import disable_telemetry
 
 disable_telemetry()  # before mlflow (or anything it loads) is first imported
@@ -81,6 +83,37 @@ def artifact_location(cfg: StoreConfig) -> str | None:
     if tracking_uri(cfg).startswith(("http://", "https://")):
         return None
     return (Path(cfg.workspace) / "mlflow" / "artifacts").as_uri()
+
+
+class SignalSafeClient:
+    """An ``MlflowClient`` whose every method call runs with SIGTERM and Ctrl-C held back
+    (:func:`store_core.signals.deferred`): a stop that arrives while MLflow reads or writes
+    its store takes effect when that call returns. Raised in the middle of a call, it left
+    SQLAlchemy's SQLite transaction open, and the cleanup that marks the run KILLED then
+    failed with "database is locked" (exit 1, the run left RUNNING). One call is one short
+    store round trip, so the stop waits milliseconds (an artifact upload: its duration)."""
+
+    def __init__(self, client: MlflowClient) -> None:
+        self._client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attribute = getattr(self._client, name)
+        if not callable(attribute):
+            return attribute
+
+        @functools.wraps(attribute)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            with deferred():
+                return cast(Callable[..., Any], attribute)(*args, **kwargs)
+
+        return call
+
+
+def _new_client(uri: str) -> MlflowClient:
+    """An ``MlflowClient`` on ``uri`` behind :class:`SignalSafeClient`."""
+    from mlflow.tracking import MlflowClient
+
+    return cast("MlflowClient", SignalSafeClient(MlflowClient(tracking_uri=uri)))
 
 
 class Run:
@@ -169,9 +202,7 @@ class Run:
 def _client(cfg: StoreConfig, uri: str | None = None) -> tuple[MlflowClient, str]:
     """A client on ``uri`` (default :func:`tracking_uri`) and the configured experiment's
     id, creating the experiment (marked as a classic ML experiment) on first use."""
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=uri or tracking_uri(cfg))
+    client = _new_client(uri or tracking_uri(cfg))
     experiment = client.get_experiment_by_name(cfg.tracking.experiment)
     if experiment is None:
         experiment_id = client.create_experiment(
@@ -332,9 +363,7 @@ def attach(cfg: StoreConfig, run_id: str | None) -> Run:
     disabled or ``run_id`` is None."""
     if not cfg.tracking.enabled or run_id is None:
         return Run(None, None)
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    client = _new_client(tracking_uri(cfg))
     return Run(client, run_id, client.get_run(run_id).info.experiment_id)
 
 
@@ -438,9 +467,7 @@ def show_model_on(cfg: StoreConfig, version: ModelVersion, run_id: str) -> None:
     row too: the pipeline's parent run, so pipeline runs list the model they produced."""
     if not cfg.tracking.enabled:
         return
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    client = _new_client(tracking_uri(cfg))
     artifact_path = version.source.rstrip("/").rsplit("/", 1)[-1]
     _record_logged_model(client, version.run_id, artifact_path, on_run=run_id)
 
@@ -449,9 +476,7 @@ def set_alias(cfg: StoreConfig, version: ModelVersion, alias: str = PRODUCTION_A
     """Point ``models:/<name>@<alias>`` at ``version`` (moved from any earlier one)."""
     if not cfg.tracking.enabled:
         return
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    client = _new_client(tracking_uri(cfg))
     client.set_registered_model_alias(version.name, alias, version.version)
     logger.info("models:/%s@%s is now version %s", version.name, alias, version.version)
 
@@ -462,9 +487,8 @@ def model_by_alias(cfg: StoreConfig, alias: str = PRODUCTION_ALIAS) -> ModelVers
     if not cfg.tracking.enabled:
         return None
     from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    client = _new_client(tracking_uri(cfg))
     name = registered_model_name(cfg)
     try:
         found = client.get_model_version_by_alias(name, alias)
@@ -481,9 +505,7 @@ def describe_model_version(
     """Add links (Markdown description) and tags to a registered model version."""
     if not cfg.tracking.enabled:
         return
-    from mlflow.tracking import MlflowClient
-
-    client = MlflowClient(tracking_uri=tracking_uri(cfg))
+    client = _new_client(tracking_uri(cfg))
     client.update_model_version(version.name, version.version, description=redact(markdown))
     for key, value in tags.items():
         client.set_model_version_tag(version.name, version.version, key, redact(str(value)))

@@ -141,3 +141,33 @@ def test_ctrl_c_inside_a_run_ends_it_killed(tmp_path: Path) -> None:
         raise KeyboardInterrupt
     client = MlflowClient(tracking_uri=tracking.tracking_uri(cfg))
     assert client.get_run(run.run_id or "").info.status == "KILLED"
+
+
+def test_a_sigterm_during_an_mlflow_call_stops_the_run_after_that_call(tmp_path: Path) -> None:
+    """SIGTERM arriving inside an MLflow call (here: while it writes a metric) takes effect
+    when the call returns: the metric is stored whole and the run ends KILLED. Raised
+    mid-call, it once left SQLite's transaction open and the KILLED mark failed with
+    "database is locked"."""
+    from store_core import signals
+
+    cfg = load_config("tiny", [f"workspace={tmp_path / 'ws'}"])
+    steps: list[str] = []
+    with pytest.raises(signals.Terminated), signals.handle_sigterm():
+        with tracking.stage_run(cfg, "ingest") as run:
+            assert isinstance(run.client, tracking.SignalSafeClient)
+            inner = run.client._client
+            original = inner.log_metric
+
+            def log_metric_hit_by_sigterm(*args: object, **kwargs: object) -> None:
+                os.kill(os.getpid(), signal.SIGTERM)  # arrives before the write
+                steps.append("write started")
+                original(*args, **kwargs)
+                steps.append("write done")
+
+            inner.log_metric = log_metric_hit_by_sigterm  # type: ignore[method-assign]
+            run.log_metrics({"rows": 3.0})
+            steps.append("after the call")  # not reached: the stop lands on return
+    assert steps == ["write started", "write done"]
+    stored = MlflowClient(tracking_uri=tracking.tracking_uri(cfg)).get_run(run.run_id or "")
+    assert stored.info.status == "KILLED"
+    assert stored.data.metrics == {"rows": 3.0}
