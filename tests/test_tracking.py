@@ -152,8 +152,10 @@ def test_a_sigterm_during_an_mlflow_call_stops_the_run_after_that_call(tmp_path:
 
     cfg = load_config("tiny", [f"workspace={tmp_path / 'ws'}"])
     steps: list[str] = []
-    with pytest.raises(signals.Terminated), signals.handle_sigterm():
-        with tracking.stage_run(cfg, "ingest") as run:
+    previous = signal.getsignal(signal.SIGTERM)
+    signals.install()  # as the CLI does (fresh: an earlier test may have left a handler)
+    try:
+        with pytest.raises(signals.Terminated), tracking.stage_run(cfg, "ingest") as run:
             assert isinstance(run.client, tracking.SignalSafeClient)
             inner = run.client._client
             original = inner.log_metric
@@ -167,6 +169,8 @@ def test_a_sigterm_during_an_mlflow_call_stops_the_run_after_that_call(tmp_path:
             inner.log_metric = log_metric_hit_by_sigterm  # type: ignore[method-assign]
             run.log_metrics({"rows": 3.0})
             steps.append("after the call")  # not reached: the stop lands on return
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     assert steps == ["write started", "write done"]
     stored = MlflowClient(tracking_uri=tracking.tracking_uri(cfg)).get_run(run.run_id or "")
     assert stored.info.status == "KILLED"
