@@ -2,7 +2,7 @@
 #   make run    create .venv, install (pinned CPU torch first), run the pipeline on MovieLens 100K
 #   make test   create/update .venv with dev extras, run the test suite (what CI runs)
 # Test tiers (pytest markers, registered in pyproject.toml):
-#   make test       every test not marked `slow` (CI's suite: .ci/run, .github/workflows)
+#   make test       every test not marked `slow` (CI's suite: .ci/run, .github/workflows); lists the 15 slowest
 #   make test-fast  the inner loop: also leaves out `pipeline` (trains the tiny models) and
 #                   `service` (starts servers or CLI processes); under 3 min on 2 cores
 #   make test-slow  only the `slow` tests (the 1M-row DuckDB lookups, kill-at-every-point)
@@ -51,7 +51,7 @@ run: install
 	$(BIN)/store run --config $(CONFIG) $(ARGS)
 
 test: install-dev
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q --durations=15
 
 test-fast: install-dev
 	$(BIN)/pytest -q -m "not slow and not pipeline and not service"
