@@ -1,0 +1,52 @@
+"""Hypothesis test of issue 13, not part of the library: an item-unique last code.
+
+Rewrites a workspace's Phase A output so that the last (disambiguation) code of every
+item is its row index: each item then has a token of its own on the input side of Phase
+B, while under ``recommender.id_normalization: trie`` the output side of that level stays
+a choice among one child. Run on a scratch copy of a workspace whose K = 1024 clustering
+gave every item a unique 3-code prefix (the disambiguation code all 0), then train Phase B
+alone and evaluate (README, "An item token of its own"):
+
+    python benchmarks/patches/item_unique_last_code.py <workspace>
+    store train --config scientific-quality --phase recommender --set workspace=<workspace>
+    store evaluate --config scientific-quality --set workspace=<workspace> \
+        --set "evaluation.systems=[store]"
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from store_core.semantic_ids import format_sid, pack_codes
+
+
+def rewrite(workspace: Path) -> int:
+    """Give every item of ``workspace``'s tokenizer-store a unique last code; returns N."""
+    directory = workspace / "models" / "tokenizer-store"
+    table = pq.read_table(directory / "semantic_ids.parquet")
+    metadata = json.loads((directory / "metadata.json").read_text())
+    codes = np.array(table.column("codes").to_pylist(), dtype=np.int64)  # [N, M]
+    if (codes[:, -1] != 0).any():
+        raise SystemExit("some items already use a disambiguation code: not a K = 1024 table")
+    codes[:, -1] = np.arange(len(codes))
+    columns = {
+        "codes": pa.array(codes.astype(np.int32).tolist(), type=table.schema.field("codes").type),
+        "sid": pa.array([format_sid(row) for row in codes], type=pa.string()),
+        "packed": pa.array(pack_codes(codes, metadata["pack_bits"]), type=pa.int64()),
+    }
+    for name, column in columns.items():
+        table = table.set_column(table.schema.get_field_index(name), name, column)
+    pq.write_table(table, directory / "semantic_ids.parquet", compression="zstd")
+    metadata["disambiguation_size"] = len(codes)
+    (directory / "metadata.json").write_text(json.dumps(metadata, indent=2))
+    return len(codes)
+
+
+if __name__ == "__main__":
+    print(f"{rewrite(Path(sys.argv[1]))} items now have a last code of their own")
