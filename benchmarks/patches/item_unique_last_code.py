@@ -15,36 +15,27 @@ alone and evaluate (README, "An item token of its own"):
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 
-from store_core.semantic_ids import format_sid, pack_codes
+from store_core import checkpoint as ckpt
 
 
 def rewrite(workspace: Path) -> int:
     """Give every item of ``workspace``'s tokenizer-store a unique last code; returns N."""
     directory = workspace / "models" / "tokenizer-store"
-    table = pq.read_table(directory / "semantic_ids.parquet")
-    metadata = json.loads((directory / "metadata.json").read_text())
+    table = ckpt.read_semantic_ids(directory)
+    metadata = ckpt.read_tokenizer_metadata(directory)
     codes = np.array(table.column("codes").to_pylist(), dtype=np.int64)  # [N, M]
     if (codes[:, -1] != 0).any():
         raise SystemExit("some items already use a disambiguation code: not a K = 1024 table")
     codes[:, -1] = np.arange(len(codes))
-    columns = {
-        "codes": pa.array(codes.astype(np.int32).tolist(), type=table.schema.field("codes").type),
-        "sid": pa.array([format_sid(row) for row in codes], type=pa.string()),
-        "packed": pa.array(pack_codes(codes, metadata["pack_bits"]), type=pa.int64()),
-    }
-    for name, column in columns.items():
-        table = table.set_column(table.schema.get_field_index(name), name, column)
-    pq.write_table(table, directory / "semantic_ids.parquet", compression="zstd")
-    metadata["disambiguation_size"] = len(codes)
-    (directory / "metadata.json").write_text(json.dumps(metadata, indent=2))
+    item_ids = table.column("item_id").to_pylist()
+    hashes = table.column("content_hash").to_pylist()
+    ckpt.write_semantic_ids(directory, item_ids, codes, hashes, metadata.pack_bits)
+    ckpt.write_metadata(directory, metadata.model_copy(update={"disambiguation_size": len(codes)}))
     return len(codes)
 
 
