@@ -396,11 +396,15 @@ def _identity(pid: int) -> dict[str, Any]:
 
 
 def _alive(identity: dict[str, Any] | None) -> bool:
+    """Whether the process ``identity`` names still runs: a zombie (exited, not yet reaped
+    by its parent) has stopped, so ``store serve --stop`` does not wait out its timeout
+    for a supervisor whose parent reaps it late."""
     if not identity:
         return False
     try:
         proc = psutil.Process(int(identity["pid"]))
-        return abs(proc.create_time() - float(identity["create_time"])) < 1e-3
+        same = abs(proc.create_time() - float(identity["create_time"])) < 1e-3
+        return same and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
 

@@ -57,6 +57,34 @@ def test_local_stack_binds_loopback_in_start_order(
     assert stack.urls["prefect_api"] == f"http://127.0.0.1:{port}/api"
 
 
+def test_each_workspace_gets_its_own_prefect_database(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Prefect server of two workspaces' ``store serve`` gets two databases, each in
+    its workspace; a database the user configured wins (the server inherits it). The
+    end-to-end check, two servers, is the `slow`
+    tests/flows/test_service.py::test_two_workspaces_runs_do_not_mix."""
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    monkeypatch.delenv(service_supervisor.PREFECT_DB_ENV, raising=False)
+    urls = []
+    for name in ("a", "b"):
+        cfg = load_config("tiny", [f"workspace={tmp_path / name}"])
+        stack = service_supervisor.LocalStack(cfg, "tiny", [], prefect_port=0, schedule=False)
+        server = stack.services[0]
+        assert server.name == "prefect-server"
+        urls.append(server.env[service_supervisor.PREFECT_DB_ENV])
+        assert (tmp_path / name / "prefect").is_dir()
+    assert urls == [
+        f"sqlite+aiosqlite:///{(tmp_path / name).resolve() / 'prefect' / 'prefect.db'}"
+        for name in ("a", "b")
+    ]
+    monkeypatch.setenv(service_supervisor.PREFECT_DB_ENV, "postgresql+asyncpg://db/prefect")
+    cfg = load_config("tiny", [f"workspace={tmp_path / 'c'}"])
+    server = service_supervisor.LocalStack(cfg, "tiny", [], prefect_port=0).services[0]
+    assert service_supervisor.PREFECT_DB_ENV not in server.env  # inherited as the user set it
+    assert not (tmp_path / "c" / "prefect").exists()
+
+
 def test_a_service_is_ready_only_once_every_ready_url_answers(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -146,4 +174,30 @@ def test_stop_without_a_running_serve(tmp_path: Path) -> None:
         json.dumps({"supervisor": record, "services": [{"name": "x", **record}]})
     )
     assert service_supervisor.stop_running(cfg) is True
+    assert not (state_dir / service_supervisor.STATE_FILE).exists()
+
+
+def test_stop_returns_once_the_supervisor_exits_even_before_its_parent_reaps_it(
+    tmp_path: Path,
+) -> None:
+    """A supervisor that exited on SIGTERM but whose parent (here this test, in CI pytest)
+    has not reaped it yet is a zombie: ``store serve --stop`` is done, it does not wait
+    out its timeout (it used to: 60 s per stop in tests/flows/test_service.py)."""
+    cfg = cfg_for(tmp_path)
+    supervisor = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    state_dir = service_supervisor.serve_dir(cfg)
+    state_dir.mkdir(parents=True)
+    record = {"pid": supervisor.pid, "create_time": psutil.Process(supervisor.pid).create_time()}
+    (state_dir / service_supervisor.STATE_FILE).write_text(
+        json.dumps({"supervisor": record, "services": []})
+    )
+    try:
+        started = time.monotonic()
+        assert service_supervisor.stop_running(cfg, timeout_s=30.0) is True
+        elapsed = time.monotonic() - started
+        assert psutil.Process(supervisor.pid).status() == psutil.STATUS_ZOMBIE  # not reaped
+    finally:
+        supervisor.kill()
+        supervisor.wait(timeout=10)
+    assert elapsed < 5.0
     assert not (state_dir / service_supervisor.STATE_FILE).exists()

@@ -580,6 +580,8 @@ def test_nightly_refuses_a_checkpoint_that_is_not_the_production_version(
     assert storage.latest_version(served.db) == latest
 
 
+@pytest.mark.slow  # a second Prefect server: ~80 s; the fast check is
+# tests/test_service_supervisor.py::test_each_workspace_gets_its_own_prefect_database
 def test_two_workspaces_runs_do_not_mix(served: Served, full_run: str, tmp_path: Path) -> None:
     """A second ``store serve`` for another workspace shows none of the first one's runs
     or artifacts (each workspace has its own Prefect database)."""
