@@ -3,9 +3,10 @@
 Rewrites a workspace's Phase A output so that the last (disambiguation) code of every
 item is its row index: each item then has a token of its own on the input side of Phase
 B, while under ``recommender.id_normalization: trie`` the output side of that level stays
-a choice among one child. Run on a scratch copy of a workspace whose K = 1024 clustering
-gave every item a unique 3-code prefix (the disambiguation code all 0), then train Phase B
-alone and evaluate (README, "An item token of its own"):
+a choice among one child. Run on a scratch copy of a workspace after Phase A (at K = 1024 on
+scientific every item has a unique 3-code prefix, the disambiguation code all 0; elsewhere
+the row index replaces the disambiguation code, which keeps IDs unique), then train Phase
+B alone and evaluate (README, "An item token of its own"):
 
     python benchmarks/patches/item_unique_last_code.py <workspace>
     store train --config scientific-quality --phase recommender --set workspace=<workspace>
@@ -29,9 +30,9 @@ def rewrite(workspace: Path) -> int:
     table = ckpt.read_semantic_ids(directory)
     metadata = ckpt.read_tokenizer_metadata(directory)
     codes = np.array(table.column("codes").to_pylist(), dtype=np.int64)  # [N, M]
-    if (codes[:, -1] != 0).any():
-        raise SystemExit("some items already use a disambiguation code: not a K = 1024 table")
-    codes[:, -1] = np.arange(len(codes))
+    shared = int((codes[:, -1] != 0).sum())  # items whose cluster codes another item has
+    codes[:, -1] = np.arange(len(codes))  # unique on its own: replaces the disambiguation
+    print(f"{shared} items had a disambiguation code other than 0")
     item_ids = table.column("item_id").to_pylist()
     hashes = table.column("content_hash").to_pylist()
     ckpt.write_semantic_ids(directory, item_ids, codes, hashes, metadata.pack_bits)
