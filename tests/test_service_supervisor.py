@@ -69,7 +69,7 @@ def test_each_workspace_gets_its_own_prefect_database(
     urls = []
     for name in ("a", "b"):
         cfg = load_config("tiny", [f"workspace={tmp_path / name}"])
-        stack = service_supervisor.LocalStack(cfg, "tiny", [], prefect_port=0, schedule=False)
+        stack = service_supervisor.LocalStack(cfg, "tiny", [], schedule=False)
         server = stack.services[0]
         assert server.name == "prefect-server"
         urls.append(server.env[service_supervisor.PREFECT_DB_ENV])
@@ -80,7 +80,7 @@ def test_each_workspace_gets_its_own_prefect_database(
     ]
     monkeypatch.setenv(service_supervisor.PREFECT_DB_ENV, "postgresql+asyncpg://db/prefect")
     cfg = load_config("tiny", [f"workspace={tmp_path / 'c'}"])
-    server = service_supervisor.LocalStack(cfg, "tiny", [], prefect_port=0).services[0]
+    server = service_supervisor.LocalStack(cfg, "tiny", []).services[0]
     assert service_supervisor.PREFECT_DB_ENV not in server.env  # inherited as the user set it
     assert not (tmp_path / "c" / "prefect").exists()
 
