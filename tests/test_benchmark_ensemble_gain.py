@@ -1,0 +1,39 @@
+"""benchmarks/ensemble_gain.py: the product-of-experts fusion and the ranks, on hand values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks.ensemble_gain import fuse_beams, ranks_in_lists, ranks_in_scores
+
+
+def test_fuse_beams_means_log_probs_with_the_beam_floor_for_missing_items() -> None:
+    # member 0: a -1, b -2, c -4 ; member 1: b -1, d -3 (dead slot skipped)
+    fused = fuse_beams(
+        [["a", "b", "c"], ["b", "", "d"]], [[-1.0, -2.0, -4.0], [-1.0, -math.inf, -3.0]]
+    )
+    # a: (-1 + -3)/2 = -2 ; b: (-2 + -1)/2 = -1.5 ; c: (-4 + -3)/2 = -3.5 ; d: (-4 + -3)/2 = -3.5
+    assert fused == ["b", "a", "c", "d"]  # c and d tie: first seen first
+
+
+def test_fuse_beams_of_one_member_keeps_its_order() -> None:
+    assert fuse_beams([["x", "y", "z"]], [[-0.5, -0.7, -2.0]]) == ["x", "y", "z"]
+
+
+def test_fuse_beams_rejects_an_empty_member_and_mismatched_rows() -> None:
+    with pytest.raises(ValueError, match="no live item"):
+        fuse_beams([["a"], [""]], [[-1.0], [-math.inf]])
+    with pytest.raises(ValueError, match="2 member beams but 1"):
+        fuse_beams([["a"], ["b"]], [[-1.0]])
+
+
+def test_ranks_in_lists_and_in_scores() -> None:
+    assert ranks_in_lists([["a", "b"], ["c"], []], ["b", "x", "a"]).tolist() == [2, 0, 0]
+    scores = np.log(np.array([[0.1, 0.6, 0.3], [0.5, 0.25, 0.25], [0.2, 0.2, 0.6]]))
+    # row 1: columns 1 and 2 tie, the lower column ranks first (target 2 is 3rd);
+    # row 2: columns 0 and 1 tie behind column 2, so target 0 is 2nd
+    assert ranks_in_scores(scores, np.array([2, 2, 0]), k=2).tolist() == [2, 0, 2]
+    assert ranks_in_scores(scores, np.array([2, 2, 0]), k=3).tolist() == [2, 3, 2]
