@@ -35,7 +35,18 @@ from typing import Any
 import numpy as np
 
 from benchmarks.beam_search_gap import summary
-from benchmarks.machine import command_line, machine_info, write_results
+from benchmarks.machine import RESULTS, command_line, machine_info, write_results
+
+
+def sasrec_ranks(log_probs: np.ndarray, targets: np.ndarray, k: int = 20) -> np.ndarray:
+    """``[U]`` 1-based rank of each 1-based item index in ``targets`` within the top ``k``
+    of its row of ``log_probs`` [U, N] (column j = item j + 1; 0 = outside), ranked by
+    ``store evaluate``'s own top-k (``baselines.data.top_k_items`` / ``target_ranks``)."""
+    import torch
+
+    from store_core.baselines.data import target_ranks, top_k_items
+
+    return target_ranks(top_k_items(torch.from_numpy(log_probs), k), targets) + 1
 
 
 def fuse_beams(items: Sequence[Sequence[str]], scores: Sequence[Sequence[float]]) -> list[str]:
@@ -58,9 +69,7 @@ def fuse_beams(items: Sequence[Sequence[str]], scores: Sequence[Sequence[float]]
         if not beam:
             raise ValueError("a member beam holds no live item")
         beams.append(beam)
-    order: list[str] = []
-    for beam in beams:
-        order.extend(item for item in beam if item not in order)
+    order = list(dict.fromkeys(item for beam in beams for item in beam))  # first seen first
     floors = [min(beam.values()) for beam in beams]
     fused = {
         item: float(np.mean([b.get(item, f) for b, f in zip(beams, floors, strict=True)]))
@@ -78,14 +87,6 @@ def ranks_in_lists(lists: Sequence[Sequence[str]], targets: Sequence[str]) -> np
         ],
         dtype=np.int64,
     )
-
-
-def ranks_in_scores(log_probs: np.ndarray, targets: np.ndarray, k: int = 20) -> np.ndarray:
-    """``[U]`` 1-based rank of each target column in its row of ``log_probs`` [U, N] within
-    the top ``k`` (0 = outside); ties rank the lower column first, as ``np.argsort``."""
-    top = np.argsort(-log_probs, axis=1, kind="stable")[:, :k]  # [U, k]
-    hit = top == targets[:, None]
-    return np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, 0).astype(np.int64)
 
 
 def _store_member(config: str, overrides: list[str], workspace: str) -> dict[str, Any]:
@@ -123,7 +124,7 @@ def _sasrec_members(
     cfg = load_config(config, overrides)
     data = load_sequence_data(cfg.data_dir)
     histories = data.histories("test", cfg.evaluation.sasrec.history_len)
-    targets = data.targets("test") - 1  # column j of item_logits is item j + 1
+    targets = data.targets("test")  # 1-based item indices
     members = []
     for seed in seeds:
         model = train_sasrec(data, cfg.evaluation.sasrec, seed)
@@ -206,9 +207,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if sasrec_users != users:
         raise SystemExit("SASRec-CE's test users differ from STORE's")
     for seed, scores in zip(args.sasrec_seeds, log_probs, strict=True):
-        ranks = ranks_in_scores(scores, sasrec_targets)
+        ranks = sasrec_ranks(scores, sasrec_targets)
         rows.append({"system": "SASRec-CE", "members": f"seed {seed}", "metrics": summary(ranks)})
-    ranks = ranks_in_scores(np.mean(log_probs, axis=0), sasrec_targets)
+    ranks = sasrec_ranks(np.mean(log_probs, axis=0), sasrec_targets)
     rows.append(
         {"system": "SASRec-CE ensemble", "members": len(log_probs), "metrics": summary(ranks)}
     )
@@ -224,7 +225,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     stem = args.name or f"ensemble_gain_{Path(args.config).stem}"
     write_results(report, f"{stem}.json")
     text = markdown(report)
-    (Path(__file__).resolve().parent / "results" / f"{stem}.md").write_text(text)
+    (RESULTS / f"{stem}.md").write_text(text)
     print(json.dumps(rows, indent=2), flush=True)
     print(text, flush=True)
 

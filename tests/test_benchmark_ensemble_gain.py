@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks.ensemble_gain import fuse_beams, ranks_in_lists, ranks_in_scores
+from benchmarks.ensemble_gain import fuse_beams, ranks_in_lists, sasrec_ranks
 
 
 def test_fuse_beams_means_log_probs_with_the_beam_floor_for_missing_items() -> None:
@@ -32,8 +32,7 @@ def test_fuse_beams_rejects_an_empty_member_and_mismatched_rows() -> None:
 
 def test_ranks_in_lists_and_in_scores() -> None:
     assert ranks_in_lists([["a", "b"], ["c"], []], ["b", "x", "a"]).tolist() == [2, 0, 0]
-    scores = np.log(np.array([[0.1, 0.6, 0.3], [0.5, 0.25, 0.25], [0.2, 0.2, 0.6]]))
-    # row 1: columns 1 and 2 tie, the lower column ranks first (target 2 is 3rd);
-    # row 2: columns 0 and 1 tie behind column 2, so target 0 is 2nd
-    assert ranks_in_scores(scores, np.array([2, 2, 0]), k=2).tolist() == [2, 0, 2]
-    assert ranks_in_scores(scores, np.array([2, 2, 0]), k=3).tolist() == [2, 3, 2]
+    scores = np.log(np.array([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3], [0.3, 0.1, 0.6]]))
+    # targets are 1-based item indices (column j = item j + 1)
+    assert sasrec_ranks(scores, np.array([3, 2, 1]), k=2).tolist() == [2, 0, 2]
+    assert sasrec_ranks(scores, np.array([3, 2, 1]), k=3).tolist() == [2, 3, 2]
