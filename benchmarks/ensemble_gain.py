@@ -49,16 +49,25 @@ def sasrec_ranks(log_probs: np.ndarray, targets: np.ndarray, k: int = 20) -> np.
     return target_ranks(top_k_items(torch.from_numpy(log_probs), k), targets) + 1
 
 
-def fuse_beams(items: Sequence[Sequence[str]], scores: Sequence[Sequence[float]]) -> list[str]:
+def fuse_beams(
+    items: Sequence[Sequence[str]],
+    scores: Sequence[Sequence[float]],
+    weights: Sequence[float] | None = None,
+) -> list[str]:
     """The union of one user's member beams, best first by mean log-probability.
 
     ``items[m]`` / ``scores[m]``: member ``m``'s beam (item ids, best first; "" = a dead
     slot) and its log-probabilities. An item missing from a member's beam gets that
-    member's lowest live score. Ties keep first-seen order. Raises ValueError when a
-    member's beam has no live item or the two lists differ in length.
+    member's lowest live score. ``weights`` (one per member, non-negative, not all 0;
+    default equal) makes the mean a weighted one. Ties keep first-seen order. Raises
+    ValueError when a member's beam has no live item, the lists differ in length, or the
+    weights do not fit the members.
     """
     if len(items) != len(scores):
         raise ValueError(f"{len(items)} member beams but {len(scores)} score rows")
+    w = np.ones(len(items)) if weights is None else np.asarray(weights, dtype=np.float64)
+    if w.shape != (len(items),) or (w < 0).any() or not w.sum() > 0:
+        raise ValueError(f"weights {list(w)} do not fit {len(items)} members (>= 0, not all 0)")
     beams: list[dict[str, float]] = []
     for row_items, row_scores in zip(items, scores, strict=True):
         beam = {
@@ -72,7 +81,9 @@ def fuse_beams(items: Sequence[Sequence[str]], scores: Sequence[Sequence[float]]
     order = list(dict.fromkeys(item for beam in beams for item in beam))  # first seen first
     floors = [min(beam.values()) for beam in beams]
     fused = {
-        item: float(np.mean([b.get(item, f) for b, f in zip(beams, floors, strict=True)]))
+        item: float(
+            np.average([b.get(item, f) for b, f in zip(beams, floors, strict=True)], weights=w)
+        )
         for item in order
     }
     return sorted(order, key=lambda item: -fused[item])  # stable: ties keep first seen

@@ -19,6 +19,19 @@ def test_fuse_beams_means_log_probs_with_the_beam_floor_for_missing_items() -> N
     assert fused == ["b", "a", "c", "d"]  # c and d tie: first seen first
 
 
+def test_fuse_beams_weights_move_the_mean() -> None:
+    items, scores = [["a", "b"], ["b", "a"]], [[-1.0, -3.0], [-1.5, -2.0]]
+    # equal weights: a (-1 - 2) / 2 = -1.5, b (-3 - 1.5) / 2 = -2.25
+    assert fuse_beams(items, scores) == ["a", "b"]
+    # 0.1 / 0.9: a 0.1 * -1 + 0.9 * -2 = -1.9 ; b 0.1 * -3 + 0.9 * -1.5 = -1.65
+    assert fuse_beams(items, scores, weights=[0.1, 0.9]) == ["b", "a"]
+    assert fuse_beams(items, scores, weights=[1.0, 0.0]) == ["a", "b"]  # member 0 alone
+    with pytest.raises(ValueError, match="do not fit 2 members"):
+        fuse_beams(items, scores, weights=[0.0, 0.0])
+    with pytest.raises(ValueError, match="do not fit 2 members"):
+        fuse_beams(items, scores, weights=[1.0])
+
+
 def test_fuse_beams_of_one_member_keeps_its_order() -> None:
     assert fuse_beams([["x", "y", "z"]], [[-0.5, -0.7, -2.0]]) == ["x", "y", "z"]
 
