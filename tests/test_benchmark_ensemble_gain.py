@@ -25,9 +25,10 @@ def test_fuse_beams_weights_move_the_mean() -> None:
     assert fuse_beams(items, scores) == ["a", "b"]
     # 0.1 / 0.9: a 0.1 * -1 + 0.9 * -2 = -1.9 ; b 0.1 * -3 + 0.9 * -1.5 = -1.65
     assert fuse_beams(items, scores, weights=[0.1, 0.9]) == ["b", "a"]
-    assert fuse_beams(items, scores, weights=[1.0, 0.0]) == ["a", "b"]  # member 0 alone
-    with pytest.raises(ValueError, match="do not fit 2 members"):
-        fuse_beams(items, scores, weights=[0.0, 0.0])
+    assert fuse_beams(items, scores, weights=[0.0, 1.0]) == ["b", "a"]  # member 1 alone
+    for bad in ([0.0, 0.0], [1.0, -0.5]):
+        with pytest.raises(ValueError, match="do not fit 2 members"):
+            fuse_beams(items, scores, weights=bad)
     with pytest.raises(ValueError, match="do not fit 2 members"):
         fuse_beams(items, scores, weights=[1.0])
 
