@@ -147,6 +147,10 @@ def test_ingest_killed_at_every_point_reruns_to_the_same_workspace(tmp_path: Pat
     }
 
 
+# Every kill point of the catalogue write, like Phase A/B's (test_training_crash.py), is in
+# `make test-slow` (~55 s); CI's suite keeps ingest's every-point test above and the SIGTERM
+# inside the catalogue transaction (test_sigterm.py).
+@pytest.mark.slow
 def test_catalogue_killed_at_every_point_reruns_to_the_same_version(
     tiny_pipeline: Path, tmp_path: Path
 ) -> None:
