@@ -184,11 +184,6 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> No
     raise AssertionError(f"dask scheduler did not listen on {port}: {log.read_text()}")
 
 
-# ~80 s (a `dask scheduler` + two `dask worker` processes, then evaluate through the flow
-# and its Prefect server): `make test-slow`. CI's suite keeps `inference.address` (the
-# killed-worker tests below), the CLI verb on a cluster (above) and sharded evaluation's
-# equality with one search (test_sharded_library.py).
-@pytest.mark.slow
 def test_cluster_by_address_gives_the_in_process_ids_and_metrics(
     tiny_pipeline: Path, tmp_path: Path, dask_cli_cluster: str
 ) -> None:
