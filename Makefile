@@ -5,8 +5,9 @@
 #   make test       every test not marked `slow` (CI's suite: .ci/run, .github/workflows); lists the 15 slowest
 #   make test-fast  the inner loop: also leaves out `pipeline` (trains the tiny models) and
 #                   `service` (starts servers or CLI processes); under 3 min on 2 cores
-#   make test-slow  only the `slow` tests (the 1M-row DuckDB lookups, kill-at-every-point,
-#                   two `store serve` stacks side by side)
+#   make test-slow  only the `slow` tests (the 1M-row DuckDB lookups, kill-at-every-point of
+#                   training and of the catalogue write, ZeRO-3 across two processes, two
+#                   `store serve` stacks side by side)
 # Others: make lint (ruff + mypy), make clean.
 # Both installs take exact versions from constraints.txt (what the tests were recorded with;
 # a newer numpy or scikit-learn moves the pinned semantic IDs of tests/test_tiny_pinned.py).
