@@ -14,12 +14,9 @@
 set -u
 OUT=${OUT:?set OUT to a folder for results and logs}
 BUDGET=${BUDGET:-470}
-if ls .whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1 CI=1 DO_NOT_TRACK=1 OMP_NUM_THREADS=4 TOKENIZERS_PARALLELISM=false
+# shellcheck source=benchmarks/gpu_env.sh
+. benchmarks/gpu_env.sh
+export OMP_NUM_THREADS=4
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
   python3 -c "import sys, torch, transformers, deepspeed; print(sys.version.split()[0], \
@@ -34,8 +31,10 @@ run() {  # $1 tag, $2 config, then overrides
     --set tracking.enabled=false --set "workspace=$PWD/gpu/ws-$tag" \
     --set tokenizer_train.deepspeed.enabled=false --set recommender_train.deepspeed.enabled=false \
     "$@" > "$OUT/$tag.log" 2>&1
-  echo "exit $?" >> "$OUT/$tag.log"
-  cp "benchmarks/results/store_budget_${config}_gpu.json" "$OUT/" 2>/dev/null
+  local status=$?
+  echo "exit $status" >> "$OUT/$tag.log"
+  # only a finished run's json: a failed one must not ship the committed file of that name
+  [ "$status" -eq 0 ] && cp "benchmarks/results/store_budget_${config}_gpu.json" "$OUT/"
 }
 run ml ml-100k-quality &
 run sci scientific-quality --set "data.path=$PWD/gpu/data/scientific" &
@@ -47,7 +46,10 @@ run sci scientific-quality --set "data.path=$PWD/gpu/data/scientific" &
   timeout 200 python3 -m benchmarks.phase_b_throughput --config ml-100k-quality --steps 200 \
     --decode-users 943 --set "workspace=$PWD/gpu/ws-ml-budget-seed0" \
     --set tracking.enabled=false > "$OUT/phase_b.log" 2>&1
-  echo "exit $?" >> "$OUT/phase_b.log"
-  cp benchmarks/results/phase_b_ml-100k-quality.json "$OUT/phase_b_ml-100k-quality_gpu.json"
+  status=$?
+  echo "exit $status" >> "$OUT/phase_b.log"
+  # on failure the file below is the committed CPU result: never ship it as the GPU's
+  [ "$status" -eq 0 ] && cp benchmarks/results/phase_b_ml-100k-quality.json \
+    "$OUT/phase_b_ml-100k-quality_gpu.json"
 ) &
 wait

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU run behind the README's "A larger STORE on a GPU" table: does a larger built
-# backbone, with Phase B dropout and more epochs, close the gap to SASRec-CE once compute is
-# not the limit? Twelve `benchmarks.store_budget` runs side by side on one GPU, every one a
-# whole seed (ingest, Phase A, Phase B with validation per epoch and early stopping on
+# The GPU runs behind the README's "A larger built backbone on one H200" section: does a
+# larger built backbone, with Phase B dropout and more epochs, close the gap to SASRec-CE
+# once compute is not the limit? Up to twelve `benchmarks.store_budget` runs on one GPU,
+# JOBS of them at a time, every one a whole seed (ingest, Phase A, Phase B with validation per epoch and early stopping on
 # validation NDCG@10, best weights kept, test decoding, both history rules):
 #
 #   datasets  ml-100k-quality, scientific-quality (the shipped configs, then the overrides)
@@ -22,14 +22,16 @@
 # files) and gpu/data/scientific (the LC-Rec files), copies of ../shared/datasets. Results:
 # $OUT/store_scale.tar.gz (each run's json and log). RUNS narrows the runs ("ml:W:0 sci:D:2");
 # EXTRA adds overrides to every run (a CPU smoke test uses it to shrink the models); LIMIT
-# is each run's hard limit in seconds (default BUDGET + 60).
+# is each run's hard limit in seconds (default BUDGET + 60); JOBS how many run at once
+# (default 3, so twelve runs take about 4 x LIMIT).
 #
 # Measured on the H200 (README, "A larger built backbone on one H200"): twelve processes on
 # the one GPU time-slice its CUDA contexts (no MPS) and each trains at 170-230 samples/s,
 # against ~1,000-1,450 with three; and store_budget's plan, made from the probe, ran 1.5x
 # over (Phase B at 640 samples/s against the probe's 950, with a validation and a
 # checkpoint per epoch), so three runs at BUDGET=250 hit LIMIT in their test decoding.
-# Run at most three at a time, with LIMIT at least 1.4 x BUDGET.
+# Hence JOBS=3 by default (the README's first call ran with JOBS=12), and LIMIT should be
+# at least 1.4 x BUDGET.
 set -u
 OUT=${OUT:?set OUT to a folder for results and logs}
 BUDGET=${BUDGET:-450}
@@ -37,12 +39,10 @@ EPOCHS=${EPOCHS:-16}
 RUNS=${RUNS:-"ml:W:0 ml:W:1 ml:W:2 ml:D:0 ml:D:1 ml:D:2 sci:W:0 sci:W:1 sci:W:2 sci:D:0 sci:D:1 sci:D:2"}
 EXTRA=${EXTRA:-}
 LIMIT=${LIMIT:-$((BUDGET + 60))}
-if ls .whl/*.whl > /dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-    --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-export PYTHONUNBUFFERED=1 CI=1 DO_NOT_TRACK=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false
+JOBS=${JOBS:-3}
+# shellcheck source=benchmarks/gpu_env.sh
+. benchmarks/gpu_env.sh
+export OMP_NUM_THREADS=1
 mkdir -p "$OUT/logs"
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
@@ -61,6 +61,7 @@ ML="--set data.dataset=null --set data.format=movielens --set data.path=$PWD/gpu
 SCI="--set data.path=$PWD/gpu/data/scientific"
 
 for run in $RUNS; do
+  while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n; done
   IFS=: read -r ds variant seed <<< "$run"
   case $ds in ml) config=ml-100k-quality data=$ML ;; sci) config=scientific-quality data=$SCI ;; esac
   case $variant in W) sizes=$W ;; D) sizes=$D ;; esac
@@ -75,8 +76,10 @@ for run in $RUNS; do
       --set tokenizer_train.deepspeed.enabled=false \
       --set recommender_train.deepspeed.enabled=false $data $sizes $EXTRA \
       > "$OUT/logs/$name.log" 2>&1
-    echo "exit $?" >> "$OUT/logs/$name.log"
-    cp "benchmarks/results/$name.json" "$OUT/logs/" 2>/dev/null
+    status=$?
+    echo "exit $status" >> "$OUT/logs/$name.log"
+    # only a finished run's json: a failed one must not ship the committed file of that name
+    [ "$status" -eq 0 ] && cp "benchmarks/results/$name.json" "$OUT/logs/"
   ) &
 done
 wait
