@@ -28,8 +28,10 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from store_core.arrow_input import open_arrow_input
 from store_core.errors import DataError, MissingInputError
 from store_core.schemas import ITEMS_SCHEMA, SPLIT_TRAIN, SPLITS_SCHEMA
+from store_core.splits import group_splits
 
 ITEMS_FILE = "items.parquet"
 INTERACTIONS_FILE = "interactions.parquet"
@@ -54,8 +56,8 @@ def read_parquet(
     column."""
     wanted = list(columns) if columns is not None else None
     try:
-        with fsspec.open(uri, "rb") as handle:
-            return pq.read_table(handle, columns=wanted, filters=filters)
+        with open_arrow_input(uri) as source:  # never a Python file: see arrow_input
+            return pq.read_table(source, columns=wanted, filters=filters)
     except FileNotFoundError:
         raise MissingInputError(uri, "ingest") from None
     except (KeyError, ValueError, pa.ArrowInvalid) as exc:  # missing column, not Parquet
@@ -115,6 +117,20 @@ def read_interactions(
 ) -> pa.Table:
     """``columns`` (None: all) of ``interactions.parquet``, rows matching ``filters``."""
     return read_parquet(f"{data_dir}/{INTERACTIONS_FILE}", columns, filters)
+
+
+def train_sequences(data_dir: str) -> dict[str, list[str]]:
+    """user_id -> the user's training sequence (item ids, oldest first; empty for a user
+    whose only rows are evaluation targets), from ``splits.parquet``."""
+    table = read_splits(data_dir)
+    columns = {name: table.column(name).to_pylist() for name in table.column_names}
+    return group_splits(
+        columns["user_id"],
+        columns["item_id"],
+        columns["position"],
+        columns["split"],
+        columns["cold_start"],
+    ).train
 
 
 def trained_items(data_dir: str) -> set[str]:

@@ -59,6 +59,7 @@ from typing import IO, Any
 import fsspec
 import pyarrow as pa
 
+from store_core.arrow_input import open_arrow_input
 from store_core.errors import ConfigError, DataError
 from store_core.readers.base import RAW_INTERACTIONS_SCHEMA, RAW_ITEMS_SCHEMA
 
@@ -147,11 +148,10 @@ def find_one(path: str, pattern: str, what: str, names: list[str] | None = None)
 
 
 @contextmanager
-def open_binary(uri: str, *, compression: str | None = "infer") -> Iterator[IO[bytes]]:
-    """Open ``uri`` for binary reading (decompressing ``.gz``); errors become DataError."""
+def _file_errors(uri: str) -> Iterator[None]:
+    """Opening or reading ``uri`` failed: a DataError naming the file."""
     try:
-        with fsspec.open(uri, "rb", compression=compression) as handle:
-            yield handle
+        yield
     except FileNotFoundError:
         raise DataError("file not found", file=uri) from None
     except IsADirectoryError:
@@ -159,6 +159,22 @@ def open_binary(uri: str, *, compression: str | None = "infer") -> Iterator[IO[b
     except (OSError, EOFError, zlib.error) as exc:  # bad/truncated gzip, permission, loop
         reason = _os_reason(exc) if isinstance(exc, OSError) else str(exc)
         raise DataError(f"cannot read file: {reason}", file=uri) from None
+
+
+@contextmanager
+def open_binary(uri: str, *, compression: str | None = "infer") -> Iterator[IO[bytes]]:
+    """Open ``uri`` for binary reading (decompressing ``.gz``); errors become DataError.
+    For Python code; pyarrow's readers get :func:`open_arrow`."""
+    with _file_errors(uri), fsspec.open(uri, "rb", compression=compression) as handle:
+        yield handle
+
+
+@contextmanager
+def open_arrow(uri: str, *, compression: str | None = "infer") -> Iterator[pa.NativeFile]:
+    """:func:`open_binary` as a native Arrow file for pyarrow's readers, never a Python
+    file object (why: :mod:`store_core.arrow_input`); errors become DataError."""
+    with _file_errors(uri), open_arrow_input(uri, compression=compression) as source:
+        yield source
 
 
 def _decode_error(uri: str, exc: UnicodeDecodeError, offset: int, line: int) -> DataError:

@@ -39,7 +39,7 @@ from store_core.readers.fsutil import (
     exists,
     join,
     keep_rating,
-    open_binary,
+    open_arrow,
     parse_id,
     parse_timestamp,
     text_fields,
@@ -81,20 +81,20 @@ def _load(uri: str, required: Iterable[str], everything: bool) -> pa.Table:
     lower = uri.lower()
     try:
         if lower.endswith(PARQUET_SUFFIXES):
-            with open_binary(uri, compression=None) as handle:
-                parquet = pq.ParquetFile(handle)
+            with open_arrow(uri, compression=None) as source:
+                parquet = pq.ParquetFile(source)
                 _check_columns(uri, parquet.schema_arrow.names, wanted)
                 return parquet.read(columns=None if everything else wanted)
         if lower.endswith(CSV_SUFFIXES):
-            with open_binary(uri) as handle:
-                names = pacsv.open_csv(handle).schema.names
+            with open_arrow(uri) as source:
+                names = pacsv.open_csv(source).schema.names
             _check_columns(uri, names, wanted)
             convert = pacsv.ConvertOptions(
                 column_types=dict.fromkeys(names, pa.string()),
                 include_columns=None if everything else wanted,
             )
-            with open_binary(uri) as handle:
-                return pacsv.read_csv(handle, convert_options=convert)
+            with open_arrow(uri) as source:
+                return pacsv.read_csv(source, convert_options=convert)
     except pa.ArrowException as exc:
         reason = " ".join(str(exc).split())  # Arrow messages may span lines
         raise DataError(f"cannot parse table: {reason}", file=uri) from None
