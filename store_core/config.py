@@ -643,6 +643,28 @@ class RecommenderConfig(StrictModel):
         description="Codes of the prefix the back-off scores; None = the cluster levels "
         "before the last (L - 1), the codes that carry meaning rather than identity.",
     )
+    transition_memory_weight: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="Decoding (evaluation and store recommend): weight w of the transition "
+        "memory, 0 = off. Each item's probability becomes (1 - w) * the model's + w * the "
+        "share of the training transitions out of the user's recent items that go to it "
+        "(store_core.generate.transition_memory; kNN-LM-style interpolation). Not used by "
+        "Phase B's validation.",
+    )
+    transition_memory_depth: int = Field(
+        2,
+        ge=1,
+        description="D: the most recent history items whose training transitions the memory reads.",
+    )
+    transition_memory_decay: float = Field(
+        0.5,
+        gt=0.0,
+        le=1.0,
+        description="The weight of the k-th most recent history item in the memory is "
+        "decay^(k-1), normalized over the D items.",
+    )
     val_max_users: int | None = Field(
         1000, gt=0, description="Validate on at most this many users (seeded sample)."
     )

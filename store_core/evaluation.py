@@ -18,7 +18,7 @@ reports:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,6 +30,7 @@ from store_core.data_files import trained_items
 from store_core.errors import ConfigError, StoreError
 from store_core.generate import BeamResult, SemanticIdTrie, constrained_beam_search
 from store_core.generate.cold_start import ColdStartBackoff, merge_beams
+from store_core.generate.transition_memory import TransitionMemory, fuse_with_transition_memory
 from store_core.metrics import rank_of, ranking_metrics
 from store_core.splits import EVAL_SAMPLE_SEED, seeded_subset
 from store_core.tasks import EvalSplit, TaskData, eval_prompts, load_task_data
@@ -140,7 +141,51 @@ def decode_split(
         trained = trained_items(cfg.data_dir)
         cold_rows = [row for row, item in enumerate(item_ids) if item not in trained]
         result = with_cold_start_backoff(bundle, cfg, codes, cold_rows, prompts, result)
+    histories = [data.history(user, split) for user in users]
+    result = with_transition_memory(cfg, data.train_sequences, item_ids, codes, histories, result)
     return DecodedSplit(data, codes, item_ids, users, targets, result)
+
+
+def with_transition_memory(
+    cfg: StoreConfig,
+    train: Mapping[str, Sequence[str]],
+    item_ids: Sequence[str],
+    codes: np.ndarray,
+    histories: Sequence[Sequence[str]],
+    result: BeamResult,
+    allowed: np.ndarray | None = None,
+) -> BeamResult:
+    """``result`` re-ranked with the transition memory of the ``train`` sequences (user
+    -> item ids) when ``recommender.transition_memory_weight`` > 0, else ``result``
+    itself (:mod:`store_core.generate.transition_memory`). ``item_ids`` / ``codes``
+    ``[N, M]``: the catalogue; ``allowed``: int64 ``[N']`` the rows of it that
+    ``result.items`` index and that may be recommended (None: all N); ``histories``: one
+    per prompt, item ids, oldest first (a history item need not be allowed). Items
+    outside ``item_ids`` take no part."""
+    rec = cfg.recommender
+    if rec.transition_memory_weight <= 0:
+        return result
+    row_of = {item: row for row, item in enumerate(item_ids)}
+    memory = TransitionMemory.from_sequences(
+        ([row_of.get(i, -1) for i in seq] for seq in train.values()), len(item_ids)
+    )
+    probabilities = memory.next_item_probabilities(
+        [[row_of.get(i, -1) for i in h] for h in histories],
+        rec.transition_memory_depth,
+        rec.transition_memory_decay,
+    )
+    logger.info(
+        "transition memory: %d training transitions, weight %g, depth %d, decay %g",
+        memory.matrix.nnz,
+        rec.transition_memory_weight,
+        rec.transition_memory_depth,
+        rec.transition_memory_decay,
+    )
+    if allowed is not None:
+        probabilities, codes = probabilities[:, allowed], codes[allowed]
+    return fuse_with_transition_memory(
+        result, probabilities, rec.transition_memory_weight, codes, result.items.shape[1]
+    )
 
 
 def with_cold_start_backoff(
@@ -246,14 +291,17 @@ SYSTEM_LABELS = {
 
 def generative_label(cfg: StoreConfig) -> str:
     """What a generative system's checkpoint is, e.g. STORE (recommendation only, STORE
-    quantizer) when the ``store`` system is run with a recommendation-only mixture."""
+    quantizer) when the ``store`` system is run with a recommendation-only mixture, with
+    ", transition memory <w>" when decoding mixes in the transition memory."""
     from store_core.recommender_training import variant
 
     tasks = "multi-task" if variant(cfg) == "multitask" else "recommendation only"
     quantizer = {"store": "STORE", "rqkmeans": "RQ-KMeans"}.get(
         cfg.semantic_id.quantizer, cfg.semantic_id.quantizer
     )
-    return f"STORE ({tasks}, {quantizer} quantizer)"
+    memory = cfg.recommender.transition_memory_weight
+    extra = f", transition memory {memory:g}" if memory > 0 else ""
+    return f"STORE ({tasks}, {quantizer} quantizer{extra})"
 
 
 def labels(results: Sequence[SystemResult]) -> dict[str, str]:
@@ -264,14 +312,18 @@ def labels(results: Sequence[SystemResult]) -> dict[str, str]:
 
 
 def tiger_config(cfg: StoreConfig) -> StoreConfig:
-    """The TIGER-style variant of ``cfg``: RQ-KMeans IDs, the recommendation task only."""
+    """The TIGER-style variant of ``cfg``: RQ-KMeans IDs, the recommendation task only,
+    decoded without the transition memory (TIGER as published)."""
     from store_core.config import TaskSpec
 
     return cfg.model_copy(
         update={
             "semantic_id": cfg.semantic_id.model_copy(update={"quantizer": "rqkmeans"}),
             "recommender": cfg.recommender.model_copy(
-                update={"mixture": [TaskSpec(task="recommendation", weight=1.0)]}
+                update={
+                    "mixture": [TaskSpec(task="recommendation", weight=1.0)],
+                    "transition_memory_weight": 0.0,
+                }
             ),
         }
     )

@@ -29,9 +29,9 @@ import numpy as np
 from store_core import storage
 from store_core.bundle import RecommenderBundle
 from store_core.config import StoreConfig
-from store_core.data_files import read_interactions, read_items, trained_items
+from store_core.data_files import read_interactions, read_items, train_sequences, trained_items
 from store_core.errors import StoreError
-from store_core.evaluation import with_cold_start_backoff
+from store_core.evaluation import with_cold_start_backoff, with_transition_memory
 from store_core.generate import SemanticIdTrie, constrained_beam_search
 from store_core.semantic_ids import format_sid
 from store_core.splits import recent_history
@@ -142,6 +142,11 @@ def recommend(
         trained = trained_items(cfg.data_dir)
         cold = [leaf for leaf, row in enumerate(allowed.tolist()) if item_ids[row] not in trained]
         result = with_cold_start_backoff(bundle, cfg, codes[allowed], cold, [prompt], result)
+    if cfg.recommender.transition_memory_weight > 0:  # what the training sequences hold
+        train = train_sequences(cfg.data_dir)
+        result = with_transition_memory(
+            cfg, train, item_ids, codes, [list(history)], result, allowed
+        )
     titles = _titles(cfg)
     out: list[Recommendation] = []
     for slot in range(k):

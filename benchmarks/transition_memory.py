@@ -1,0 +1,357 @@
+"""STORE and SASRec-CE, each alone and each with the same transition memory, one seed.
+
+    python -m benchmarks.transition_memory --config scientific-quality \\
+        --set workspace=/path/to/workspace-scientific-quality-seed0 --seed 0
+    python -m benchmarks.transition_memory --combine \\
+        benchmarks/results/transition_memory_scientific-quality_seed{0,1,2}.json
+
+The memory (``store_core.generate.transition_memory``) mixes the share of the training
+transitions out of a user's recent items into a model's item probabilities: ``(1 - w) *
+p_model + w * p_M``. It is a decoding-time component, so the fair question is not only
+"does STORE + memory beat SASRec-CE" but "does it beat SASRec-CE + the same memory"; this
+script answers both on one seed, under docs/EVALUATION.md's protocol (leave-one-out,
+full ranking, test split, history kept and history excluded):
+
+1. STORE decodes the validation and test splits once with ``store evaluate``'s own
+   constrained beam (``evaluation.decode_split``, memory off, beam
+   ``recommender.beam_size``); ``fuse_with_transition_memory`` then re-ranks those beams
+   for every point of the grid (``--weights`` x ``--depths``, decay ``--decay`` for
+   depths > 1), exactly as ``recommender.transition_memory_weight`` does in decoding.
+2. SASRec-CE (``evaluation.sasrec``, seed ``--seed``) is trained here and its softmax
+   over all items is mixed with the same memory (same train transitions, same grid).
+3. "Memory, popularity after": the memory alone, items it does not name ordered by
+   training popularity: how much of the gain needs a model at all.
+
+Each system's grid point is chosen on the validation split (NDCG@10, all validation
+users), then read on the test split once. ``--fixed W D`` also reports one fixed point
+for every system (the setting a config ships). Writes
+benchmarks/results/transition_memory_<config stem>_seed<seed>.{json,md}; ``--combine``
+writes the mean +- std over seeds (``--name``, default transition_memory_<config stem>).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.machine import RESULTS, command_line, machine_info, write_results
+
+logger = logging.getLogger("benchmarks.transition_memory")
+
+SPLITS = ("valid", "test")
+#: Metric keys reported per system and rule.
+KEYS = ("recall_at_10", "ndcg_at_10")
+
+
+def grid(weights: Sequence[float], depths: Sequence[int]) -> list[tuple[float, int]]:
+    """Every (weight, depth) point; weight 0 (the model alone) first."""
+    return [(0.0, 1)] + [(w, d) for w in weights if w > 0 for d in depths]
+
+
+def _metrics(kept: np.ndarray, excluded: np.ndarray) -> dict[str, float]:
+    from store_core.metrics import ndcg_at_k, recall_at_k
+
+    return {
+        "recall_at_10": recall_at_k(kept, 10),
+        "ndcg_at_10": ndcg_at_k(kept, 10),
+        "history_excluded_recall_at_10": recall_at_k(excluded, 10),
+        "history_excluded_ndcg_at_10": ndcg_at_k(excluded, 10),
+    }
+
+
+def ranked_ranks(
+    ranked: np.ndarray, targets: np.ndarray, histories: Sequence[Sequence[int]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """0-based rank of each target in its row of ``ranked`` ``[U, K]`` (-1 dead slots),
+    with history kept and with the user's history items removed first (-1: a miss)."""
+    kept = np.full(len(targets), -1, dtype=np.int64)
+    excluded = np.full(len(targets), -1, dtype=np.int64)
+    for u, target in enumerate(targets.tolist()):
+        row = ranked[u][ranked[u] >= 0]
+        hit = np.flatnonzero(row == target)
+        kept[u] = hit[0] if hit.size else -1
+        seen = set(histories[u])
+        filtered = [i for i in row.tolist() if i not in seen]
+        excluded[u] = filtered.index(target) if target in filtered else -1
+    return kept, excluded
+
+
+def dense_ranks(
+    scores: np.ndarray, targets: np.ndarray, histories: Sequence[Sequence[int]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Ranks of each target under full-catalogue ``scores`` ``[U, N]`` (items with a higher
+    score; ties in the target's favour, as ``torch.topk`` is not asked), history kept and
+    excluded; a rank is kept only inside the top 20 (-1 otherwise), like a beam of 20."""
+    kept = np.full(len(targets), -1, dtype=np.int64)
+    excluded = np.full(len(targets), -1, dtype=np.int64)
+    for u, target in enumerate(targets.tolist()):
+        row = scores[u]
+        above = row > row[target]
+        rank = int(above.sum())
+        kept[u] = rank if rank < 20 else -1
+        history = np.asarray(sorted(set(histories[u]) - {target}), dtype=np.int64)
+        rank_ex = rank - int(above[history].sum()) if history.size else rank
+        excluded[u] = rank_ex if rank_ex < 20 else -1
+    return kept, excluded
+
+
+def _batches(n: int, size: int) -> Iterator[slice]:
+    for start in range(0, n, size):
+        yield slice(start, min(start + size, n))
+
+
+def store_side(cfg: Any, points: list[tuple[float, int]], decay: float) -> dict[str, Any]:
+    """STORE's metrics per split and grid point (module docstring, step 1)."""
+    from store_core.bundle import load_bundle
+    from store_core.evaluation import decode_split
+    from store_core.generate.transition_memory import (
+        TransitionMemory,
+        fuse_with_transition_memory,
+    )
+    from store_core.recommender_training import recommender_dir
+
+    off = cfg.model_copy(
+        update={"recommender": cfg.recommender.model_copy(update={"transition_memory_weight": 0.0})}
+    )
+    bundle = load_bundle(recommender_dir(off))
+    out: dict[str, Any] = {}
+    memory = None
+    for split in SPLITS:
+        started = time.perf_counter()
+        decoded = decode_split(bundle, off, split, progress=False)
+        row_of = {item: r for r, item in enumerate(decoded.item_ids)}
+        if memory is None:
+            memory = TransitionMemory.from_sequences(
+                ([row_of[i] for i in s] for s in decoded.data.train_sequences.values()),
+                len(decoded.item_ids),
+            )
+        histories = [[row_of[i] for i in decoded.data.history(u, split)] for u in decoded.users]
+        targets = np.array([row_of[t] for t in decoded.targets], dtype=np.int64)
+        logger.info("STORE %s: decoded in %.0f s", split, time.perf_counter() - started)
+        per_point = {}
+        for weight, depth in points:
+            probs = memory.next_item_probabilities(histories, depth, decay)
+            fused = fuse_with_transition_memory(
+                decoded.result, probs, weight, decoded.codes, decoded.result.items.shape[1]
+            )
+            ranks = ranked_ranks(fused.items, targets, histories)
+            per_point[_key(weight, depth)] = _metrics(*ranks)
+        out[split] = per_point
+    return out
+
+
+def sasrec_side(
+    cfg: Any, seed: int, points: list[tuple[float, int]], decay: float
+) -> dict[str, Any]:
+    """SASRec-CE's and the memory-with-popularity metrics (module docstring, steps 2-3)."""
+    import torch
+
+    from store_core.baselines.data import load_sequence_data
+    from store_core.baselines.sasrec import train_sasrec
+    from store_core.generate.transition_memory import TransitionMemory
+
+    data = load_sequence_data(cfg.data_dir)
+    started = time.perf_counter()
+    model = train_sasrec(data, cfg.evaluation.sasrec, seed)
+    model.eval()
+    logger.info("SASRec-CE trained in %.0f s", time.perf_counter() - started)
+    n = data.num_items  # rows here are item index - 1
+    memory = TransitionMemory.from_sequences(
+        ((np.asarray(s) - 1).tolist() for s in data.train_sequences.values()), n
+    )
+    popularity = data.train_item_counts()[1:].astype(np.float64)
+    popularity /= max(popularity.max(), 1.0)
+    out: dict[str, Any] = {"sasrec": {}, "memory_popularity": {}, "epochs": model.summary.epochs}
+    for split in SPLITS:
+        full = [(h - 1).tolist() for h in data.histories(split)]
+        recent = data.histories(split, model.cfg.history_len)
+        targets = data.targets(split) - 1
+        probs = np.zeros((len(targets), n), dtype=np.float64)
+        with torch.no_grad():
+            for part in _batches(len(targets), 512):
+                logits = model.item_logits(model.encode(recent[part]))
+                probs[part] = torch.softmax(logits.double(), dim=-1).numpy()
+        per_point = {}
+        memories = {}
+        for weight, depth in points:
+            if depth not in memories:
+                memories[depth] = memory.next_item_probabilities(full, depth, decay)
+            mixed = (1.0 - weight) * probs + weight * memories[depth].toarray()
+            per_point[_key(weight, depth)] = _metrics(*dense_ranks(mixed, targets, full))
+        out["sasrec"][split] = per_point
+        baseline = {}
+        for depth, mem in memories.items():
+            scores = mem.toarray() + 1e-9 * popularity[None, :]  # the memory first
+            baseline[_key(1.0, depth)] = _metrics(*dense_ranks(scores, targets, full))
+        out["memory_popularity"][split] = baseline
+    return out
+
+
+def _key(weight: float, depth: int) -> str:
+    return f"w{weight:g}_d{depth}"
+
+
+def choose(per_split: dict[str, Any]) -> dict[str, Any]:
+    """The grid point with the best validation NDCG@10, and its test metrics."""
+    valid = per_split["valid"]
+    best = max(valid, key=lambda k: valid[k]["ndcg_at_10"])
+    return {"point": best, "valid": valid[best], "test": per_split["test"][best]}
+
+
+def report_for_seed(args: argparse.Namespace) -> dict[str, Any]:
+    from store_core.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    seed = cfg.evaluation.sasrec_seeds[0] if args.seed is None else args.seed
+    points = grid(args.weights, args.depths)
+    started = time.perf_counter()
+    store = store_side(cfg, points, args.decay)
+    store_seconds = time.perf_counter() - started
+    other = sasrec_side(cfg, seed, points, args.decay)
+    systems = {
+        "store": store,
+        "sasrec": other["sasrec"],
+        "memory_popularity": other["memory_popularity"],
+    }
+    summary: dict[str, Any] = {}
+    for name in ("store", "sasrec"):
+        summary[f"{name}_alone"] = {
+            "point": _key(0.0, 1),
+            "test": systems[name]["test"][_key(0.0, 1)],
+        }
+        summary[f"{name}_memory"] = choose(systems[name])
+        if args.fixed:
+            point = _key(float(args.fixed[0]), int(args.fixed[1]))
+            summary[f"{name}_memory_fixed"] = {"point": point, "test": systems[name]["test"][point]}
+    summary["memory_popularity"] = choose(systems["memory_popularity"])
+    return {
+        "machine": machine_info(),
+        "command": command_line("benchmarks.transition_memory"),
+        "config": args.config,
+        "overrides": args.overrides,
+        "seed": seed,
+        "decay": args.decay,
+        "grid": [_key(w, d) for w, d in points],
+        "sasrec_epochs": other["epochs"],
+        "seconds": {"store": store_seconds, "all": time.perf_counter() - started},
+        "summary": summary,
+        "systems": systems,
+    }
+
+
+ROWS = (
+    ("store_alone", "STORE"),
+    ("store_memory", "STORE + memory"),
+    ("store_memory_fixed", "STORE + memory (fixed)"),
+    ("sasrec_alone", "SASRec-CE"),
+    ("sasrec_memory", "SASRec-CE + memory"),
+    ("sasrec_memory_fixed", "SASRec-CE + memory (fixed)"),
+    ("memory_popularity", "memory, popularity after"),
+)
+
+
+def combine(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and sample std over seeds of every summary row's test metrics."""
+    rows: dict[str, Any] = {}
+    for row, _ in ROWS:
+        if not all(row in r["summary"] for r in reports):
+            continue
+        values = {
+            key: [r["summary"][row]["test"][key] for r in reports]
+            for key in reports[0]["summary"][row]["test"]
+        }
+        rows[row] = {
+            key: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
+            for key, v in values.items()
+        }
+        rows[row]["points"] = [r["summary"][row]["point"] for r in reports]
+    return {"seeds": [r["seed"] for r in reports], "rows": rows}
+
+
+def markdown(combined: dict[str, Any], title: str) -> str:
+    lines = [
+        f"# {title}",
+        "",
+        f"Seeds {combined['seeds']}; test split; mean +- std over seeds; grid point per seed "
+        "chosen on validation NDCG@10.",
+        "",
+        "| system | R@10 kept | N@10 kept | R@10 excluded | N@10 excluded | points |",
+        "|---|---|---|---|---|---|",
+    ]
+    for row, label in ROWS:
+        if row not in combined["rows"]:
+            continue
+        m = combined["rows"][row]
+        cells = [
+            f"{m[k][0]:.4f} ± {m[k][1]:.4f}"
+            for k in (
+                "recall_at_10",
+                "ndcg_at_10",
+                "history_excluded_recall_at_10",
+                "history_excluded_ndcg_at_10",
+            )
+        ]
+        lines.append(f"| {label} | {' | '.join(cells)} | {', '.join(m['points'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--config", default="scientific-quality", help="config name or path")
+    parser.add_argument("--seed", type=int, default=None, help="SASRec-CE seed")
+    parser.add_argument(
+        "--weights",
+        type=float,
+        nargs="+",
+        default=[0.1, 0.3, 0.5, 0.7, 0.8, 0.9, 0.99],
+        help="memory weights w of the grid",
+    )
+    parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3], help="depths D")
+    parser.add_argument("--decay", type=float, default=0.5, help="decay d for depths > 1")
+    parser.add_argument(
+        "--fixed", nargs=2, metavar=("W", "D"), default=None, help="also report this point"
+    )
+    parser.add_argument("--combine", nargs="+", type=Path, default=None, help="seed reports")
+    parser.add_argument("--name", default=None, help="results file stem")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS, help="where to write")
+    parser.add_argument(
+        "--set", dest="overrides", action="append", default=[], help="key=value (repeatable)"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Run one seed, or combine seed reports (module docstring); returns what it wrote."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    stem_config = Path(args.config).stem
+    if args.combine:
+        reports = [json.loads(path.read_text()) for path in args.combine]
+        report = combine(reports)
+        stem = args.name or f"transition_memory_{stem_config}"
+    else:
+        if args.fixed and _key(float(args.fixed[0]), int(args.fixed[1])) not in [
+            _key(w, d) for w, d in grid(args.weights, args.depths)
+        ]:
+            raise SystemExit("--fixed must be a point of the grid (--weights x --depths)")
+        report = report_for_seed(args)
+        stem = args.name or f"transition_memory_{stem_config}_seed{report['seed']}"
+        report["combined"] = combine([report])
+    text = markdown(report.get("combined", report), stem)
+    write_results(report, f"{stem}.json", args.results_dir)
+    (args.results_dir / f"{stem}.md").write_text(text, encoding="utf-8")
+    print(text, flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()
