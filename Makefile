@@ -6,8 +6,8 @@
 #   make test-fast  the inner loop: also leaves out `pipeline` (trains the tiny models) and
 #                   `service` (starts servers or CLI processes); under 3 min on 2 cores
 #   make test-slow  only the `slow` tests (the 1M-row DuckDB lookups, kill-at-every-point of
-#                   training and of the catalogue write, ZeRO-3 across two processes, two
-#                   `store serve` stacks side by side)
+#                   training and of the catalogue write, ZeRO-3 across two processes, the
+#                   Dask cluster of separate processes, two `store serve` stacks side by side)
 # Others: make lint (ruff + mypy), make clean.
 # Both installs take exact versions from constraints.txt (what the tests were recorded with;
 # a newer numpy or scikit-learn moves the pinned semantic IDs of tests/test_tiny_pinned.py).

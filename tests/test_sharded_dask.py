@@ -184,6 +184,11 @@ def _wait_for_port(port: int, process: subprocess.Popen[bytes], log: Path) -> No
     raise AssertionError(f"dask scheduler did not listen on {port}: {log.read_text()}")
 
 
+# ~80 s (a `dask scheduler` + two `dask worker` processes, then evaluate through the flow
+# and its Prefect server): `make test-slow`. CI's suite keeps `inference.address` (the
+# killed-worker tests below), the CLI verb on a cluster (above) and sharded evaluation's
+# equality with one search (test_sharded_library.py).
+@pytest.mark.slow
 def test_cluster_by_address_gives_the_in_process_ids_and_metrics(
     tiny_pipeline: Path, tmp_path: Path, dask_cli_cluster: str
 ) -> None:
@@ -253,14 +258,18 @@ def _stop_orphans(prefect_home: Path, nodeid: str) -> None:
     starts a temporary Prefect server in its own process, and when the test SIGKILLs that
     worker the server is orphaned. Found by the test's PREFECT_HOME in its environment,
     or by the test's PYTEST_CURRENT_TEST (a worker can carry the Prefect settings an
-    earlier test's flow left in this process, with another PREFECT_HOME)."""
+    earlier test's flow left in this process, with another PREFECT_HOME). Never this
+    process or its own descendants: an orphan has lost its parent, while this process's
+    temporary Prefect server and multiprocessing resource tracker, when this test was the
+    first to start them, carry its PYTEST_CURRENT_TEST too and serve the next tests."""
     import psutil
 
+    ours = {os.getpid()} | {child.pid for child in psutil.Process().children(recursive=True)}
     for proc in psutil.process_iter():
         try:
             env = proc.environ()
             started_here = env.get("PYTEST_CURRENT_TEST", "").startswith(f"{nodeid} ")
-            if proc.pid != os.getpid() and (
+            if proc.pid not in ours and (
                 env.get("PREFECT_HOME") == str(prefect_home) or started_here
             ):
                 proc.kill()
