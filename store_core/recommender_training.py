@@ -142,7 +142,13 @@ def recommender_dir(cfg: StoreConfig) -> str:
 
 #: ``recommender`` settings that only change decoding after training (added after the key
 #: existed, so leaving them out keeps the keys of earlier checkpoints).
-DECODING_ONLY = {"cold_start_backoff", "cold_start_backoff_depth"}
+DECODING_ONLY = {
+    "cold_start_backoff",
+    "cold_start_backoff_depth",
+    "transition_memory_weight",
+    "transition_memory_depth",
+    "transition_memory_decay",
+}
 
 
 #: ``recommender`` settings added after the key existed that change training: left out of
