@@ -44,6 +44,10 @@ MAX_K = 1000
 
 @dataclass(frozen=True)
 class Recommendation:
+    """One recommended item. ``score``: the natural log of the item's probability under
+    the model (the sum of its ID's token log-probabilities), or of the mixture with the
+    transition memory when ``recommender.transition_memory_weight`` > 0."""
+
     rank: int
     item_id: str
     title: str | None
