@@ -71,15 +71,15 @@ def ranked_ranks(
 ) -> tuple[np.ndarray, np.ndarray]:
     """0-based rank of each target in its row of ``ranked`` ``[U, K]`` (-1 dead slots),
     with history kept and with the user's history items removed first (-1: a miss)."""
+    from store_core.metrics import rank_of
+
     kept = np.full(len(targets), -1, dtype=np.int64)
     excluded = np.full(len(targets), -1, dtype=np.int64)
     for u, target in enumerate(targets.tolist()):
         row = ranked[u][ranked[u] >= 0]
-        hit = np.flatnonzero(row == target)
-        kept[u] = hit[0] if hit.size else -1
+        kept[u] = rank_of(target, row)
         seen = set(histories[u])
-        filtered = [i for i in row.tolist() if i not in seen]
-        excluded[u] = filtered.index(target) if target in filtered else -1
+        excluded[u] = rank_of(target, [i for i in row.tolist() if i not in seen])
     return kept, excluded
 
 
@@ -179,17 +179,15 @@ def sasrec_side(
                 logits = model.item_logits(model.encode(recent[part]))
                 probs[part] = torch.softmax(logits.double(), dim=-1).numpy()
         per_point = {}
-        memories = {}
-        for weight, depth in points:
-            if depth not in memories:
-                memories[depth] = memory.next_item_probabilities(full, depth, decay)
-            mixed = (1.0 - weight) * probs + weight * memories[depth].toarray()
-            per_point[_key(weight, depth)] = _metrics(*dense_ranks(mixed, targets, full))
-        out["sasrec"][split] = per_point
         baseline = {}
-        for depth, mem in memories.items():
-            scores = mem.toarray() + 1e-9 * popularity[None, :]  # the memory first
+        for depth in dict.fromkeys(d for _, d in points):  # one dense [U, N] memory at a time
+            dense = memory.next_item_probabilities(full, depth, decay).toarray()
+            for weight in (w for w, d in points if d == depth):
+                mixed = (1.0 - weight) * probs + weight * dense
+                per_point[_key(weight, depth)] = _metrics(*dense_ranks(mixed, targets, full))
+            scores = dense + 1e-9 * popularity[None, :]  # the memory first
             baseline[_key(1.0, depth)] = _metrics(*dense_ranks(scores, targets, full))
+        out["sasrec"][split] = per_point
         out["memory_popularity"][split] = baseline
     return out
 

@@ -31,7 +31,7 @@ import pyarrow.parquet as pq
 from store_core.arrow_input import open_arrow_input
 from store_core.errors import DataError, MissingInputError
 from store_core.schemas import ITEMS_SCHEMA, SPLIT_TRAIN, SPLITS_SCHEMA
-from store_core.splits import group_splits
+from store_core.splits import UserSplits, group_splits
 
 ITEMS_FILE = "items.parquet"
 INTERACTIONS_FILE = "interactions.parquet"
@@ -119,9 +119,9 @@ def read_interactions(
     return read_parquet(f"{data_dir}/{INTERACTIONS_FILE}", columns, filters)
 
 
-def train_sequences(data_dir: str) -> dict[str, list[str]]:
-    """user_id -> the user's training sequence (item ids, oldest first; empty for a user
-    whose only rows are evaluation targets), from ``splits.parquet``."""
+def read_user_splits(data_dir: str) -> UserSplits:
+    """``splits.parquet`` grouped per user (:func:`store_core.splits.group_splits`): the
+    training sequences (item ids, oldest first), validation and test targets, cold items."""
     table = read_splits(data_dir)
     columns = {name: table.column(name).to_pylist() for name in table.column_names}
     return group_splits(
@@ -130,7 +130,7 @@ def train_sequences(data_dir: str) -> dict[str, list[str]]:
         columns["position"],
         columns["split"],
         columns["cold_start"],
-    ).train
+    )
 
 
 def trained_items(data_dir: str) -> set[str]:

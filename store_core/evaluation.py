@@ -141,8 +141,10 @@ def decode_split(
         trained = trained_items(cfg.data_dir)
         cold_rows = [row for row, item in enumerate(item_ids) if item not in trained]
         result = with_cold_start_backoff(bundle, cfg, codes, cold_rows, prompts, result)
-    histories = [data.history(user, split) for user in users]
-    result = with_transition_memory(cfg, data.train_sequences, item_ids, codes, histories, result)
+    if cfg.recommender.transition_memory_weight > 0:
+        histories = [data.history(user, split) for user in users]
+        train = data.train_sequences
+        result = with_transition_memory(cfg, train, item_ids, codes, histories, result)
     return DecodedSplit(data, codes, item_ids, users, targets, result)
 
 

@@ -29,7 +29,7 @@ import numpy as np
 from store_core import storage
 from store_core.bundle import RecommenderBundle
 from store_core.config import StoreConfig
-from store_core.data_files import read_interactions, read_items, train_sequences, trained_items
+from store_core.data_files import read_interactions, read_items, read_user_splits, trained_items
 from store_core.errors import StoreError
 from store_core.evaluation import with_cold_start_backoff, with_transition_memory
 from store_core.generate import SemanticIdTrie, constrained_beam_search
@@ -147,7 +147,7 @@ def recommend(
         cold = [leaf for leaf, row in enumerate(allowed.tolist()) if item_ids[row] not in trained]
         result = with_cold_start_backoff(bundle, cfg, codes[allowed], cold, [prompt], result)
     if cfg.recommender.transition_memory_weight > 0:  # what the training sequences hold
-        train = train_sequences(cfg.data_dir)
+        train = read_user_splits(cfg.data_dir).train
         result = with_transition_memory(
             cfg, train, item_ids, codes, [list(history)], result, allowed
         )

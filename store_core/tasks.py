@@ -84,13 +84,12 @@ import torch
 import torch.nn.functional as F
 
 from store_core.config import LossNormalization, RecSamples, TaskName, TaskSpec
-from store_core.data_files import SPLITS_FILE, read_items, read_splits
+from store_core.data_files import SPLITS_FILE, read_items, read_user_splits
 from store_core.errors import StoreError
 from store_core.model import model_device
 from store_core.prompts import PromptBuilder
 from store_core.splits import (
     EvalSplit,
-    group_splits,
     history_before,
     recent_history,
     split_history,
@@ -201,10 +200,7 @@ def load_task_data(data_dir: str, codes: Mapping[str, Sequence[int]]) -> TaskDat
     the semantic IDs are older than the data).
     """
     items = _columns(read_items(data_dir, ["item_id", "title", "text"]))
-    rows = _columns(read_splits(data_dir))
-    grouped = group_splits(
-        rows["user_id"], rows["item_id"], rows["position"], rows["split"], rows["cold_start"]
-    )
+    grouped = read_user_splits(data_dir)
     train, valid, test, cold = grouped.train, grouped.valid, grouped.test, grouped.cold
     table = {str(k): [int(c) for c in v] for k, v in codes.items()}
     used = {i for s in train.values() for i in s} | set(valid.values()) | set(test.values())

@@ -117,7 +117,7 @@ def test_evaluation_and_recommend_follow_the_memory_when_it_dominates(
     user's first recommendation is the most frequent training follower of their last
     history item (depth 1) whenever that item was followed in training."""
     from store_core.bundle import load_bundle
-    from store_core.data_files import train_sequences
+    from store_core.data_files import read_user_splits
     from store_core.evaluation import decode_split
     from store_core.recommend_top_k import recommend
     from store_core.recommender_training import recommender_dir
@@ -128,7 +128,7 @@ def test_evaluation_and_recommend_follow_the_memory_when_it_dominates(
     memo = load_config("tiny", [*base, *memory])
     bundle = load_bundle(recommender_dir(plain))
     followers: dict[str, Counter[str]] = {}
-    for seq in train_sequences(plain.data_dir).values():
+    for seq in read_user_splits(plain.data_dir).train.values():
         for a, b in itertools.pairwise(seq):
             followers.setdefault(a, Counter())[b] += 1
     without = decode_split(bundle, plain, "test", progress=False)
