@@ -12,18 +12,23 @@ p_model + w * p_M``. It is a decoding-time component, so the fair question is no
 script answers both on one seed, under docs/EVALUATION.md's protocol (leave-one-out,
 full ranking, test split, history kept and history excluded):
 
-1. STORE decodes the validation and test splits once with ``store evaluate``'s own
+1. STORE decodes the validation and test splits with ``store evaluate``'s own
    constrained beam (``evaluation.decode_split``, memory off, beam
-   ``recommender.beam_size``); ``fuse_with_transition_memory`` then re-ranks those beams
-   for every point of the grid (``--weights`` x ``--depths``, decay ``--decay`` for
-   depths > 1), exactly as ``recommender.transition_memory_weight`` does in decoding.
+   ``recommender.beam_size``), once with history kept and once with it excluded from the
+   search (the history-excluded rule, as ``store evaluate`` scores it);
+   ``fuse_with_transition_memory`` then re-ranks those beams for every point of the
+   grid (``--weights`` x ``--depths``, decay ``--decay`` for depths > 1), exactly as
+   ``recommender.transition_memory_weight`` does in decoding (with history excluded, the
+   memory names no history item either).
 2. SASRec-CE (``evaluation.sasrec``, seed ``--seed``) is trained here and its softmax
    over all items is mixed with the same memory (same train transitions, same grid).
 3. "Memory, popularity after": the memory alone, items it does not name ordered by
    training popularity: how much of the gain needs a model at all.
 
 Each system's grid point is chosen on the validation split (NDCG@10, all validation
-users), then read on the test split once. ``--fixed W D`` also reports one fixed point
+users), then read on the test split once: per seed, and (``--combine``) as one point for
+all seeds, the best mean validation NDCG@10 over the seeds, which is how a config ships
+it. ``--fixed W D`` also reports one fixed point
 for every system (the setting a config ships). Writes
 benchmarks/results/transition_memory_<config stem>_seed<seed>.{json,md}; ``--combine``
 writes the mean +- std over seeds (``--name``, default transition_memory_<config stem>).
@@ -37,7 +42,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -45,7 +50,7 @@ from benchmarks.machine import RESULTS, command_line, machine_info, write_result
 
 logger = logging.getLogger("benchmarks.transition_memory")
 
-SPLITS = ("valid", "test")
+SPLITS: tuple[Literal["valid", "test"], ...] = ("valid", "test")
 #: Metric keys reported per system and rule.
 KEYS = ("recall_at_10", "ndcg_at_10")
 
@@ -114,6 +119,7 @@ def store_side(cfg: Any, points: list[tuple[float, int]], decay: float) -> dict[
     from store_core.generate.transition_memory import (
         TransitionMemory,
         fuse_with_transition_memory,
+        without_items,
     )
     from store_core.recommender_training import recommender_dir
 
@@ -126,6 +132,7 @@ def store_side(cfg: Any, points: list[tuple[float, int]], decay: float) -> dict[
     for split in SPLITS:
         started = time.perf_counter()
         decoded = decode_split(bundle, off, split, progress=False)
+        others = decode_split(bundle, off, split, progress=False, exclude_history=True)
         row_of = {item: r for r, item in enumerate(decoded.item_ids)}
         if memory is None:
             memory = TransitionMemory.from_sequences(
@@ -136,13 +143,15 @@ def store_side(cfg: Any, points: list[tuple[float, int]], decay: float) -> dict[
         targets = np.array([row_of[t] for t in decoded.targets], dtype=np.int64)
         logger.info("STORE %s: decoded in %.0f s", split, time.perf_counter() - started)
         per_point = {}
+        width = decoded.result.items.shape[1]
         for weight, depth in points:
             probs = memory.next_item_probabilities(histories, depth, decay)
-            fused = fuse_with_transition_memory(
-                decoded.result, probs, weight, decoded.codes, decoded.result.items.shape[1]
-            )
-            ranks = ranked_ranks(fused.items, targets, histories)
-            per_point[_key(weight, depth)] = _metrics(*ranks)
+            fused = fuse_with_transition_memory(decoded.result, probs, weight, decoded.codes, width)
+            kept, _ = ranked_ranks(fused.items, targets, histories)
+            probs = without_items(probs, histories)  # the history-excluded rule's decoding
+            fused = fuse_with_transition_memory(others.result, probs, weight, decoded.codes, width)
+            _, excluded = ranked_ranks(fused.items, targets, histories)
+            per_point[_key(weight, depth)] = _metrics(kept, excluded)
         out[split] = per_point
     return out
 
@@ -203,6 +212,23 @@ def choose(per_split: dict[str, Any]) -> dict[str, Any]:
     return {"point": best, "valid": valid[best], "test": per_split["test"][best]}
 
 
+def choose_for_config(reports: Sequence[dict[str, Any]], system: str) -> dict[str, Any]:
+    """One grid point for every seed, as a config ships it: the best mean over seeds of
+    the validation NDCG@10 (ties: the earlier grid point), and each seed's test metrics
+    there. KeyError when a report lacks ``system`` or the point."""
+    points = reports[0]["grid"]
+    mean_valid = {
+        point: float(np.mean([r["systems"][system]["valid"][point]["ndcg_at_10"] for r in reports]))
+        for point in points
+    }
+    best = max(points, key=lambda point: mean_valid[point])
+    return {
+        "point": best,
+        "mean_valid_ndcg_at_10": mean_valid[best],
+        "test": [r["systems"][system]["test"][best] for r in reports],
+    }
+
+
 def report_for_seed(args: argparse.Namespace) -> dict[str, Any]:
     from store_core.config import load_config
 
@@ -247,28 +273,43 @@ def report_for_seed(args: argparse.Namespace) -> dict[str, Any]:
 ROWS = (
     ("store_alone", "STORE"),
     ("store_memory", "STORE + memory"),
+    ("store_memory_config", "STORE + memory (one point, mean validation)"),
     ("store_memory_fixed", "STORE + memory (fixed)"),
     ("sasrec_alone", "SASRec-CE"),
     ("sasrec_memory", "SASRec-CE + memory"),
+    ("sasrec_memory_config", "SASRec-CE + memory (one point, mean validation)"),
     ("sasrec_memory_fixed", "SASRec-CE + memory (fixed)"),
     ("memory_popularity", "memory, popularity after"),
 )
 
 
+def _mean_std(tests: Sequence[dict[str, float]]) -> dict[str, Any]:
+    return {
+        key: (
+            float(np.mean([t[key] for t in tests])),
+            float(np.std([t[key] for t in tests], ddof=1)) if len(tests) > 1 else 0.0,
+        )
+        for key in tests[0]
+    }
+
+
 def combine(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Mean and sample std over seeds of every summary row's test metrics."""
+    """Mean and sample std over seeds of every summary row's test metrics; the rows
+    ``<system>_memory_config`` hold :func:`choose_for_config`'s one point for all seeds
+    (reports without per-point ``systems`` skip them)."""
     rows: dict[str, Any] = {}
     for row, _ in ROWS:
+        system = row.removesuffix("_memory_config")
+        if row != system:
+            if not all(system in r.get("systems", {}) for r in reports):
+                continue
+            chosen = choose_for_config(reports, system)
+            rows[row] = _mean_std(chosen["test"])
+            rows[row]["points"] = [chosen["point"]]
+            continue
         if not all(row in r["summary"] for r in reports):
             continue
-        values = {
-            key: [r["summary"][row]["test"][key] for r in reports]
-            for key in reports[0]["summary"][row]["test"]
-        }
-        rows[row] = {
-            key: (float(np.mean(v)), float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
-            for key, v in values.items()
-        }
+        rows[row] = _mean_std([r["summary"][row]["test"] for r in reports])
         rows[row]["points"] = [r["summary"][row]["point"] for r in reports]
     return {"seeds": [r["seed"] for r in reports], "rows": rows}
 
@@ -278,7 +319,8 @@ def markdown(combined: dict[str, Any], title: str) -> str:
         f"# {title}",
         "",
         f"Seeds {combined['seeds']}; test split; mean +- std over seeds; grid point per seed "
-        "chosen on validation NDCG@10.",
+        'chosen on validation NDCG@10 ("one point" rows: one point for all seeds, the best '
+        "mean validation NDCG@10).",
         "",
         "| system | R@10 kept | N@10 kept | R@10 excluded | N@10 excluded | points |",
         "|---|---|---|---|---|---|",

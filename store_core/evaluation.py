@@ -11,16 +11,21 @@ reports:
   (never a recommendation target or history item in training, cold-start holdout
   included);
 * ``history_excluded_*``: the second rule of EVALUATION.md: each user's whole history
-  (train items + validation item) removed from every system's ranking. For beams, the
-  remaining beam entries keep their order.
+  (train items + validation item) removed from every system's ranking. A full-ranking
+  system ranks the rest of the catalogue; a generative system decodes a second time with
+  the history left out of the search (``constrained_beam_search(excluded=...)``, as
+  ``store recommend --exclude-history`` serves it), so its beam holds ``beam_size`` items
+  outside the history instead of what is left of a ``beam_size`` beam after filtering
+  (on ml-100k that filtered beam had fewer than 10 entries for 19% of test users).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -30,17 +35,30 @@ from store_core.data_files import trained_items
 from store_core.errors import ConfigError, StoreError
 from store_core.generate import BeamResult, SemanticIdTrie, constrained_beam_search
 from store_core.generate.cold_start import ColdStartBackoff, merge_beams
-from store_core.generate.transition_memory import TransitionMemory, fuse_with_transition_memory
+from store_core.generate.transition_memory import (
+    TransitionMemory,
+    fuse_with_transition_memory,
+    without_items,
+)
 from store_core.metrics import rank_of, ranking_metrics
 from store_core.splits import EVAL_SAMPLE_SEED, seeded_subset
 from store_core.tasks import EvalSplit, TaskData, eval_prompts, load_task_data
 
 logger = logging.getLogger(__name__)
 
-#: Runs the constrained beam search of a split's prompts elsewhere (e.g. user shards on a
-#: cluster, :class:`store_core.sharding.ShardedSearch`): (bundle, prompts, cfg) -> the
-#: :class:`BeamResult` :func:`constrained_beam_search` returns for them.
-BeamSearch = Callable[[RecommenderBundle, list[list[int]], StoreConfig], BeamResult]
+
+class BeamSearch(Protocol):
+    """Runs the constrained beam search of a split's prompts elsewhere (e.g. user shards
+    on a cluster, :class:`store_core.sharding.ShardedSearch`): the :class:`BeamResult`
+    :func:`local_beam_search` returns for the same arguments."""
+
+    def __call__(
+        self,
+        bundle: RecommenderBundle,
+        prompts: list[list[int]],
+        cfg: StoreConfig,
+        excluded: Sequence[Sequence[int]] | None = None,
+    ) -> BeamResult: ...
 
 
 @dataclass
@@ -95,10 +113,12 @@ def local_beam_search(
     prompts: Sequence[Sequence[int]],
     cfg: StoreConfig,
     progress: bool = True,
+    excluded: Sequence[Sequence[int]] | None = None,
 ) -> BeamResult:
     """:func:`constrained_beam_search` in this process over the catalogue trie of
     ``bundle``, with ``recommender.beam_size`` / ``eval_batch_size`` and the ID
-    normalization the checkpoint was trained with: how :func:`decode_split` decodes."""
+    normalization the checkpoint was trained with: how :func:`decode_split` decodes.
+    ``excluded``: per prompt, catalogue rows it may not get."""
     return constrained_beam_search(
         bundle.model,
         prompts,
@@ -108,6 +128,7 @@ def local_beam_search(
         batch_size=cfg.recommender.eval_batch_size,
         progress=progress,
         normalization=bundle.trained(cfg).id_normalization,
+        excluded=excluded,
     )
 
 
@@ -118,11 +139,17 @@ def decode_split(
     max_users: int | None = None,
     progress: bool = True,
     search: BeamSearch | None = None,
+    *,
+    exclude_history: bool = False,
 ) -> DecodedSplit:
     """Constrained beam search for every user of ``split`` (a seeded sample of
     ``max_users`` when set), prompted with their last ``history_len`` items: the N the
     checkpoint was trained with (:meth:`RecommenderBundle.history_len`). ``search`` runs
-    the search elsewhere (same result); None: here."""
+    the search elsewhere (same result); None: here. With ``exclude_history`` each user's
+    whole history (:meth:`TaskData.history`) is left out of their search and of the
+    transition memory's candidates; the cold-start back-off's candidates are not
+    filtered (an item in a history is a trained item, except a validation item no
+    training sequence holds: the metrics' history filter removes that one)."""
     codes = bundle.codes()
     item_ids: list[str] = bundle.semantic_ids.column("item_id").to_pylist()
     data = load_task_data(cfg.data_dir, dict(zip(item_ids, codes.tolist(), strict=True)))
@@ -133,10 +160,14 @@ def decode_split(
         users = [users[i] for i in keep]
         prompts = [prompts[i] for i in keep]
         targets = [targets[i] for i in keep]
+    excluded: list[list[int]] | None = None
+    if exclude_history:
+        row_of = {item: row for row, item in enumerate(item_ids)}
+        excluded = [[row_of[i] for i in data.history(user, split) if i in row_of] for user in users]
     if search is not None:
-        result = search(bundle, prompts, cfg)
+        result = search(bundle, prompts, cfg, excluded)
     else:
-        result = local_beam_search(bundle, prompts, cfg, progress=progress)
+        result = local_beam_search(bundle, prompts, cfg, progress=progress, excluded=excluded)
     if cfg.recommender.cold_start_backoff > 0:
         trained = trained_items(cfg.data_dir)
         cold_rows = [row for row, item in enumerate(item_ids) if item not in trained]
@@ -144,7 +175,9 @@ def decode_split(
     if cfg.recommender.transition_memory_weight > 0:
         histories = [data.history(user, split) for user in users]
         train = data.train_sequences
-        result = with_transition_memory(cfg, train, item_ids, codes, histories, result)
+        result = with_transition_memory(
+            cfg, train, item_ids, codes, histories, result, exclude_history=exclude_history
+        )
     return DecodedSplit(data, codes, item_ids, users, targets, result)
 
 
@@ -156,13 +189,16 @@ def with_transition_memory(
     histories: Sequence[Sequence[str]],
     result: BeamResult,
     allowed: np.ndarray | None = None,
+    *,
+    exclude_history: bool = False,
 ) -> BeamResult:
     """``result`` re-ranked with the transition memory of the ``train`` sequences (user
     -> item ids) when ``recommender.transition_memory_weight`` > 0, else ``result``
     itself (:mod:`store_core.generate.transition_memory`). ``item_ids`` / ``codes``
     ``[N, M]``: the catalogue; ``allowed``: int64 ``[N']`` the rows of it that
     ``result.items`` index and that may be recommended (None: all N); ``histories``: one
-    per prompt, item ids, oldest first (a history item need not be allowed). Items
+    per prompt, item ids, oldest first (a history item need not be allowed); with
+    ``exclude_history`` the memory names none of a prompt's own history items. Items
     outside ``item_ids`` take no part."""
     rec = cfg.recommender
     if rec.transition_memory_weight <= 0:
@@ -176,6 +212,10 @@ def with_transition_memory(
         rec.transition_memory_depth,
         rec.transition_memory_decay,
     )
+    if exclude_history:
+        probabilities = without_items(
+            probabilities, [[row_of[i] for i in h if i in row_of] for h in histories]
+        )
     logger.info(
         "transition memory: %d training transitions, weight %g, depth %d, decay %g",
         memory.matrix.nnz,
@@ -247,13 +287,22 @@ def evaluate_generative(
     search: BeamSearch | None = None,
 ) -> SystemResult:
     """Constrained beam search for every user of ``split`` with ``bundle``'s model
-    (``search``: see :func:`decode_split`)."""
+    (``search``: see :func:`decode_split`), twice: with history kept, and with each
+    user's history left out of the search for the ``history_excluded_*`` metrics (module
+    docstring). ``extra["seconds"]``: the two decodings' wall-clock seconds."""
+    started = time.perf_counter()
     decoded = decode_split(bundle, cfg, split, max_users, progress, search)
+    kept_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    excluded = decode_split(bundle, cfg, split, max_users, progress, search, exclude_history=True)
+    excluded_seconds = time.perf_counter() - started
     data, item_ids, users, targets = decoded.data, decoded.item_ids, decoded.users, decoded.targets
     result = decoded.result
     alive = np.isfinite(result.scores)  # [P, B]
     invalid = int((alive & (result.items < 0)).sum())
     returned = int(alive.sum())
+    others_alive = excluded.result.alive  # [P, B]
+    invalid += int((others_alive & (excluded.result.items < 0)).sum())
     row_of = {item: i for i, item in enumerate(item_ids)}
     ranks = np.empty(len(users), dtype=np.int64)
     ranks_excluded = np.empty(len(users), dtype=np.int64)
@@ -262,22 +311,29 @@ def evaluate_generative(
         beam = result.items[u][alive[u]]
         ranks[u] = rank_of(row_of[target], beam)
         history = {row_of[i] for i in data.history(user, split)}
-        filtered = np.array([i for i in beam.tolist() if i not in history], dtype=np.int64)
+        others = excluded.result.items[u][others_alive[u]]
+        filtered = np.array([i for i in others.tolist() if i not in history], dtype=np.int64)
         ranks_excluded[u] = rank_of(row_of[target], filtered)
         top10.update(beam[:10].tolist())
     metrics = summarize_ranks(ranks, ranks_excluded, cold_users(data, targets))
-    metrics["invalid_id_rate"] = invalid / max(returned, 1)
+    metrics["invalid_id_rate"] = invalid / max(returned + int(others_alive.sum()), 1)
     metrics["coverage_at_10"] = len(top10) / len(item_ids)
     metrics["returned_ids"] = float(returned)
     logger.info(
-        "%s: recall@10 %.4f ndcg@10 %.4f invalid-ID rate %.4f (%d users)",
+        "%s: recall@10 %.4f ndcg@10 %.4f, history excluded %.4f / %.4f, invalid-ID rate "
+        "%.4f (%d users; decoding %.0f s kept, %.0f s history excluded)",
         system,
         metrics["recall_at_10"],
         metrics["ndcg_at_10"],
+        metrics["history_excluded_recall_at_10"],
+        metrics["history_excluded_ndcg_at_10"],
         metrics["invalid_id_rate"],
         len(users),
+        kept_seconds,
+        excluded_seconds,
     )
-    return SystemResult(system, cfg.recommender_train.seed, metrics)
+    seconds = {"decode_kept": kept_seconds, "decode_history_excluded": excluded_seconds}
+    return SystemResult(system, cfg.recommender_train.seed, metrics, {"seconds": seconds})
 
 
 # --------------------------------------------------------------------------------------

@@ -342,6 +342,7 @@ class UsersShard:
     prompts: list[list[int]]
     beam_size: int
     batch_size: int
+    excluded: list[list[int]] | None = None  # per prompt, catalogue rows it may not get
 
     def describe(self) -> str:
         return f"users shard {self.index} ({len(self.prompts)} users)"
@@ -354,8 +355,10 @@ def cut_users(
     checkpoint: str,
     beam_size: int,
     batch_size: int,
+    excluded: Sequence[Sequence[int]] | None = None,
 ) -> tuple[list[UsersShard], list[list[int]]]:
-    """At most ``shards`` shards of whole search batches, and each shard's input rows.
+    """At most ``shards`` shards of whole search batches, and each shard's input rows
+    (``excluded``: per prompt, the catalogue rows it may not get, carried with it).
 
     The order is :func:`store_core.generate.constrained_beam_search`'s (stable sort by
     prompt length) and every shard starts at a multiple of ``batch_size`` in it, so the
@@ -374,6 +377,7 @@ def cut_users(
                 prompts=[list(prompts[i]) for i in chunk],
                 beam_size=beam_size,
                 batch_size=batch_size,
+                excluded=None if excluded is None else [list(excluded[i]) for i in chunk],
             )
         )
         rows.append(chunk)
@@ -393,6 +397,7 @@ def run_users_shard(shard: UsersShard) -> tuple[BeamResult, ShardReport]:
         pad_token_id=bundle.builder.pad_token_id,
         batch_size=shard.batch_size,
         normalization=bundle.metadata.id_normalization,
+        excluded=shard.excluded,
     )
     report = ShardReport(
         index=shard.index,
@@ -418,7 +423,11 @@ class ShardedSearch:
         self.reports: list[ShardReport] = []
 
     def __call__(
-        self, bundle: RecommenderBundle, prompts: list[list[int]], cfg: StoreConfig
+        self,
+        bundle: RecommenderBundle,
+        prompts: list[list[int]],
+        cfg: StoreConfig,
+        excluded: Sequence[Sequence[int]] | None = None,
     ) -> BeamResult:
         started = time.perf_counter()
         beam_size, id_length = cfg.recommender.beam_size, len(bundle.level_ids)
@@ -431,6 +440,7 @@ class ShardedSearch:
             checkpoint=bundle.directory,
             beam_size=beam_size,
             batch_size=cfg.recommender.eval_batch_size,
+            excluded=excluded,
         )
         outputs = self.runner(run_users_shard, shards) if shards else []
         self.reports = [report for _, report in outputs]

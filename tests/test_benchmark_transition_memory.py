@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
 from benchmarks.transition_memory import (
     choose,
+    choose_for_config,
     combine,
     dense_ranks,
     grid,
@@ -53,6 +55,27 @@ def test_grid_choice_and_combination() -> None:
     assert mean == pytest.approx(0.2) and std == pytest.approx(np.std([0.1, 0.3], ddof=1))
 
 
+def test_one_point_for_all_seeds_is_the_best_mean_validation() -> None:
+    def seed(valid: dict[str, float], test: dict[str, float]) -> dict[str, Any]:
+        per_split = {
+            "valid": {p: {"ndcg_at_10": v} for p, v in valid.items()},
+            "test": {p: {"ndcg_at_10": v} for p, v in test.items()},
+        }
+        return {"seed": 0, "grid": ["a", "b", "c"], "systems": {"store": per_split}, "summary": {}}
+
+    # each seed alone picks a different point (a, then c); the mean picks b
+    reports = [
+        seed({"a": 0.30, "b": 0.28, "c": 0.10}, {"a": 0.0, "b": 0.5, "c": 0.9}),
+        seed({"a": 0.10, "b": 0.28, "c": 0.30}, {"a": 0.0, "b": 0.7, "c": 0.9}),
+    ]
+    chosen = choose_for_config(reports, "store")
+    assert chosen["point"] == "b" and chosen["mean_valid_ndcg_at_10"] == pytest.approx(0.28)
+    assert [t["ndcg_at_10"] for t in chosen["test"]] == [0.5, 0.7]
+    row = combine(reports)["rows"]["store_memory_config"]
+    assert row["points"] == ["b"] and row["ndcg_at_10"][0] == pytest.approx(0.6)
+    assert "sasrec_memory_config" not in combine(reports)["rows"]  # no such system reported
+
+
 def test_one_seed_on_the_tiny_pipeline_agrees_with_store_evaluate(
     tiny_pipeline: Path, tmp_path: Path
 ) -> None:
@@ -79,6 +102,14 @@ def test_one_seed_on_the_tiny_pipeline_agrees_with_store_evaluate(
     assert report["grid"] == ["w0_d1", "w0.5_d1", "w0.5_d2", "w0.9_d1", "w0.9_d2"]
     fixed = report["summary"]["store_memory_fixed"]
     assert fixed["test"] == report["systems"]["store"]["test"]["w0.5_d2"]
+    # a grid point is what `store evaluate` gives with that memory, under both rules
+    memory = ["recommender.transition_memory_weight=0.5", "recommender.transition_memory_depth=2"]
+    cfg_memory = load_config("tiny", overrides + memory)
+    with_memory = evaluate_generative(
+        load_bundle(recommender_dir(cfg_memory)), cfg_memory, system="store", progress=False
+    ).metrics
+    for name, value in fixed["test"].items():
+        assert value == pytest.approx(with_memory[name]), name
     written = json.loads((tmp_path / "transition_memory_tiny_seed0.json").read_text())
     assert written["summary"] == report["summary"]
     table = (tmp_path / "transition_memory_tiny_seed0.md").read_text()

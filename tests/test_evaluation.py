@@ -37,6 +37,43 @@ def test_generative_evaluation_has_no_invalid_ids(tiny_pipeline: Path) -> None:
     assert "history_excluded_recall_at_10" in m
 
 
+def test_history_excluded_metrics_decode_without_the_history(tiny_pipeline: Path) -> None:
+    """The history-excluded rule decodes again with each user's whole history left out of
+    the search: a full beam of other items (not what is left of the kept beam), the very
+    list ``store recommend --exclude-history`` serves for that history, and the ranks the
+    ``history_excluded_*`` metrics are computed from."""
+    from store_core.evaluation import decode_split
+    from store_core.metrics import rank_of, ranking_metrics
+    from store_core.recommend_top_k import recommend
+
+    cfg = load_config("tiny", [f"workspace={tiny_pipeline}", "tracking.enabled=false"])
+    bundle = load_bundle(recommender_dir(cfg))
+    beam_size = cfg.recommender.beam_size
+    kept = decode_split(bundle, cfg, "test", progress=False)
+    decoded = decode_split(bundle, cfg, "test", progress=False, exclude_history=True)
+    row_of = {item: row for row, item in enumerate(decoded.item_ids)}
+    catalogue = len(decoded.item_ids)
+    ranks, short_after_filtering = [], 0
+    for u, (user, target) in enumerate(zip(decoded.users, decoded.targets, strict=True)):
+        history = {row_of[i] for i in decoded.data.history(user, "test")}
+        beam = decoded.result.items[u][decoded.result.alive[u]].tolist()
+        assert not history & set(beam)
+        assert len(beam) == min(beam_size, catalogue - len(history))
+        filtered = [i for i in kept.result.items[u].tolist() if i >= 0 and i not in history]
+        short_after_filtering += len(filtered) < len(beam)
+        ranks.append(rank_of(row_of[target], beam))
+        if u < 3:
+            served = recommend(
+                cfg, bundle, decoded.data.history(user, "test"), beam_size, exclude_history=True
+            )
+            assert [r.item_id for r in served] == [decoded.item_ids[i] for i in beam]
+    assert short_after_filtering > 0  # filtering the kept beam would have left fewer
+    metrics = evaluate_generative(bundle, cfg, system="store", progress=False).metrics
+    expected = ranking_metrics(np.asarray(ranks))
+    for name in ("recall_at_10", "ndcg_at_10", "recall_at_20", "mrr"):
+        assert metrics[f"history_excluded_{name}"] == pytest.approx(expected[name])
+
+
 def test_summarize_ranks_by_hand() -> None:
     ranks = np.array([0, 4, -1, 9])
     excluded = np.array([0, 2, -1, 7])

@@ -390,3 +390,79 @@ def test_trained_preference_is_ranked_first() -> None:
     result = constrained_beam_search(model, prompts, trie, beam_size=BEAM, pad_token_id=PAD)
     assert result.items[:, 0].tolist() == targets
     assert model.training  # the previous mode is restored
+
+
+# --------------------------------------------------------------------------- excluded items
+
+
+def test_excluded_nodes_are_the_prefixes_left_without_items() -> None:
+    codes = np.array([[0, 1, 2, 3], [0, 1, 2, 4], [0, 5, 0, 0], [7, 7, 7, 0]])
+    trie = SemanticIdTrie.from_codes(codes, level_ids())
+    nodes, counts = trie.item_nodes()
+    assert [c.tolist() for c in counts] == [[3, 1], [2, 1, 1], [2, 1, 1], [1, 1, 1, 1]]
+    # prompt 0 excludes item 0 only: just its leaf; prompt 1 excludes items 0 and 1 (a
+    # repeat too): their shared prefix (0, 1, 2) and (0, 1) go; prompt 2 excludes nothing.
+    banned = trie.excluded_nodes([[0], [1, 0, 1], []])
+    leaf = [int(nodes[r, 3]) for r in range(4)]
+    n = trie.nodes_per_depth
+    assert banned[0].tolist() == []
+    assert banned[1].tolist() == [1 * n[2] + int(nodes[0, 1])]
+    assert banned[2].tolist() == [1 * n[3] + int(nodes[0, 2])]
+    assert banned[3].tolist() == sorted([leaf[0], n[4] + leaf[0], n[4] + leaf[1]])
+    with pytest.raises(ValueError, match=r"row 4 is outside 0\.\.3"):
+        trie.excluded_nodes([[4]])
+    with pytest.raises(ValueError, match="levelwise"):
+        SemanticIdTrie.levelwise(level_ids()).excluded_nodes([[0]])
+
+
+@pytest.mark.parametrize("normalization", ["level", "trie"])
+def test_excluding_items_decodes_as_a_trie_without_them(normalization: str) -> None:
+    """Per-prompt exclusion gives each prompt the beams (codes, scores, items) of a trie
+    built from the catalogue minus its excluded items, in every strategy, layout and batch
+    size: the beam is never spent on an excluded item."""
+    codes = catalogue(120, seed=8)
+    model = tiny_model(seed=8)
+    prompts = random_prompts(6, seed=8)
+    rng = np.random.default_rng(8)
+    # the first prompt excludes a whole level-0 subtree; the rest random items
+    subtree = np.flatnonzero(codes[:, 0] == codes[0, 0]).tolist()
+    excluded = [subtree] + [
+        rng.choice(120, int(rng.integers(0, 60)), replace=False).tolist() for _ in prompts[1:]
+    ]
+    expected = []
+    for prompt, rows in zip(prompts, excluded, strict=True):
+        allowed = np.setdiff1d(np.arange(120), rows)
+        alone = constrained_beam_search(
+            model,
+            [prompt],
+            SemanticIdTrie.from_codes(codes[allowed], level_ids()),
+            beam_size=BEAM,
+            pad_token_id=PAD,
+            normalization=normalization,  # type: ignore[arg-type]
+        )
+        alone.items[alone.alive] = allowed[alone.items[alone.alive]]
+        expected.append(alone)
+    want = BeamResult(
+        np.concatenate([e.codes for e in expected]),
+        np.concatenate([e.scores for e in expected]),
+        np.concatenate([e.items for e in expected]),
+    )
+    for limit in (DENSE_LIMIT_BYTES, 0):
+        trie = SemanticIdTrie.from_codes(codes, level_ids(), dense_limit_bytes=limit)
+        for strategy in STRATEGIES:
+            for batch in (1, 4):
+                got = constrained_beam_search(
+                    model,
+                    prompts,
+                    trie,
+                    beam_size=BEAM,
+                    pad_token_id=PAD,
+                    batch_size=batch,
+                    strategy=strategy,
+                    normalization=normalization,  # type: ignore[arg-type]
+                    excluded=excluded,
+                )
+                assert_same(got, want, atol=1e-5)
+    assert not set(got.items[0].tolist()) & set(subtree)
+    with pytest.raises(ValueError, match="excluded has 1 lists for 6 prompts"):
+        constrained_beam_search(model, prompts, trie, pad_token_id=PAD, excluded=[[0]])

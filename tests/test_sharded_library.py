@@ -50,6 +50,12 @@ def test_user_shards_are_whole_batches_of_the_length_order() -> None:
     assert all(len(chunk) % 4 == 0 for chunk in rows[:-1])
     assert len(shards) == 3
     assert [s.prompts for s in shards] == [[prompts[i] for i in chunk] for chunk in rows]
+    assert all(s.excluded is None for s in shards)
+    excluded = [[i, i + 100] for i in range(len(prompts))]
+    shards, rows = cut_users(
+        prompts, 3, checkpoint="c", beam_size=2, batch_size=4, excluded=excluded
+    )
+    assert [s.excluded for s in shards] == [[excluded[i] for i in chunk] for chunk in rows]
 
 
 @pytest.fixture
@@ -105,6 +111,23 @@ def test_sharded_search_gives_the_beams_and_metrics_of_one_search(tiny_pipeline:
     np.testing.assert_array_equal(sharded.codes, one.codes)
     np.testing.assert_array_equal(sharded.scores, one.scores)
     np.testing.assert_array_equal(sharded.items, one.items)
+    # per-prompt excluded items travel with their prompts to the shards
+    excluded = [[*range(i % 7), i] for i in range(len(prompts))]
+    one_ex = constrained_beam_search(
+        bundle.model,
+        prompts,
+        SemanticIdTrie.from_codes(bundle.codes(), bundle.level_ids),
+        beam_size=cfg.recommender.beam_size,
+        pad_token_id=bundle.builder.pad_token_id,
+        batch_size=4,
+        excluded=excluded,
+    )
+    sharded_ex = search(bundle, prompts, cfg, excluded)
+    np.testing.assert_array_equal(sharded_ex.items, one_ex.items)
+    np.testing.assert_array_equal(sharded_ex.scores, one_ex.scores)
+    assert not any(
+        set(e) & set(r) for e, r in zip(excluded, sharded_ex.items.tolist(), strict=True)
+    )
     here = evaluate_generative(bundle, cfg, system="store", progress=False)
     there = evaluate_generative(bundle, cfg, system="store", progress=False, search=search)
     assert here.metrics == there.metrics

@@ -16,7 +16,11 @@ from scipy import sparse
 from store_core.config import load_config
 from store_core.errors import ConfigError
 from store_core.generate.beam import BeamResult
-from store_core.generate.transition_memory import TransitionMemory, fuse_with_transition_memory
+from store_core.generate.transition_memory import (
+    TransitionMemory,
+    fuse_with_transition_memory,
+    without_items,
+)
 
 # 0 -> 1 twice, 0 -> 2 once, 1 -> 2 once, 2 -> 0 once; item 3 is never followed.
 SEQUENCES = [[0, 1, 2], [0, 1], [3, 0, 2, 0]]
@@ -90,6 +94,15 @@ def test_fusion_with_weight_zero_keeps_the_beam_and_bad_input_is_refused() -> No
         fuse_with_transition_memory(beams, memory, 1.0, CODES, beam_size=3)
     with pytest.raises(ValueError, match="prompts x catalogue rows"):
         fuse_with_transition_memory(beams, sparse.csr_array((2, 5)), 0.5, CODES, 3)
+
+
+def test_without_items_drops_each_prompts_own_rows() -> None:
+    probabilities = sparse.csr_array(np.array([[0.5, 0.25, 0.25, 0.0], [0.0, 0.5, 0.0, 0.5]]))
+    kept = without_items(probabilities, [[0, 0, 3], []])
+    np.testing.assert_array_equal(kept.toarray(), [[0, 0.25, 0.25, 0], [0, 0.5, 0, 0.5]])
+    assert kept.nnz == 4  # the removed entries are gone, not stored zeros
+    with pytest.raises(ValueError, match="1 row lists for 2 prompts"):
+        without_items(probabilities, [[0]])
 
 
 def test_config_bounds_and_labels() -> None:

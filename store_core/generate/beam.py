@@ -48,6 +48,7 @@ def constrained_beam_search(
     progress: bool = False,
     strategy: Strategy = "auto",
     normalization: IdNormalization = "level",
+    excluded: Sequence[Sequence[int]] | None = None,
 ) -> BeamResult:
     """Top ``beam_size`` valid semantic IDs per prompt, by batched beam search in M steps.
 
@@ -83,6 +84,14 @@ def constrained_beam_search(
     score is ``log p(item)`` under the item-level softmax over the trie's items (the
     search is then exact when ``beam_size`` covers the catalogue). A levelwise trie
     (every code valid) gives the same scores either way. ValueError on an unknown one.
+
+    ``excluded``: one list per prompt of item rows (in the trie's ``codes``) that prompt
+    may not get, e.g. the user's history under EVALUATION.md's history-excluded rule. They
+    are left out inside the search (:meth:`SemanticIdTrie.excluded_nodes`: a prefix whose
+    every item is excluded is never extended), so the beam holds ``beam_size`` other
+    items whenever the catalogue has them; the beams are those of a trie built without
+    the excluded items, scores included under either normalization. ValueError when its
+    length is not ``len(prompts)`` or the trie is levelwise.
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be >= 1, got {beam_size}")
@@ -107,9 +116,10 @@ def constrained_beam_search(
     device = next(model.parameters()).device
     if normalization not in ("level", "trie"):
         raise ValueError(f"unknown normalization {normalization!r}")
-    search = _BatchSearch(
-        model, trie.to(device), beam_size, pad_token_id, strategy, normalization == "trie"
-    )
+    if excluded is not None and len(excluded) != num_prompts:
+        raise ValueError(f"excluded has {len(excluded)} lists for {num_prompts} prompts")
+    trie = trie.to(device)
+    search = _BatchSearch(model, trie, beam_size, pad_token_id, strategy, normalization == "trie")
     order = sorted(range(num_prompts), key=lambda i: len(prompts[i]))  # by length
     was_training = model.training
     model.eval()
@@ -119,7 +129,12 @@ def constrained_beam_search(
             bar = progress_bar(starts, desc="beam search", unit="batch", disable=not progress)
             for start in bar:
                 rows = order[start : start + batch_size]
-                chunk_codes, chunk_scores, chunk_items = search.run([prompts[i] for i in rows])
+                banned = (
+                    None if excluded is None else trie.excluded_nodes([excluded[i] for i in rows])
+                )
+                chunk_codes, chunk_scores, chunk_items = search.run(
+                    [prompts[i] for i in rows], banned
+                )
                 codes[rows] = chunk_codes.cpu().numpy()
                 scores[rows] = chunk_scores.cpu().numpy()
                 items[rows] = chunk_items.cpu().numpy()
@@ -172,9 +187,10 @@ class _BatchSearch:
         self.trie_softmax = trie_softmax  # normalize over the prefix's children, not the level
 
     def run(
-        self, prompts: Sequence[Sequence[int]]
+        self, prompts: Sequence[Sequence[int]], banned: list[torch.Tensor] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Codes ``[P, B, M]``, scores ``[P, B]`` (best first) and items ``[P, B]``."""
+        """Codes ``[P, B, M]``, scores ``[P, B]`` (best first) and items ``[P, B]``;
+        ``banned``: per level the keys of :meth:`SemanticIdTrie.excluded_nodes`."""
         trie, beams = self.trie, self.beam_size
         device = trie.device
         num_prompts, id_length = len(prompts), trie.id_length
@@ -211,6 +227,10 @@ class _BatchSearch:
             # trains it: tasks.token_losses), not over the whole vocabulary; with
             # normalization "trie" over the codes that continue the beam's prefix.
             child = trie.children(level, node.view(-1)).view(num_prompts, width_beams, size)
+            if banned is not None and banned[level].numel():  # excluded items' prefixes
+                nodes_next = trie.nodes_per_depth[level + 1]
+                key = prompt_offset.unsqueeze(-1) * nodes_next + child  # [P, b, K]
+                child = child.masked_fill(torch.isin(key, banned[level]) & (child >= 0), -1)
             level_logits = logits.index_select(1, tokens).view(num_prompts, width_beams, size)
             if self.trie_softmax:
                 level_logits = level_logits.masked_fill(child < 0, -math.inf)

@@ -97,6 +97,24 @@ class TransitionMemory:
         return sparse.csr_array(pick @ self.matrix)
 
 
+def without_items(
+    probabilities: sparse.csr_array, rows: Sequence[Sequence[int]]
+) -> sparse.csr_array:
+    """``probabilities`` ``[P, N]`` with row ``p``'s entries at the catalogue rows
+    ``rows[p]`` removed (e.g. the user's history under the history-excluded rule), so
+    the memory names none of them. ValueError when ``rows`` has not P lists."""
+    if len(rows) != probabilities.shape[0]:
+        raise ValueError(f"{len(rows)} row lists for {probabilities.shape[0]} prompts")
+    prompt_of = [p for p, items in enumerate(rows) for _ in items]
+    columns = [row for items in rows for row in items]
+    mask = sparse.csr_array(
+        (np.ones(len(columns)), (prompt_of, columns)), shape=probabilities.shape
+    )  # [P, N]; a repeated row sums above 1, and only > 0 matters
+    kept = sparse.csr_array(probabilities - probabilities.multiply(mask > 0))
+    kept.eliminate_zeros()
+    return kept
+
+
 def fuse_with_transition_memory(
     result: BeamResult,
     memory: sparse.csr_array,

@@ -116,6 +116,7 @@ class SemanticIdTrie:
         self.codes = codes  # [N, M] the catalogue, or None for levelwise
         self._python_trie: dict[int, Any] | None = None
         self._copies: dict[torch.device, SemanticIdTrie] = {}  # see `to`
+        self._item_nodes: tuple[torch.Tensor, list[torch.Tensor]] | None = None
 
     # ---- construction
 
@@ -308,6 +309,57 @@ class SemanticIdTrie:
             found &= child >= 0
             node = torch.where(found, child, 0)
         return nodes
+
+    def item_nodes(self) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Each item's path and each node's item count, computed once per trie copy.
+
+        Returns ``nodes`` ``[N, M]`` int64, column ``l`` the depth-``l + 1`` node that
+        level ``l``'s code of row ``r`` leads to (the last column is the item's leaf), and
+        per level ``l`` the ``[nodes at depth l + 1]`` int64 count of the items below each
+        node. ValueError for a levelwise trie (it has no items)."""
+        if self._item_nodes is None:
+            if self.codes is None:
+                raise ValueError("a levelwise trie has no items")
+            prefixes = self.prefix_nodes(torch.from_numpy(self.codes).to(self.device))  # [N, M]
+            leaf_of_row = torch.empty_like(self.leaf_items)  # [N] row -> leaf
+            leaf_of_row[self.leaf_items] = torch.arange(self.leaf_items.numel(), device=self.device)
+            nodes = torch.cat([prefixes[:, 1:], leaf_of_row.unsqueeze(1)], dim=1)  # [N, M]
+            counts = [
+                torch.bincount(nodes[:, level], minlength=self._levels[level].num_edges)
+                for level in range(self.id_length)
+            ]
+            self._item_nodes = (nodes, counts)
+        return self._item_nodes
+
+    def excluded_nodes(self, rows: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """The nodes a beam may not enter when each prompt excludes some items.
+
+        ``rows``: one list per prompt of item rows (in the ``codes`` the trie was built
+        from; repeats allowed). A node is excluded for a prompt when every item below it
+        is: it leads to no item the prompt may get. Returns per level ``l`` the sorted
+        int64 keys ``prompt x n_l + node`` (``n_l`` = nodes at depth ``l + 1``) of the
+        excluded depth-``l + 1`` nodes, O(excluded items x M) memory whatever the
+        catalogue size. ValueError for a levelwise trie or a row outside ``0..N-1``."""
+        nodes, counts = self.item_nodes()
+        sizes = [len(r) for r in rows]
+        flat = torch.as_tensor(
+            np.fromiter((row for r in rows for row in r), dtype=np.int64, count=sum(sizes)),
+            device=self.device,
+        )  # [E]
+        if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= self.num_items):
+            bad = int(flat[(flat < 0) | (flat >= self.num_items)][0])
+            raise ValueError(f"excluded item row {bad} is outside 0..{self.num_items - 1}")
+        prompt = torch.repeat_interleave(
+            torch.arange(len(rows), device=self.device), torch.tensor(sizes, device=self.device)
+        )  # [E]
+        unique = torch.unique(prompt * self.num_items + flat)  # [E'] repeats counted once
+        prompt, flat = unique // self.num_items, unique % self.num_items
+        out = []
+        for level in range(self.id_length):
+            size = self._levels[level].num_edges
+            keys, hits = torch.unique(prompt * size + nodes[flat, level], return_counts=True)
+            out.append(keys[hits == counts[level][keys % size]])  # sorted: unique sorts
+        return out
 
     def lookup(self, codes: np.ndarray | Sequence[int] | Sequence[Sequence[int]]) -> np.ndarray:
         """Row of the item with each ID (``[M]`` -> ``[]``, ``[n, M]`` -> ``[n]``), -1 if none.
