@@ -17,7 +17,9 @@ full ranking, test split, history kept and history excluded):
    ``recommender.beam_size``), once with history kept and once with it excluded from the
    search (the history-excluded rule, as ``store evaluate`` scores it);
    ``fuse_with_transition_memory`` then re-ranks those beams for every point of the
-   grid (``--weights`` x ``--depths``, decay ``--decay`` for depths > 1), exactly as
+   grid (``--weights`` x ``--depths`` x the memory variants ``--windows`` x
+   ``--directions``; decay ``--decay`` for depths > 1, ``--window-decay`` for windows
+   > 1; point keys ``w<w>_d<D>``, plus ``_k<W>`` and ``s`` for symmetric), exactly as
    ``recommender.transition_memory_weight`` does in decoding (with history excluded, the
    memory names no history item either).
 2. SASRec-CE (``evaluation.sasrec``, seed ``--seed``) is trained here and its softmax
@@ -42,7 +44,7 @@ import logging
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -55,9 +57,52 @@ SPLITS: tuple[Literal["valid", "test"], ...] = ("valid", "test")
 KEYS = ("recall_at_10", "ndcg_at_10")
 
 
-def grid(weights: Sequence[float], depths: Sequence[int]) -> list[tuple[float, int]]:
-    """Every (weight, depth) point; weight 0 (the model alone) first."""
-    return [(0.0, 1)] + [(w, d) for w in weights if w > 0 for d in depths]
+class Point(NamedTuple):
+    """One grid point: the memory's weight w, depth D, window W and direction."""
+
+    weight: float
+    depth: int
+    window: int = 1
+    symmetric: bool = False
+
+    @property
+    def variant(self) -> tuple[int, bool]:
+        """The memory this point reads (one count table per variant)."""
+        return (self.window, self.symmetric)
+
+
+def grid(
+    weights: Sequence[float],
+    depths: Sequence[int],
+    variants: Sequence[tuple[int, bool]] = ((1, False),),
+) -> list[Point]:
+    """Every (weight, depth, memory variant) point; weight 0 (the model alone) first."""
+    return [Point(0.0, 1)] + [
+        Point(w, d, window, sym)
+        for window, sym in variants
+        for w in weights
+        if w > 0
+        for d in depths
+    ]
+
+
+def memories(
+    data_sequences: Any, num_items: int, points: Sequence[Point], window_decay: float
+) -> dict[tuple[int, bool], Any]:
+    """One :class:`TransitionMemory` per variant the grid reads (``data_sequences``: an
+    iterable factory of catalogue-row sequences)."""
+    from store_core.generate.transition_memory import TransitionMemory
+
+    return {
+        variant: TransitionMemory.from_sequences(
+            data_sequences(),
+            num_items,
+            window=variant[0],
+            window_decay=window_decay,
+            symmetric=variant[1],
+        )
+        for variant in dict.fromkeys(p.variant for p in points)
+    }
 
 
 def _metrics(kept: np.ndarray, excluded: np.ndarray) -> dict[str, float]:
@@ -112,12 +157,11 @@ def _batches(n: int, size: int) -> Iterator[slice]:
         yield slice(start, min(start + size, n))
 
 
-def store_side(cfg: Any, points: list[tuple[float, int]], decay: float) -> dict[str, Any]:
+def store_side(cfg: Any, points: list[Point], decay: float, window_decay: float) -> dict[str, Any]:
     """STORE's metrics per split and grid point (module docstring, step 1)."""
     from store_core.bundle import load_bundle
     from store_core.evaluation import decode_split
     from store_core.generate.transition_memory import (
-        TransitionMemory,
         fuse_with_transition_memory,
         without_items,
     )
@@ -135,36 +179,42 @@ def store_side(cfg: Any, points: list[tuple[float, int]], decay: float) -> dict[
         others = decode_split(bundle, off, split, progress=False, exclude_history=True)
         row_of = {item: r for r, item in enumerate(decoded.item_ids)}
         if memory is None:
-            memory = TransitionMemory.from_sequences(
-                ([row_of[i] for i in s] for s in decoded.data.train_sequences.values()),
+            train = decoded.data.train_sequences
+            memory = memories(
+                lambda: ([row_of[i] for i in s] for s in train.values()),  # noqa: B023
                 len(decoded.item_ids),
+                points,
+                window_decay,
             )
         histories = [[row_of[i] for i in decoded.data.history(u, split)] for u in decoded.users]
         targets = np.array([row_of[t] for t in decoded.targets], dtype=np.int64)
         logger.info("STORE %s: decoded in %.0f s", split, time.perf_counter() - started)
         per_point = {}
         width = decoded.result.items.shape[1]
-        for weight, depth in points:
-            probs = memory.next_item_probabilities(histories, depth, decay)
-            fused = fuse_with_transition_memory(decoded.result, probs, weight, decoded.codes, width)
+        for point in points:
+            probs = memory[point.variant].next_item_probabilities(histories, point.depth, decay)
+            fused = fuse_with_transition_memory(
+                decoded.result, probs, point.weight, decoded.codes, width
+            )
             kept, _ = ranked_ranks(fused.items, targets, histories)
             probs = without_items(probs, histories)  # the history-excluded rule's decoding
-            fused = fuse_with_transition_memory(others.result, probs, weight, decoded.codes, width)
+            fused = fuse_with_transition_memory(
+                others.result, probs, point.weight, decoded.codes, width
+            )
             _, excluded = ranked_ranks(fused.items, targets, histories)
-            per_point[_key(weight, depth)] = _metrics(kept, excluded)
+            per_point[_key(point)] = _metrics(kept, excluded)
         out[split] = per_point
     return out
 
 
 def sasrec_side(
-    cfg: Any, seed: int, points: list[tuple[float, int]], decay: float
+    cfg: Any, seed: int, points: list[Point], decay: float, window_decay: float
 ) -> dict[str, Any]:
     """SASRec-CE's and the memory-with-popularity metrics (module docstring, steps 2-3)."""
     import torch
 
     from store_core.baselines.data import load_sequence_data
     from store_core.baselines.sasrec import train_sasrec
-    from store_core.generate.transition_memory import TransitionMemory
 
     data = load_sequence_data(cfg.data_dir)
     started = time.perf_counter()
@@ -172,8 +222,11 @@ def sasrec_side(
     model.eval()
     logger.info("SASRec-CE trained in %.0f s", time.perf_counter() - started)
     n = data.num_items  # rows here are item index - 1
-    memory = TransitionMemory.from_sequences(
-        ((np.asarray(s) - 1).tolist() for s in data.train_sequences.values()), n
+    memory = memories(
+        lambda: ((np.asarray(s) - 1).tolist() for s in data.train_sequences.values()),
+        n,
+        points,
+        window_decay,
     )
     popularity = data.train_item_counts()[1:].astype(np.float64)
     popularity /= max(popularity.max(), 1.0)
@@ -189,20 +242,28 @@ def sasrec_side(
                 probs[part] = torch.softmax(logits.double(), dim=-1).numpy()
         per_point = {}
         baseline = {}
-        for depth in dict.fromkeys(d for _, d in points):  # one dense [U, N] memory at a time
-            dense = memory.next_item_probabilities(full, depth, decay).toarray()
-            for weight in (w for w, d in points if d == depth):
-                mixed = (1.0 - weight) * probs + weight * dense
-                per_point[_key(weight, depth)] = _metrics(*dense_ranks(mixed, targets, full))
+        per_point[_key(points[0])] = _metrics(*dense_ranks(probs, targets, full))  # alone
+        # one dense [U, N] memory at a time
+        for variant, depth in dict.fromkeys((p.variant, p.depth) for p in points[1:]):
+            dense = memory[variant].next_item_probabilities(full, depth, decay).toarray()
+            for point in (p for p in points[1:] if (p.variant, p.depth) == (variant, depth)):
+                mixed = (1.0 - point.weight) * probs + point.weight * dense
+                per_point[_key(point)] = _metrics(*dense_ranks(mixed, targets, full))
             scores = dense + 1e-9 * popularity[None, :]  # the memory first
-            baseline[_key(1.0, depth)] = _metrics(*dense_ranks(scores, targets, full))
+            alone = Point(1.0, depth, *variant)
+            baseline[_key(alone)] = _metrics(*dense_ranks(scores, targets, full))
         out["sasrec"][split] = per_point
         out["memory_popularity"][split] = baseline
     return out
 
 
-def _key(weight: float, depth: int) -> str:
-    return f"w{weight:g}_d{depth}"
+def _key(point: Point) -> str:
+    """``w<weight>_d<depth>``, then ``_k<window>`` (and ``s`` when symmetric) for any memory
+    but the first-order forward one, whose keys are those of the earlier reports."""
+    key = f"w{point.weight:g}_d{point.depth}"
+    if point.variant != (1, False):
+        key += f"_k{point.window}" + ("s" if point.symmetric else "")
+    return key
 
 
 def choose(per_split: dict[str, Any]) -> dict[str, Any]:
@@ -234,11 +295,11 @@ def report_for_seed(args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = load_config(args.config, args.overrides)
     seed = cfg.evaluation.sasrec_seeds[0] if args.seed is None else args.seed
-    points = grid(args.weights, args.depths)
+    points = grid(args.weights, args.depths, variants(args))
     started = time.perf_counter()
-    store = store_side(cfg, points, args.decay)
+    store = store_side(cfg, points, args.decay, args.window_decay)
     store_seconds = time.perf_counter() - started
-    other = sasrec_side(cfg, seed, points, args.decay)
+    other = sasrec_side(cfg, seed, points, args.decay, args.window_decay)
     systems = {
         "store": store,
         "sasrec": other["sasrec"],
@@ -247,12 +308,12 @@ def report_for_seed(args: argparse.Namespace) -> dict[str, Any]:
     summary: dict[str, Any] = {}
     for name in ("store", "sasrec"):
         summary[f"{name}_alone"] = {
-            "point": _key(0.0, 1),
-            "test": systems[name]["test"][_key(0.0, 1)],
+            "point": _key(points[0]),
+            "test": systems[name]["test"][_key(points[0])],
         }
         summary[f"{name}_memory"] = choose(systems[name])
         if args.fixed:
-            point = _key(float(args.fixed[0]), int(args.fixed[1]))
+            point = _key(Point(float(args.fixed[0]), int(args.fixed[1])))
             summary[f"{name}_memory_fixed"] = {"point": point, "test": systems[name]["test"][point]}
     summary["memory_popularity"] = choose(systems["memory_popularity"])
     return {
@@ -262,7 +323,8 @@ def report_for_seed(args: argparse.Namespace) -> dict[str, Any]:
         "overrides": args.overrides,
         "seed": seed,
         "decay": args.decay,
-        "grid": [_key(w, d) for w, d in points],
+        "window_decay": args.window_decay,
+        "grid": [_key(p) for p in points],
         "sasrec_epochs": other["epochs"],
         "seconds": {"store": store_seconds, "all": time.perf_counter() - started},
         "summary": summary,
@@ -342,6 +404,12 @@ def markdown(combined: dict[str, Any], title: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def variants(args: argparse.Namespace) -> list[tuple[int, bool]]:
+    """The memory variants of the grid: (window, symmetric) for every --windows x
+    --directions (window 1 forward is the first-order chain)."""
+    return [(w, d == "symmetric") for w in args.windows for d in args.directions]
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -357,6 +425,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--depths", type=int, nargs="+", default=[1, 2, 3], help="depths D")
     parser.add_argument("--decay", type=float, default=0.5, help="decay d for depths > 1")
+    parser.add_argument(
+        "--windows", type=int, nargs="+", default=[1], help="memory windows W of the grid"
+    )
+    parser.add_argument(
+        "--directions",
+        nargs="+",
+        choices=["forward", "symmetric"],
+        default=["forward"],
+        help="count pairs forward only and/or in both directions",
+    )
+    parser.add_argument(
+        "--window-decay", type=float, default=0.7, help="weight decay per gap when W > 1"
+    )
     parser.add_argument(
         "--fixed", nargs=2, metavar=("W", "D"), default=None, help="also report this point"
     )
@@ -379,8 +460,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         report = combine(reports)
         stem = args.name or f"transition_memory_{stem_config}"
     else:
-        if args.fixed and _key(float(args.fixed[0]), int(args.fixed[1])) not in [
-            _key(w, d) for w, d in grid(args.weights, args.depths)
+        if args.fixed and _key(Point(float(args.fixed[0]), int(args.fixed[1]))) not in [
+            _key(p) for p in grid(args.weights, args.depths, variants(args))
         ]:
             raise SystemExit("--fixed must be a point of the grid (--weights x --depths)")
         report = report_for_seed(args)

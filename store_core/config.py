@@ -665,6 +665,23 @@ class RecommenderConfig(StrictModel):
         description="The weight of the k-th most recent history item in the memory is "
         "decay^(k-1), normalized over the D items.",
     )
+    transition_memory_window: int = Field(
+        1,
+        ge=1,
+        description="W: the memory counts item pairs up to W positions apart in the "
+        "training sequences (1 = consecutive items only, a first-order chain).",
+    )
+    transition_memory_window_decay: float = Field(
+        0.7,
+        gt=0.0,
+        le=1.0,
+        description="A pair g positions apart counts window_decay^(g-1) (used when W > 1).",
+    )
+    transition_memory_symmetric: bool = Field(
+        False,
+        description="Count every pair in both directions: for data whose order inside a "
+        "session is not informative (e.g. MovieLens, many ratings in the same second).",
+    )
     val_max_users: int | None = Field(
         1000, gt=0, description="Validate on at most this many users (seeded sample)."
     )

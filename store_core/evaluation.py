@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -181,6 +181,21 @@ def decode_split(
     return DecodedSplit(data, codes, item_ids, users, targets, result)
 
 
+def memory_of(
+    cfg: StoreConfig, sequences: Iterable[Sequence[int]], num_items: int
+) -> TransitionMemory:
+    """The transition memory of ``sequences`` (catalogue rows) with the config's
+    ``recommender.transition_memory_window`` / ``_window_decay`` / ``_symmetric``."""
+    rec = cfg.recommender
+    return TransitionMemory.from_sequences(
+        sequences,
+        num_items,
+        window=rec.transition_memory_window,
+        window_decay=rec.transition_memory_window_decay,
+        symmetric=rec.transition_memory_symmetric,
+    )
+
+
 def with_transition_memory(
     cfg: StoreConfig,
     train: Mapping[str, Sequence[str]],
@@ -204,8 +219,8 @@ def with_transition_memory(
     if rec.transition_memory_weight <= 0:
         return result
     row_of = {item: row for row, item in enumerate(item_ids)}
-    memory = TransitionMemory.from_sequences(
-        ([row_of.get(i, -1) for i in seq] for seq in train.values()), len(item_ids)
+    memory = memory_of(
+        cfg, ([row_of.get(i, -1) for i in seq] for seq in train.values()), len(item_ids)
     )
     probabilities = memory.next_item_probabilities(
         [[row_of.get(i, -1) for i in h] for h in histories],
@@ -217,11 +232,15 @@ def with_transition_memory(
             probabilities, [[row_of[i] for i in h if i in row_of] for h in histories]
         )
     logger.info(
-        "transition memory: %d training transitions, weight %g, depth %d, decay %g",
+        "transition memory: %d item pairs, weight %g, depth %d, decay %g, window %d "
+        "(decay %g), symmetric %s",
         memory.matrix.nnz,
         rec.transition_memory_weight,
         rec.transition_memory_depth,
         rec.transition_memory_decay,
+        rec.transition_memory_window,
+        rec.transition_memory_window_decay,
+        rec.transition_memory_symmetric,
     )
     if allowed is not None:
         probabilities, codes = probabilities[:, allowed], codes[allowed]
@@ -357,8 +376,14 @@ def generative_label(cfg: StoreConfig) -> str:
     quantizer = {"store": "STORE", "rqkmeans": "RQ-KMeans"}.get(
         cfg.semantic_id.quantizer, cfg.semantic_id.quantizer
     )
-    memory = cfg.recommender.transition_memory_weight
-    extra = f", transition memory {memory:g}" if memory > 0 else ""
+    rec = cfg.recommender
+    extra = ""
+    if rec.transition_memory_weight > 0:
+        extra = f", transition memory {rec.transition_memory_weight:g}"
+        if rec.transition_memory_window > 1:
+            extra += f" window {rec.transition_memory_window}"
+        if rec.transition_memory_symmetric:
+            extra += " symmetric"
     return f"STORE ({tasks}, {quantizer} quantizer{extra})"
 
 

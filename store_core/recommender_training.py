@@ -148,6 +148,9 @@ DECODING_ONLY = {
     "transition_memory_weight",
     "transition_memory_depth",
     "transition_memory_decay",
+    "transition_memory_window",
+    "transition_memory_window_decay",
+    "transition_memory_symmetric",
 }
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from benchmarks.transition_memory import (
+    _key,
     choose,
     choose_for_config,
     combine,
@@ -38,7 +39,9 @@ def test_dense_ranks_count_higher_scores_and_cut_at_20() -> None:
 
 
 def test_grid_choice_and_combination() -> None:
-    assert grid([0.5, 0.0], [1, 2]) == [(0.0, 1), (0.5, 1), (0.5, 2)]
+    assert grid([0.5, 0.0], [1, 2]) == [(0.0, 1, 1, False), (0.5, 1, 1, False), (0.5, 2, 1, False)]
+    points = grid([0.5], [2], [(1, False), (3, True)])
+    assert [_key(p) for p in points] == ["w0_d1", "w0.5_d2", "w0.5_d2_k3s"]
     per_split = {
         "valid": {"a": {"ndcg_at_10": 0.1}, "b": {"ndcg_at_10": 0.3}},
         "test": {"a": {"ndcg_at_10": 0.9}, "b": {"ndcg_at_10": 0.2}},
@@ -86,6 +89,7 @@ def test_one_seed_on_the_tiny_pipeline_agrees_with_store_evaluate(
 
     overrides = [f"workspace={tiny_pipeline}", "tracking.enabled=false"]
     args = ["--config", "tiny", "--seed", "0", "--weights", "0.5", "0.9", "--depths", "1", "2"]
+    args += ["--windows", "1", "3", "--directions", "forward", "symmetric"]
     args += ["--fixed", "0.5", "2", "--results-dir", str(tmp_path)]
     for item in overrides:
         args += ["--set", item]
@@ -99,7 +103,8 @@ def test_one_seed_on_the_tiny_pipeline_agrees_with_store_evaluate(
     assert alone["ndcg_at_10"] == pytest.approx(evaluated.metrics["ndcg_at_10"])
     excluded = evaluated.metrics["history_excluded_ndcg_at_10"]
     assert alone["history_excluded_ndcg_at_10"] == pytest.approx(excluded)
-    assert report["grid"] == ["w0_d1", "w0.5_d1", "w0.5_d2", "w0.9_d1", "w0.9_d2"]
+    assert report["grid"][:5] == ["w0_d1", "w0.5_d1", "w0.5_d2", "w0.9_d1", "w0.9_d2"]
+    assert len(report["grid"]) == 1 + 4 * 4 and "w0.9_d2_k3s" in report["grid"]
     fixed = report["summary"]["store_memory_fixed"]
     assert fixed["test"] == report["systems"]["store"]["test"]["w0.5_d2"]
     # a grid point is what `store evaluate` gives with that memory, under both rules
@@ -110,6 +115,20 @@ def test_one_seed_on_the_tiny_pipeline_agrees_with_store_evaluate(
     ).metrics
     for name, value in fixed["test"].items():
         assert value == pytest.approx(with_memory[name]), name
+    windowed = [
+        "recommender.transition_memory_weight=0.9",
+        "recommender.transition_memory_depth=2",
+        "recommender.transition_memory_window=3",
+        "recommender.transition_memory_symmetric=true",
+    ]
+    cfg_windowed = load_config("tiny", overrides + windowed)
+    with_windowed = evaluate_generative(
+        load_bundle(recommender_dir(cfg_windowed)), cfg_windowed, system="store", progress=False
+    ).metrics
+    point = report["systems"]["store"]["test"]["w0.9_d2_k3s"]
+    for name, value in point.items():
+        assert value == pytest.approx(with_windowed[name]), name
+    assert point != report["systems"]["store"]["test"]["w0.9_d2"]  # the variant matters
     written = json.loads((tmp_path / "transition_memory_tiny_seed0.json").read_text())
     assert written["summary"] == report["summary"]
     table = (tmp_path / "transition_memory_tiny_seed0.md").read_text()

@@ -228,7 +228,7 @@ def test_training_key_separates_runs_that_must_not_share_checkpoints() -> None:
     assert training_key(old_name, item_ids, codes) == key
     # decoding-only settings share the checkpoints of the same training
     decoding = ["recommender.cold_start_backoff=1", "recommender.cold_start_backoff_depth=1"]
-    memory = ("weight=0.5", "depth=3", "decay=1")
+    memory = ("weight=0.5", "depth=3", "decay=1", "window=3", "window_decay=0.5", "symmetric=true")
     decoding += [f"recommender.transition_memory_{setting}" for setting in memory]
     assert training_key(load_config("tiny", decoding), item_ids, codes) == key
     # id_normalization trains differently; at its default ("level") the key is the one

@@ -96,6 +96,25 @@ def test_fusion_with_weight_zero_keeps_the_beam_and_bad_input_is_refused() -> No
         fuse_with_transition_memory(beams, sparse.csr_array((2, 5)), 0.5, CODES, 3)
 
 
+def test_a_window_counts_pairs_further_apart_and_symmetric_both_ways() -> None:
+    # one sequence 0 -> 1 -> 2 -> 3; window 2 with decay 0.5: gap-1 pairs weigh 1, gap-2 0.5
+    windowed = TransitionMemory.from_sequences([[0, 1, 2, 3]], 4, window=2, window_decay=0.5)
+    np.testing.assert_allclose(
+        windowed.matrix.toarray(),
+        [[0, 1 / 1.5, 0.5 / 1.5, 0], [0, 0, 1 / 1.5, 0.5 / 1.5], [0, 0, 0, 1], [0, 0, 0, 0]],
+    )
+    both = TransitionMemory.from_sequences([[0, 1, 2], [2, -1, 0]], 3, symmetric=True)
+    # pairs (0,1), (1,2) each way; the pairs with the unknown item are skipped
+    np.testing.assert_allclose(both.matrix.toarray(), [[0, 1, 0], [0.5, 0, 0.5], [0, 1, 0]])
+    # a window past the sequence's length only counts what exists
+    short = TransitionMemory.from_sequences([[1, 0]], 2, window=5)
+    np.testing.assert_allclose(short.matrix.toarray(), [[0, 0], [1, 0]])
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        TransitionMemory.from_sequences([[0, 1]], 2, window=0)
+    with pytest.raises(ValueError, match="window_decay in"):
+        TransitionMemory.from_sequences([[0, 1]], 2, window=2, window_decay=0.0)
+
+
 def test_without_items_drops_each_prompts_own_rows() -> None:
     probabilities = sparse.csr_array(np.array([[0.5, 0.25, 0.25, 0.0], [0.0, 0.5, 0.0, 0.5]]))
     kept = without_items(probabilities, [[0, 0, 3], []])
@@ -118,7 +137,23 @@ def test_config_bounds_and_labels() -> None:
     assert generative_label(cfg).endswith("STORE quantizer, transition memory 0.5)")
     assert generative_label(load_config("tiny", base)).endswith("STORE quantizer)")
     assert tiger_config(cfg).recommender.transition_memory_weight == 0.0  # TIGER as published
-    for bad in ("transition_memory_weight=1.0", "transition_memory_depth=0"):
+    windowed = load_config(
+        "tiny",
+        [
+            *base,
+            "recommender.transition_memory_weight=0.5",
+            "recommender.transition_memory_window=5",
+            "recommender.transition_memory_symmetric=true",
+        ],
+    )
+    assert generative_label(windowed).endswith("transition memory 0.5 window 5 symmetric)")
+    assert windowed.recommender.transition_memory_window_decay == 0.7
+    for bad in (
+        "transition_memory_weight=1.0",
+        "transition_memory_depth=0",
+        "transition_memory_window=0",
+        "transition_memory_window_decay=0",
+    ):
         with pytest.raises(ConfigError, match=bad.split("=")[0]):
             load_config("tiny", [*base, f"recommender.{bad}"])
 

@@ -16,7 +16,12 @@ where ``P(j | i)`` is the share of the training transitions out of item ``i`` th
 ``j`` (0 for an item never followed in training), ``h_-k`` the k-th most recent history
 item, ``w`` = ``recommender.transition_memory_weight``, ``D`` =
 ``recommender.transition_memory_depth`` and ``d`` = ``recommender.transition_memory_decay``.
-``p_model`` is ``exp`` of the beam score (the sum of the ID's token log-probabilities); an
+With ``recommender.transition_memory_window`` W > 1, ``P(j | i)`` counts the pairs up to W
+positions apart (weight ``transition_memory_window_decay^(gap - 1)``), and with
+``transition_memory_symmetric`` in both directions (:meth:`TransitionMemory.from_sequences`):
+the item co-occurrence of session kNN (Ludewig & Jannach, "Evaluation of session-based
+recommendation algorithms", UMUAI 2018), for data whose order inside a session carries
+little. ``p_model`` is ``exp`` of the beam score (the sum of the ID's token log-probabilities); an
 item outside the beam is given ``p_model = 0`` (its true probability is below the beam's
 last), so the fused candidates are the beam's items and every item ``p_M`` names.
 """
@@ -41,24 +46,49 @@ class TransitionMemory:
     transitions out of ``i``; an all-zero row for an item never followed in training."""
 
     @classmethod
-    def from_sequences(cls, sequences: Iterable[Sequence[int]], num_items: int) -> TransitionMemory:
-        """Count every consecutive pair ``(s[t], s[t + 1])`` of ``sequences`` (catalogue
-        rows, oldest first; -1 = an item outside the catalogue, whose pairs are skipped).
-        ValueError for a row at or past ``num_items``."""
-        sources: list[int] = []
-        targets: list[int] = []
+    def from_sequences(
+        cls,
+        sequences: Iterable[Sequence[int]],
+        num_items: int,
+        *,
+        window: int = 1,
+        window_decay: float = 1.0,
+        symmetric: bool = False,
+    ) -> TransitionMemory:
+        """Count the item pairs of ``sequences`` (catalogue rows, oldest first; -1 = an item
+        outside the catalogue, whose pairs are skipped) and normalize each row.
+
+        ``window`` = 1 (default): every consecutive pair ``(s[t], s[t + 1])``, the
+        first-order chain. ``window`` = W > 1 also counts ``(s[t], s[t + j])`` for
+        ``j <= W`` with weight ``window_decay^(j - 1)`` (the skip-gram co-occurrence of
+        item2vec / session kNN). ``symmetric`` counts every pair in both directions, for
+        data whose order inside a session is not informative (MovieLens rates many
+        movies in the same second; ties are ordered by file position). ValueError for a
+        row at or past ``num_items``, ``window`` < 1 or ``window_decay`` outside (0, 1]."""
+        if window < 1 or not 0.0 < window_decay <= 1.0:
+            raise ValueError(
+                f"window must be >= 1 and window_decay in (0, 1], got {window}, {window_decay}"
+            )
+        sources: list[np.ndarray] = []
+        targets: list[np.ndarray] = []
+        weights: list[np.ndarray] = []
         for sequence in sequences:
-            rows = list(sequence)
-            sources.extend(rows[:-1])
-            targets.extend(rows[1:])
-        src = np.asarray(sources, dtype=np.int64)
-        dst = np.asarray(targets, dtype=np.int64)
+            rows = np.asarray(sequence, dtype=np.int64)
+            for gap in range(1, min(window, rows.size - 1) + 1):
+                pairs = (rows[:-gap], rows[gap:])
+                weight = np.full(rows.size - gap, window_decay ** (gap - 1))
+                for src_, dst_ in (pairs, pairs[::-1]) if symmetric else (pairs,):
+                    sources.append(src_)
+                    targets.append(dst_)
+                    weights.append(weight)
+        src = np.concatenate(sources) if sources else np.zeros(0, np.int64)
+        dst = np.concatenate(targets) if targets else np.zeros(0, np.int64)
+        val = np.concatenate(weights) if weights else np.zeros(0)
         if src.size and max(src.max(), dst.max()) >= num_items:
             raise ValueError(f"a transition row is at or past the catalogue's {num_items}")
         known = (src >= 0) & (dst >= 0)
-        src, dst = src[known], dst[known]
         counts = sparse.csr_array(
-            (np.ones(src.size), (src, dst)), shape=(num_items, num_items)
+            (val[known], (src[known], dst[known])), shape=(num_items, num_items)
         )  # duplicate pairs are summed
         totals = np.asarray(counts.sum(axis=1)).ravel()
         inverse = np.divide(1.0, totals, out=np.zeros_like(totals), where=totals > 0)
