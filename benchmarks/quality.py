@@ -14,10 +14,13 @@ is resolved once (a built-in dataset is fetched into the first seed's workspace 
 and shared by every seed's ingest. With tracking enabled the stages nest under one MLflow
 run per seed (``quality-<config>-seedN``) that also gets ``<system>/<metric>``. Each
 seed's results go to ``<workspace>-seedN/quality_results.json`` first, so ``--resume``
-skips a seed whose file exists (when it was made with the same config, overrides and
-systems; otherwise it stops rather than mix runs). ``--resume`` also keeps the seeds that
-benchmarks/results/quality_<config>.json already holds for the same config file name,
-overrides (apart from ``workspace=``) and systems, so a table grows across sessions and
+skips a seed whose file exists (when it was made with the same config, overrides,
+systems and resolved settings; otherwise it stops rather than mix runs). ``--resume``
+also keeps the seeds that benchmarks/results/quality_<config>.json already holds for the
+same config file name, overrides (apart from ``workspace=``), systems and resolved
+settings (an edited config file, e.g. a decoding setting, does not resume; a setting
+added to the schema later is not compared; a table made before settings were recorded
+does not resume), so a table grows across sessions and
 machines (e.g. seeds 0-1 here, seed 2 on a GPU box) without the old workspaces.
 
 Writes benchmarks/results/quality_<config>.json (every seed's metrics, per-stage seconds,
@@ -125,6 +128,31 @@ def _comparable(key: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def flat_settings(cfg: StoreConfig) -> dict[str, Any]:
+    """The resolved config as ``{"section.field": value}`` (JSON values), workspace left
+    out: what a run key records so that ``--resume`` notices an edited config file."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for key, inner in value.items():
+                walk(f"{prefix}.{key}" if prefix else str(key), inner)
+        else:
+            out[prefix] = value
+
+    walk("", cfg.model_dump(mode="json", exclude={"workspace"}))
+    return out
+
+
+def same_settings(stored: dict[str, Any] | None, current: dict[str, Any]) -> bool:
+    """Whether a stored run's settings match: every setting both know has the same value
+    (a setting added to the config schema later is absent from old runs and not compared).
+    A run without recorded settings (made before they were recorded) does not match."""
+    if not stored:
+        return False
+    return all(stored[k] == v for k, v in current.items() if k in stored)
+
+
 def workspace_record(seed_file: Path, run_key: dict[str, Any]) -> dict[str, Any]:
     """A seed's results file from its workspace, for ``--resume``; SystemExit when it was
     made with another config file name, overrides (apart from ``workspace=``) or systems.
@@ -134,7 +162,9 @@ def workspace_record(seed_file: Path, run_key: dict[str, Any]) -> dict[str, Any]
     """
     record: dict[str, Any] = json.loads(seed_file.read_text())
     stored = {k: record.get(k) for k in run_key}
-    if _comparable(stored) != _comparable(run_key):
+    if _comparable(stored) != _comparable(run_key) or not same_settings(
+        stored.get("settings"), run_key.get("settings", {})
+    ):
         raise SystemExit(
             f"--resume: {seed_file} was made with {stored}, this run is {run_key}; "
             "remove it (or the workspace) or run without --resume"
@@ -149,7 +179,10 @@ def published_records(path: Path, run_key: dict[str, Any]) -> dict[int, dict[str
     if not path.is_file():
         return {}
     report = json.loads(path.read_text())
-    if _comparable(report.get("config", {})) != _comparable(run_key):
+    stored = report.get("config", {})
+    if _comparable(stored) != _comparable(run_key) or not same_settings(
+        stored.get("settings"), run_key.get("settings", {})
+    ):
         return {}
     records = {}
     for seed in report.get("seeds", []):
@@ -210,6 +243,7 @@ def main() -> None:
         "config": str(resolve_config_path(args.config).resolve()),
         "overrides": args.overrides,
         "systems": systems or list(base.evaluation.systems),
+        "settings": flat_settings(base),
     }
     command = shlex.join(["python", "-m", "benchmarks.quality", *sys.argv[1:]])
     report: dict[str, Any] = {

@@ -9,11 +9,20 @@ import pytest
 
 from benchmarks.quality import published_records, workspace_record
 
+SETTINGS = {"recommender.transition_memory_weight": 0.0, "data.dataset": "x"}
 
-def report(config: str, overrides: list[str], systems: list[str]) -> dict[str, object]:
+
+def report(
+    config: str, overrides: list[str], systems: list[str], settings: object = SETTINGS
+) -> dict[str, object]:
     metrics = {"recall_at_10": 0.1, "ndcg_at_10": 0.05}
     return {
-        "config": {"config": config, "overrides": overrides, "systems": systems},
+        "config": {
+            "config": config,
+            "overrides": overrides,
+            "systems": systems,
+            "settings": settings,
+        },
         "seeds": [
             {
                 "seed": seed,
@@ -39,37 +48,65 @@ def test_published_seeds_are_reused_only_for_the_same_settings(tmp_path: Path) -
             report("/elsewhere/infra/configs/x.yaml", ["workspace=/gone/ws", "a.b=1"], ["store"])
         )
     )
-    key = {"config": "/here/infra/configs/x.yaml", "overrides": ["a.b=1"], "systems": ["store"]}
+    key = {
+        "config": "/here/infra/configs/x.yaml",
+        "overrides": ["a.b=1"],
+        "systems": ["store"],
+        # a setting the schema gained after the table was made is not compared
+        "settings": {**SETTINGS, "recommender.transition_memory_window": 1},
+    }
     records = published_records(path, key)
     assert sorted(records) == [0, 1]
     assert records[1]["seed"] == 1 and records[1]["stage_seconds"] == {"total": 11.0}
     assert records[1]["config"] == key["config"]  # the record carries this run's key
     assert records[0]["results"][0]["extra"] == {"label": "STORE"}
     assert records[0]["results"][0]["metrics"]["recall_at_10"] == 0.1
-    # Another config, other overrides or other systems: nothing is reused.
+    # Another config, other overrides, other systems or an edited config file (a decoding
+    # setting changed): nothing is reused.
     for other in (
         {**key, "config": "/here/infra/configs/y.yaml"},
         {**key, "overrides": ["a.b=2"]},
         {**key, "systems": ["store", "sasrec"]},
+        {**key, "settings": {**SETTINGS, "recommender.transition_memory_weight": 0.7}},
     ):
         assert published_records(path, other) == {}
+    # A table made before settings were recorded is not reused either.
+    path.write_text(json.dumps(report("x.yaml", ["a.b=1"], ["store"], settings=None)))
+    assert published_records(path, key) == {}
 
 
 def test_a_seed_workspace_resumes_from_another_checkout_of_the_same_config(
     tmp_path: Path,
 ) -> None:
-    made = {"config": "/clone/infra/configs/x.yaml", "overrides": ["a.b=1"], "systems": ["store"]}
+    made = {
+        "config": "/clone/infra/configs/x.yaml",
+        "overrides": ["a.b=1"],
+        "systems": ["store"],
+        "settings": SETTINGS,
+    }
     seed_file = tmp_path / "quality_results.json"
     seed_file.write_text(
         json.dumps({**made, "overrides": ["workspace=/runs/ws", "a.b=1"], "seed": 1, "results": []})
     )
-    key = {"config": "/main/infra/configs/x.yaml", "overrides": ["a.b=1"], "systems": ["store"]}
+    key = {**made, "config": "/main/infra/configs/x.yaml"}
     record = workspace_record(seed_file, key)
     assert record["seed"] == 1 and record["config"] == key["config"]
     for other in (
         {**key, "config": "/main/infra/configs/y.yaml"},
         {**key, "overrides": ["a.b=2"]},
         {**key, "systems": ["store", "tiger"]},
+        {**key, "settings": {**SETTINGS, "data.dataset": "y"}},
     ):
         with pytest.raises(SystemExit, match="--resume"):
             workspace_record(seed_file, other)
+
+
+def test_flat_settings_name_every_resolved_setting() -> None:
+    from benchmarks.quality import flat_settings
+    from store_core.config import load_config
+
+    settings = flat_settings(load_config("ml-100k-quality", []))
+    assert settings["recommender.transition_memory_window"] == 5
+    assert settings["recommender.transition_memory_symmetric"] is True
+    assert not any(key.startswith("workspace") for key in settings)
+    json.dumps(settings)  # JSON values, as the results files hold them
