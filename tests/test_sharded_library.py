@@ -98,36 +98,25 @@ def test_sharded_search_gives_the_beams_and_metrics_of_one_search(tiny_pipeline:
     search = ShardedSearch(run_here, 5)
     prompts = [bundle.builder.recommendation([c]) for c in bundle.codes().tolist()[:11]]
     prompts += [bundle.builder.recommendation(bundle.codes().tolist()[3:7])] * 6
-    one = constrained_beam_search(
-        bundle.model,
-        prompts,
-        SemanticIdTrie.from_codes(bundle.codes(), bundle.level_ids),
-        beam_size=cfg.recommender.beam_size,
-        pad_token_id=bundle.builder.pad_token_id,
-        batch_size=4,
-    )
-    sharded = search(bundle, prompts, cfg)
-    assert len(search.reports) == 5
-    np.testing.assert_array_equal(sharded.codes, one.codes)
-    np.testing.assert_array_equal(sharded.scores, one.scores)
-    np.testing.assert_array_equal(sharded.items, one.items)
+    trie = SemanticIdTrie.from_codes(bundle.codes(), bundle.level_ids)
     # per-prompt excluded items travel with their prompts to the shards
     excluded = [[*range(i % 7), i] for i in range(len(prompts))]
-    one_ex = constrained_beam_search(
-        bundle.model,
-        prompts,
-        SemanticIdTrie.from_codes(bundle.codes(), bundle.level_ids),
-        beam_size=cfg.recommender.beam_size,
-        pad_token_id=bundle.builder.pad_token_id,
-        batch_size=4,
-        excluded=excluded,
-    )
-    sharded_ex = search(bundle, prompts, cfg, excluded)
-    np.testing.assert_array_equal(sharded_ex.items, one_ex.items)
-    np.testing.assert_array_equal(sharded_ex.scores, one_ex.scores)
-    assert not any(
-        set(e) & set(r) for e, r in zip(excluded, sharded_ex.items.tolist(), strict=True)
-    )
+    for rows in (None, excluded):
+        one = constrained_beam_search(
+            bundle.model,
+            prompts,
+            trie,
+            beam_size=cfg.recommender.beam_size,
+            pad_token_id=bundle.builder.pad_token_id,
+            batch_size=4,
+            excluded=rows,
+        )
+        sharded = search(bundle, prompts, cfg, rows)
+        assert len(search.reports) == 5
+        np.testing.assert_array_equal(sharded.codes, one.codes)
+        np.testing.assert_array_equal(sharded.scores, one.scores)
+        np.testing.assert_array_equal(sharded.items, one.items)
+    assert not any(set(e) & set(r) for e, r in zip(excluded, sharded.items.tolist(), strict=True))
     here = evaluate_generative(bundle, cfg, system="store", progress=False)
     there = evaluate_generative(bundle, cfg, system="store", progress=False, search=search)
     assert here.metrics == there.metrics
