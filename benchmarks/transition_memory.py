@@ -176,7 +176,9 @@ def store_side(cfg: Any, points: list[Point], decay: float, window_decay: float)
     for split in SPLITS:
         started = time.perf_counter()
         decoded = decode_split(bundle, off, split, progress=False)
-        others = decode_split(bundle, off, split, progress=False, exclude_history=True)
+        others = decode_split(
+            bundle, off, split, progress=False, exclude_history=True, inputs=decoded
+        )
         row_of = {item: r for r, item in enumerate(decoded.item_ids)}
         if memory is None:
             train = decoded.data.train_sequences

@@ -106,6 +106,7 @@ class DecodedSplit:
     users: list[str]
     targets: list[str]  # the target item id per user
     result: BeamResult
+    prompts: list[list[int]] = field(default_factory=list)  # token ids, one per user
 
 
 def local_beam_search(
@@ -141,6 +142,7 @@ def decode_split(
     search: BeamSearch | None = None,
     *,
     exclude_history: bool = False,
+    inputs: DecodedSplit | None = None,
 ) -> DecodedSplit:
     """Constrained beam search for every user of ``split`` (a seeded sample of
     ``max_users`` when set), prompted with their last ``history_len`` items: the N the
@@ -149,17 +151,23 @@ def decode_split(
     whole history (:meth:`TaskData.history`) is left out of their search and of the
     transition memory's candidates; the cold-start back-off's candidates are not
     filtered (an item in a history is a trained item, except a validation item no
-    training sequence holds: the metrics' history filter removes that one)."""
-    codes = bundle.codes()
-    item_ids: list[str] = bundle.semantic_ids.column("item_id").to_pylist()
-    data = load_task_data(cfg.data_dir, dict(zip(item_ids, codes.tolist(), strict=True)))
-    history_len = bundle.trained(cfg).history_len
-    users, prompts, targets = eval_prompts(data, bundle.builder, history_len, split)
-    if max_users is not None and len(users) > max_users:
-        keep = seeded_subset(len(users), max_users, EVAL_SAMPLE_SEED)
-        users = [users[i] for i in keep]
-        prompts = [prompts[i] for i in keep]
-        targets = [targets[i] for i in keep]
+    training sequence holds: the metrics' history filter removes that one). ``inputs``:
+    an earlier decoding of the same split whose data, users and prompts are reused
+    instead of read again (``split`` and ``max_users`` are then its)."""
+    if inputs is None:
+        codes = bundle.codes()
+        item_ids: list[str] = bundle.semantic_ids.column("item_id").to_pylist()
+        data = load_task_data(cfg.data_dir, dict(zip(item_ids, codes.tolist(), strict=True)))
+        history_len = bundle.trained(cfg).history_len
+        users, prompts, targets = eval_prompts(data, bundle.builder, history_len, split)
+        if max_users is not None and len(users) > max_users:
+            keep = seeded_subset(len(users), max_users, EVAL_SAMPLE_SEED)
+            users = [users[i] for i in keep]
+            prompts = [prompts[i] for i in keep]
+            targets = [targets[i] for i in keep]
+    else:
+        data, codes, item_ids = inputs.data, inputs.codes, inputs.item_ids
+        users, prompts, targets = inputs.users, inputs.prompts, inputs.targets
     excluded: list[list[int]] | None = None
     if exclude_history:
         row_of = {item: row for row, item in enumerate(item_ids)}
@@ -178,7 +186,7 @@ def decode_split(
         result = with_transition_memory(
             cfg, train, item_ids, codes, histories, result, exclude_history=exclude_history
         )
-    return DecodedSplit(data, codes, item_ids, users, targets, result)
+    return DecodedSplit(data, codes, item_ids, users, targets, result, prompts)
 
 
 def memory_of(
@@ -203,18 +211,15 @@ def with_transition_memory(
     codes: np.ndarray,
     histories: Sequence[Sequence[str]],
     result: BeamResult,
-    allowed: np.ndarray | None = None,
     *,
     exclude_history: bool = False,
 ) -> BeamResult:
     """``result`` re-ranked with the transition memory of the ``train`` sequences (user
     -> item ids) when ``recommender.transition_memory_weight`` > 0, else ``result``
     itself (:mod:`store_core.generate.transition_memory`). ``item_ids`` / ``codes``
-    ``[N, M]``: the catalogue; ``allowed``: int64 ``[N']`` the rows of it that
-    ``result.items`` index and that may be recommended (None: all N); ``histories``: one
-    per prompt, item ids, oldest first (a history item need not be allowed); with
-    ``exclude_history`` the memory names none of a prompt's own history items. Items
-    outside ``item_ids`` take no part."""
+    ``[N, M]``: the catalogue, whose rows ``result.items`` index; ``histories``: one per
+    prompt, item ids, oldest first; with ``exclude_history`` the memory names none of a
+    prompt's own history items. Items outside ``item_ids`` take no part."""
     rec = cfg.recommender
     if rec.transition_memory_weight <= 0:
         return result
@@ -242,8 +247,6 @@ def with_transition_memory(
         rec.transition_memory_window_decay,
         rec.transition_memory_symmetric,
     )
-    if allowed is not None:
-        probabilities, codes = probabilities[:, allowed], codes[allowed]
     return fuse_with_transition_memory(
         result, probabilities, rec.transition_memory_weight, codes, result.items.shape[1]
     )
@@ -313,7 +316,9 @@ def evaluate_generative(
     decoded = decode_split(bundle, cfg, split, max_users, progress, search)
     kept_seconds = time.perf_counter() - started
     started = time.perf_counter()
-    excluded = decode_split(bundle, cfg, split, max_users, progress, search, exclude_history=True)
+    excluded = decode_split(
+        bundle, cfg, split, progress=progress, search=search, exclude_history=True, inputs=decoded
+    )
     excluded_seconds = time.perf_counter() - started
     data, item_ids, users, targets = decoded.data, decoded.item_ids, decoded.users, decoded.targets
     result = decoded.result

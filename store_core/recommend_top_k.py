@@ -10,8 +10,8 @@ Requests are checked before any decoding (:func:`check_request`): ``k`` must be 
 catalogue returns the whole catalogue, ranked. The prompt holds the last ``history_len``
 items (the checkpoint's setting), but ``exclude_history`` excludes the user's WHOLE
 history, the rule of the evaluation's ``history_excluded_*`` metrics
-(:func:`store_core.evaluation._history`). It is applied inside decoding: the history
-items' IDs are left out of the trie for that request, so the beam search returns ``k``
+(:meth:`store_core.tasks.TaskData.history`). It is applied inside decoding: the history
+items are left out of the search for that request, so the beam search returns ``k``
 items outside the history whenever the catalogue has that many, instead of filtering a
 ``k``-wide beam down to fewer. With ``recommender.cold_start_backoff`` > 0, items no
 training sequence contains (e.g. added by the nightly job) are scored by the back-off of
@@ -111,9 +111,11 @@ def recommend(
     """Top-``k`` items after ``history`` (oldest first) by constrained beam search.
 
     With ``exclude_history`` no item of the whole ``history`` is returned, and ``k``
-    others are whenever the catalogue has them (fewer only when it has not); under the
-    checkpoint's ``id_normalization: trie`` the codes are then normalized over the IDs
-    left after the exclusion (what the user can still be shown). StoreError
+    others are whenever the catalogue has them (fewer only when it has not): the history's
+    items are left out inside the search (``constrained_beam_search(excluded=...)``, as
+    the evaluation's history-excluded rule decodes), and under the checkpoint's
+    ``id_normalization: trie`` the codes are normalized over the IDs left after the
+    exclusion (what the user can still be shown). StoreError
     on an invalid request (:func:`check_request`) or an item without a semantic ID.
     """
     check_request(history, k)
@@ -125,31 +127,28 @@ def recommend(
     history_len = bundle.trained(cfg).history_len
     recent = recent_history(list(history), history_len)
     prompt = bundle.builder.recommendation([code_of[i] for i in recent])
-    allowed = np.arange(len(item_ids))  # [N'] candidate rows the trie may return
-    if exclude_history:
-        excluded = set(history)
-        allowed = np.array(
-            [row for row, item in enumerate(item_ids) if item not in excluded], dtype=np.int64
-        )
-        if allowed.size == 0:
-            return []
-    k = min(k, int(allowed.size))
+    row_of = {item: row for row, item in enumerate(item_ids)}
+    excluded = sorted({row_of[i] for i in history}) if exclude_history else []
+    k = min(k, len(item_ids) - len(excluded))
+    if k == 0:
+        return []
     result = constrained_beam_search(
         bundle.model,
         [prompt],
-        SemanticIdTrie.from_codes(codes[allowed], bundle.level_ids),
+        SemanticIdTrie.from_codes(codes, bundle.level_ids),
         beam_size=max(cfg.recommender.beam_size, k),
         pad_token_id=bundle.builder.pad_token_id,
         normalization=bundle.trained(cfg).id_normalization,
+        excluded=[excluded] if exclude_history else None,
     )
     if cfg.recommender.cold_start_backoff > 0:  # items no training sequence contains
-        trained = trained_items(cfg.data_dir)
-        cold = [leaf for leaf, row in enumerate(allowed.tolist()) if item_ids[row] not in trained]
-        result = with_cold_start_backoff(bundle, cfg, codes[allowed], cold, [prompt], result)
+        trained, skip = trained_items(cfg.data_dir), set(excluded)
+        cold = [r for r, item in enumerate(item_ids) if item not in trained and r not in skip]
+        result = with_cold_start_backoff(bundle, cfg, codes, cold, [prompt], result)
     if cfg.recommender.transition_memory_weight > 0:  # what the training sequences hold
         train = read_user_splits(cfg.data_dir).train
         result = with_transition_memory(
-            cfg, train, item_ids, codes, [list(history)], result, allowed
+            cfg, train, item_ids, codes, [list(history)], result, exclude_history=exclude_history
         )
     titles = _titles(cfg)
     out: list[Recommendation] = []
@@ -157,7 +156,7 @@ def recommend(
         leaf = int(result.items[0, slot])
         if leaf < 0:
             break
-        row = int(allowed[leaf])
+        row = leaf  # a row of the catalogue: the trie holds every candidate
         item = item_ids[row]
         out.append(
             Recommendation(
