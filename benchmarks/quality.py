@@ -153,6 +153,13 @@ def same_settings(stored: dict[str, Any] | None, current: dict[str, Any]) -> boo
     return all(stored[k] == v for k, v in current.items() if k in stored)
 
 
+def _matches(stored: dict[str, Any], run_key: dict[str, Any]) -> bool:
+    """Whether a stored run key is this run's (:func:`_comparable`, :func:`same_settings`)."""
+    return _comparable(stored) == _comparable(run_key) and same_settings(
+        stored.get("settings"), run_key.get("settings", {})
+    )
+
+
 def workspace_record(seed_file: Path, run_key: dict[str, Any]) -> dict[str, Any]:
     """A seed's results file from its workspace, for ``--resume``; SystemExit when it was
     made with another config file name, overrides (apart from ``workspace=``) or systems.
@@ -162,9 +169,7 @@ def workspace_record(seed_file: Path, run_key: dict[str, Any]) -> dict[str, Any]
     """
     record: dict[str, Any] = json.loads(seed_file.read_text())
     stored = {k: record.get(k) for k in run_key}
-    if _comparable(stored) != _comparable(run_key) or not same_settings(
-        stored.get("settings"), run_key.get("settings", {})
-    ):
+    if not _matches(stored, run_key):
         raise SystemExit(
             f"--resume: {seed_file} was made with {stored}, this run is {run_key}; "
             "remove it (or the workspace) or run without --resume"
@@ -179,10 +184,7 @@ def published_records(path: Path, run_key: dict[str, Any]) -> dict[int, dict[str
     if not path.is_file():
         return {}
     report = json.loads(path.read_text())
-    stored = report.get("config", {})
-    if _comparable(stored) != _comparable(run_key) or not same_settings(
-        stored.get("settings"), run_key.get("settings", {})
-    ):
+    if not _matches(report.get("config", {}), run_key):
         return {}
     records = {}
     for seed in report.get("seeds", []):

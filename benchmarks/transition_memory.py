@@ -87,15 +87,18 @@ def grid(
 
 
 def memories(
-    data_sequences: Any, num_items: int, points: Sequence[Point], window_decay: float
+    sequences: Sequence[Sequence[int]],
+    num_items: int,
+    points: Sequence[Point],
+    window_decay: float,
 ) -> dict[tuple[int, bool], Any]:
-    """One :class:`TransitionMemory` per variant the grid reads (``data_sequences``: an
-    iterable factory of catalogue-row sequences)."""
+    """One :class:`TransitionMemory` per variant the grid reads, of the training
+    ``sequences`` (catalogue rows, oldest first)."""
     from store_core.generate.transition_memory import TransitionMemory
 
     return {
         variant: TransitionMemory.from_sequences(
-            data_sequences(),
+            sequences,
             num_items,
             window=variant[0],
             window_decay=window_decay,
@@ -181,31 +184,28 @@ def store_side(cfg: Any, points: list[Point], decay: float, window_decay: float)
         )
         row_of = {item: r for r, item in enumerate(decoded.item_ids)}
         if memory is None:
-            train = decoded.data.train_sequences
-            memory = memories(
-                lambda: ([row_of[i] for i in s] for s in train.values()),  # noqa: B023
-                len(decoded.item_ids),
-                points,
-                window_decay,
-            )
+            train = [[row_of[i] for i in seq] for seq in decoded.data.train_sequences.values()]
+            memory = memories(train, len(decoded.item_ids), points, window_decay)
         histories = [[row_of[i] for i in decoded.data.history(u, split)] for u in decoded.users]
         targets = np.array([row_of[t] for t in decoded.targets], dtype=np.int64)
         logger.info("STORE %s: decoded in %.0f s", split, time.perf_counter() - started)
         per_point = {}
         width = decoded.result.items.shape[1]
-        for point in points:
-            probs = memory[point.variant].next_item_probabilities(histories, point.depth, decay)
-            fused = fuse_with_transition_memory(
-                decoded.result, probs, point.weight, decoded.codes, width
-            )
-            kept, _ = ranked_ranks(fused.items, targets, histories)
-            probs = without_items(probs, histories)  # the history-excluded rule's decoding
-            fused = fuse_with_transition_memory(
-                others.result, probs, point.weight, decoded.codes, width
-            )
-            _, excluded = ranked_ranks(fused.items, targets, histories)
-            per_point[_key(point)] = _metrics(kept, excluded)
-        out[split] = per_point
+        # one memory read per (variant, depth), shared by its weights
+        for variant, depth in dict.fromkeys((p.variant, p.depth) for p in points):
+            probs = memory[variant].next_item_probabilities(histories, depth, decay)
+            probs_excluded = without_items(probs, histories)  # the history-excluded rule
+            for point in (p for p in points if (p.variant, p.depth) == (variant, depth)):
+                fused = fuse_with_transition_memory(
+                    decoded.result, probs, point.weight, decoded.codes, width
+                )
+                kept, _ = ranked_ranks(fused.items, targets, histories)
+                fused = fuse_with_transition_memory(
+                    others.result, probs_excluded, point.weight, decoded.codes, width
+                )
+                _, excluded = ranked_ranks(fused.items, targets, histories)
+                per_point[_key(point)] = _metrics(kept, excluded)
+        out[split] = {_key(p): per_point[_key(p)] for p in points}  # grid order: ties
     return out
 
 
@@ -224,12 +224,8 @@ def sasrec_side(
     model.eval()
     logger.info("SASRec-CE trained in %.0f s", time.perf_counter() - started)
     n = data.num_items  # rows here are item index - 1
-    memory = memories(
-        lambda: ((np.asarray(s) - 1).tolist() for s in data.train_sequences.values()),
-        n,
-        points,
-        window_decay,
-    )
+    train = [(np.asarray(s) - 1).tolist() for s in data.train_sequences.values()]
+    memory = memories(train, n, points, window_decay)
     popularity = data.train_item_counts()[1:].astype(np.float64)
     popularity /= max(popularity.max(), 1.0)
     out: dict[str, Any] = {"sasrec": {}, "memory_popularity": {}, "epochs": model.summary.epochs}
